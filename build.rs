@@ -16,10 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Blob data is passed around without copies.
         .bytes(".")
-        .compile_protos(
-            &protos.iter().map(std::path::PathBuf::from).collect::<Vec<_>>(),
-            &includes,
-        )?;
+        .compile_protos(&protos.iter().map(std::path::PathBuf::from).collect::<Vec<_>>(), &includes)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -203,11 +203,7 @@ impl Digest {
         }
         let actual = Digest::of(self.function, data);
         if actual.hash != self.hash {
-            return Err(DigestError::Mismatch {
-                expected: self.to_string(),
-                what: "hash",
-                actual: actual.hash_hex(),
-            });
+            return Err(DigestError::Mismatch { expected: self.to_string(), what: "hash", actual: actual.hash_hex() });
         }
         Ok(())
     }

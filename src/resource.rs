@@ -87,6 +87,12 @@ impl InstanceName {
     }
 
     fn from_segments(full: &str, segments: &[&str]) -> Result<Self, ResourceError> {
+        if segments.iter().any(|s| s.is_empty()) {
+            return Err(ResourceError::Malformed {
+                name: truncate(full),
+                why: "empty path segment (leading or double '/')".into(),
+            });
+        }
         let joined = segments.join("/");
         Self::parse(&joined).map_err(|e| match e {
             ResourceError::BadInstance { why, .. } => {
@@ -208,9 +214,7 @@ fn parse_blob_part<'a>(
     let (Some(hash), Some(size)) = (rest.first(), rest.get(1)) else {
         return Err(malformed(name, "expected {hash}/{size}"));
     };
-    let size: i64 = size
-        .parse()
-        .map_err(|_| malformed(name, &format!("size {size:?} is not a decimal integer")))?;
+    let size: i64 = size.parse().map_err(|_| malformed(name, &format!("size {size:?} is not a decimal integer")))?;
     let digest = Digest::parse(function, hash, size)
         .map_err(|source| ResourceError::BadDigest { name: truncate(name), source })?;
     Ok((digest, compressor, &rest[2..]))

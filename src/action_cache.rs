@@ -1,0 +1,302 @@
+//! The Action Cache domain: completeness-checked writes and reads.
+//!
+//! Writes require the Action and its Command in the CAS and every blob the
+//! result references; inlined bytes are moved into the CAS; the stored value
+//! is the canonical result. Reads never return a result whose blobs are gone.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+
+use crate::cas::{blocking, Cas};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::proto::prov::storage::StoredActionEntry;
+use crate::proto::reapi;
+use crate::resource::InstanceName;
+use crate::store::{unix_now, Key};
+
+/// The largest canonical ActionResult accepted (a stored entry must still fit
+/// in a default 4 MiB gRPC message when read back).
+pub const MAX_RESULT_BYTES: usize = 3 * 1024 * 1024;
+/// Inlined bytes in a GetActionResult reply stay within this budget.
+pub const INLINE_BUDGET: usize = 3 * 1024 * 1024;
+
+/// What GetActionResult asks to inline.
+#[derive(Debug, Default, Clone)]
+pub struct InlineRequest {
+    /// Inline stdout.
+    pub stdout: bool,
+    /// Inline stderr.
+    pub stderr: bool,
+    /// Output file paths to inline.
+    pub files: Vec<String>,
+}
+
+/// The Action Cache.
+#[derive(Debug)]
+pub struct ActionCache {
+    cas: Arc<Cas>,
+}
+
+/// A validated UpdateActionResult, ready to be stored.
+#[derive(Debug)]
+pub struct PreparedResult {
+    /// The canonical result (no inlined bytes, no envelopes).
+    pub result: reapi::ActionResult,
+    /// Every CAS blob it references.
+    pub referenced: Vec<Digest>,
+    /// From the Action blob.
+    pub command_digest: Digest,
+    /// From the Action blob.
+    pub input_root_digest: Option<Digest>,
+}
+
+impl ActionCache {
+    /// An Action Cache whose results reference blobs in `cas`.
+    pub fn new(cas: Arc<Cas>) -> Self {
+        ActionCache { cas }
+    }
+
+    /// Checks an UpdateActionResult: Action and Command present, inlined bytes
+    /// moved to the CAS, every referenced blob present.
+    pub async fn prepare(
+        &self,
+        instance: &InstanceName,
+        action: Digest,
+        mut result: reapi::ActionResult,
+    ) -> Result<PreparedResult> {
+        let f = action.function;
+        let Some(action_msg) = self.cas.get_message::<reapi::Action>(instance, action).await? else {
+            return Err(Error::FailedPrecondition(format!(
+                "missing blob {action} (the Action): upload it to the CAS first"
+            )));
+        };
+        let command_digest = Digest::from_proto(f, action_msg.command_digest.as_ref())
+            .map_err(|e| Error::InvalidArgument(format!("Action {action} has an invalid command_digest: {e}")))?;
+        let input_root_digest = match &action_msg.input_root_digest {
+            Some(d) => Some(Digest::from_proto(f, Some(d)).map_err(|e| {
+                Error::InvalidArgument(format!("Action {action} has an invalid input_root_digest: {e}"))
+            })?),
+            None => None,
+        };
+        if let Some(missing) = self.cas.first_missing(instance, vec![command_digest]).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "missing blob {missing} (the Command of Action {action}): upload it to the CAS first"
+            )));
+        }
+
+        // De-inline: raw bytes go to the CAS, the result keeps digests only.
+        let stdout = std::mem::take(&mut result.stdout_raw);
+        result.stdout_digest = self.de_inline(instance, f, stdout, result.stdout_digest.take(), "stdout").await?;
+        let stderr = std::mem::take(&mut result.stderr_raw);
+        result.stderr_digest = self.de_inline(instance, f, stderr, result.stderr_digest.take(), "stderr").await?;
+        for file in &mut result.output_files {
+            let contents = std::mem::take(&mut file.contents);
+            let what = format!("output file {:?}", file.path);
+            if file.digest.is_none() {
+                return Err(Error::InvalidArgument(format!("{what} has no digest")));
+            }
+            file.digest = self.de_inline(instance, f, contents, file.digest.take(), &what).await?;
+        }
+
+        let referenced = self.referenced_blobs(instance, f, &result).await?;
+        if let Some(missing) = self.cas.first_missing(instance, referenced.iter().map(|(d, _)| *d).collect()).await? {
+            let what = referenced.iter().find(|(d, _)| *d == missing).map(|(_, w)| w.as_str()).unwrap_or("a blob");
+            return Err(Error::FailedPrecondition(format!(
+                "missing blob {missing} ({what}): upload every output to the CAS before UpdateActionResult"
+            )));
+        }
+        let result = crate::canonical::canonicalize(&result);
+        if result.encoded_len() > MAX_RESULT_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "the action result encodes to {} bytes, over the {MAX_RESULT_BYTES}-byte limit",
+                result.encoded_len()
+            )));
+        }
+        Ok(PreparedResult {
+            result,
+            referenced: dedup(referenced.into_iter().map(|(d, _)| d).collect()),
+            command_digest,
+            input_root_digest,
+        })
+    }
+
+    /// Stores a prepared result (with its envelope, if signed) and returns the
+    /// stored entry.
+    pub async fn store(
+        &self,
+        instance: &InstanceName,
+        action: Digest,
+        prepared: &PreparedResult,
+        envelope: Vec<u8>,
+    ) -> Result<StoredActionEntry> {
+        let entry = StoredActionEntry {
+            canonical_result: Bytes::from(prepared.result.encode_to_vec()),
+            envelope: Bytes::from(envelope),
+            stored_at_unix: unix_now() as i64,
+            referenced_blobs: prepared.referenced.iter().map(Digest::to_proto).collect(),
+        };
+        let key = Key::new(instance, &action);
+        let store = self.cas.store().clone();
+        let value = entry.encode_to_vec();
+        blocking(move || store.ac_put(&key, &value)).await?;
+        Ok(entry)
+    }
+
+    /// Loads the stored entry of an action. `Ok(None)` on a miss.
+    pub async fn load(&self, instance: &InstanceName, action: Digest) -> Result<Option<StoredActionEntry>> {
+        let key = Key::new(instance, &action);
+        let store = self.cas.store().clone();
+        let Some(value) = blocking(move || store.ac_get(&key)).await? else { return Ok(None) };
+        match StoredActionEntry::decode(&value[..]) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(e) => {
+                tracing::warn!(%action, error = %e, "undecodable Action Cache value; treating as a miss");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Checks that every blob a stored entry references is still present.
+    pub async fn check_complete(
+        &self,
+        instance: &InstanceName,
+        action: Digest,
+        entry: &StoredActionEntry,
+    ) -> Result<()> {
+        let mut digests = Vec::with_capacity(entry.referenced_blobs.len());
+        for d in &entry.referenced_blobs {
+            digests.push(Digest::from_proto(action.function, Some(d)).map_err(|_| {
+                Error::NotFound(format!("action result {action} has a corrupt blob list; treating as a miss"))
+            })?);
+        }
+        if let Some(missing) = self.cas.first_missing(instance, digests).await? {
+            return Err(Error::NotFound(format!("action result {action} references missing blob {missing}")));
+        }
+        Ok(())
+    }
+
+    /// Fills inlined bytes the client asked for, within [`INLINE_BUDGET`].
+    pub async fn inline(
+        &self,
+        instance: &InstanceName,
+        action: Digest,
+        result: &mut reapi::ActionResult,
+        ask: &InlineRequest,
+    ) -> Result<()> {
+        let f = action.function;
+        let mut budget = INLINE_BUDGET.saturating_sub(result.encoded_len());
+        if ask.stdout {
+            if let Some(d) = fits(f, result.stdout_digest.as_ref(), &mut budget) {
+                if let Some(data) = self.cas.get(instance, d, d.size).await? {
+                    result.stdout_raw = data;
+                }
+            }
+        }
+        if ask.stderr {
+            if let Some(d) = fits(f, result.stderr_digest.as_ref(), &mut budget) {
+                if let Some(data) = self.cas.get(instance, d, d.size).await? {
+                    result.stderr_raw = data;
+                }
+            }
+        }
+        for file in &mut result.output_files {
+            if ask.files.contains(&file.path) {
+                if let Some(d) = fits(f, file.digest.as_ref(), &mut budget) {
+                    if let Some(data) = self.cas.get(instance, d, d.size).await? {
+                        file.contents = data;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn de_inline(
+        &self,
+        instance: &InstanceName,
+        f: crate::digest::DigestFunction,
+        raw: Bytes,
+        given: Option<reapi::Digest>,
+        what: &str,
+    ) -> Result<Option<reapi::Digest>> {
+        let given = match given {
+            Some(d) => {
+                Some(Digest::from_proto(f, Some(&d)).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?)
+            }
+            None => None,
+        };
+        if raw.is_empty() {
+            return Ok(given.map(|d| d.to_proto()));
+        }
+        let computed = Digest::of(f, &raw);
+        if let Some(g) = given {
+            if g != computed {
+                return Err(Error::InvalidArgument(format!(
+                    "{what}: inlined bytes hash to {computed}, but the digest given is {g}"
+                )));
+            }
+        }
+        self.cas.put(instance, computed, raw).await?;
+        Ok(Some(computed.to_proto()))
+    }
+
+    /// Every blob a result references, with a description for error messages:
+    /// output files, stdout/stderr, each output directory's Tree and every
+    /// file inside it.
+    async fn referenced_blobs(
+        &self,
+        instance: &InstanceName,
+        f: crate::digest::DigestFunction,
+        result: &reapi::ActionResult,
+    ) -> Result<Vec<(Digest, String)>> {
+        let parse = |d: Option<&reapi::Digest>, what: &str| {
+            Digest::from_proto(f, d).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))
+        };
+        let mut out = Vec::new();
+        for file in &result.output_files {
+            let what = format!("output file {:?}", file.path);
+            out.push((parse(file.digest.as_ref(), &what)?, what));
+        }
+        if let Some(d) = &result.stdout_digest {
+            out.push((parse(Some(d), "stdout")?, "stdout".into()));
+        }
+        if let Some(d) = &result.stderr_digest {
+            out.push((parse(Some(d), "stderr")?, "stderr".into()));
+        }
+        for dir in &result.output_directories {
+            let what = format!("tree of output directory {:?}", dir.path);
+            let tree_digest = parse(dir.tree_digest.as_ref(), &what)?;
+            out.push((tree_digest, what.clone()));
+            let Some(tree) = self.cas.get_message::<reapi::Tree>(instance, tree_digest).await? else {
+                continue; // reported as missing by the caller
+            };
+            for d in tree.root.iter().chain(tree.children.iter()) {
+                for file in &d.files {
+                    let what = format!("file {:?} in output directory {:?}", file.name, dir.path);
+                    out.push((parse(file.digest.as_ref(), &what)?, what));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn fits(f: crate::digest::DigestFunction, d: Option<&reapi::Digest>, budget: &mut usize) -> Option<Digest> {
+    let d = Digest::from_proto(f, d).ok()?;
+    if d.size as usize <= *budget {
+        *budget -= d.size as usize;
+        Some(d)
+    } else {
+        None
+    }
+}
+
+fn dedup(mut v: Vec<Digest>) -> Vec<Digest> {
+    v.sort();
+    v.dedup();
+    v.retain(|d| !d.is_empty_blob());
+    v
+}

@@ -1,0 +1,513 @@
+//! Embedded storage on RocksDB.
+//!
+//! Column families and record formats (docs/architecture.md has the rationale):
+//!
+//! | CF        | key                                   | value                                   |
+//! |-----------|---------------------------------------|-----------------------------------------|
+//! | `cas`     | [`Key`] (instance, function, hash, size) | [`BlobMeta`]: blob id, size, chunk size, stored-at |
+//! | `chunks`  | blob id (u64 BE) + chunk index (u32 BE) | up to [`CHUNK_SIZE`] bytes of the blob |
+//! | `ac`      | [`Key`] of the action digest          | `StoredActionEntry` (protobuf)          |
+//! | `pending` | blob id (u64 BE)                      | Unix seconds the upload started         |
+//! | `meta`    | `format`                              | format version                          |
+//!
+//! A blob becomes visible only when its `cas` record is written, in one synced
+//! batch after its chunks and after its digest was verified; chunks of uploads
+//! that never complete are owned by a `pending` record and deleted on restart
+//! or expiry. Blob ids are random, so concurrent writers of one digest never
+//! share chunks: the first commit wins and the others delete theirs.
+//!
+//! Every method blocks; async callers run them on the blocking pool.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, DBWithThreadMode, Options, SingleThreaded,
+    WriteBatch, WriteOptions,
+};
+
+use crate::digest::{Digest, DigestFunction};
+use crate::error::{Error, Result};
+use crate::resource::InstanceName;
+
+/// Size of one stored chunk of a blob. Reads and writes move at most this much
+/// at a time, which bounds the memory a large blob costs.
+pub const CHUNK_SIZE: usize = 1024 * 1024;
+
+/// On-disk format version, checked at open.
+const FORMAT_VERSION: u32 = 1;
+
+const CF_CAS: &str = "cas";
+const CF_CHUNKS: &str = "chunks";
+const CF_AC: &str = "ac";
+const CF_PENDING: &str = "pending";
+const CF_META: &str = "meta";
+const LOCK_STRIPES: usize = 256;
+
+/// A storage key: instance, digest function, hash and size. The same shape
+/// keys blobs (in `cas`) and actions (in `ac`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Key(Vec<u8>);
+
+impl Key {
+    /// The key of `digest` in `instance`.
+    pub fn new(instance: &InstanceName, digest: &Digest) -> Self {
+        let name = instance.as_str().as_bytes();
+        let mut k = Vec::with_capacity(2 + name.len() + 1 + 32 + 8);
+        k.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        k.extend_from_slice(name);
+        k.push(digest.function.storage_code());
+        k.extend_from_slice(&digest.hash);
+        k.extend_from_slice(&digest.size.to_be_bytes());
+        Key(k)
+    }
+
+    /// Decodes a key back into its instance and digest (None if malformed).
+    pub fn decode(bytes: &[u8]) -> Option<(InstanceName, Digest)> {
+        let len = u16::from_be_bytes(bytes.get(..2)?.try_into().ok()?) as usize;
+        let name = std::str::from_utf8(bytes.get(2..2 + len)?).ok()?;
+        let rest = bytes.get(2 + len..)?;
+        if rest.len() != 1 + 32 + 8 {
+            return None;
+        }
+        let function = DigestFunction::from_storage_code(rest[0])?;
+        let hash: [u8; 32] = rest[1..33].try_into().ok()?;
+        let size = u64::from_be_bytes(rest[33..41].try_into().ok()?);
+        Some((InstanceName::parse(name).ok()?, Digest { function, hash, size }))
+    }
+
+    /// The raw key bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn stripe(&self) -> usize {
+        // The hash is near the end; its first byte is uniformly distributed.
+        self.0[self.0.len() - 40] as usize % LOCK_STRIPES
+    }
+}
+
+/// A raw key and value read from a column family.
+pub type KeyValue = (Box<[u8]>, Box<[u8]>);
+
+/// Where a stored blob's bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobMeta {
+    /// The chunks' owner id.
+    pub blob_id: u64,
+    /// Blob size in bytes.
+    pub size: u64,
+    /// Size of every chunk but the last.
+    pub chunk_size: u32,
+    /// Unix seconds the blob was committed.
+    pub stored_at: u64,
+}
+
+impl BlobMeta {
+    const ENCODED_LEN: usize = 1 + 8 + 8 + 4 + 8;
+
+    fn encode(&self) -> [u8; Self::ENCODED_LEN] {
+        let mut v = [0u8; Self::ENCODED_LEN];
+        v[0] = 1;
+        v[1..9].copy_from_slice(&self.blob_id.to_be_bytes());
+        v[9..17].copy_from_slice(&self.size.to_be_bytes());
+        v[17..21].copy_from_slice(&self.chunk_size.to_be_bytes());
+        v[21..29].copy_from_slice(&self.stored_at.to_be_bytes());
+        v
+    }
+
+    fn decode(v: &[u8]) -> Result<Self> {
+        if v.len() != Self::ENCODED_LEN || v[0] != 1 {
+            return Err(Error::DataLoss(format!("corrupt blob record ({} bytes)", v.len())));
+        }
+        let meta = BlobMeta {
+            blob_id: u64::from_be_bytes(v[1..9].try_into().expect("8 bytes")),
+            size: u64::from_be_bytes(v[9..17].try_into().expect("8 bytes")),
+            chunk_size: u32::from_be_bytes(v[17..21].try_into().expect("4 bytes")),
+            stored_at: u64::from_be_bytes(v[21..29].try_into().expect("8 bytes")),
+        };
+        if meta.chunk_size == 0 {
+            return Err(Error::DataLoss("corrupt blob record (chunk size 0)".into()));
+        }
+        Ok(meta)
+    }
+
+    /// Number of chunks.
+    pub fn chunks(&self) -> u32 {
+        self.size.div_ceil(self.chunk_size as u64) as u32
+    }
+}
+
+/// Tuning knobs for [`Store::open`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// fsync the WAL on every commit (the default; off only for benchmarks).
+    pub sync: bool,
+    /// Shared block cache size in bytes.
+    pub block_cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { sync: true, block_cache_bytes: 64 << 20 }
+    }
+}
+
+/// The RocksDB-backed store.
+pub struct Store {
+    db: DBWithThreadMode<SingleThreaded>,
+    locks: Vec<Mutex<()>>,
+    sync: bool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.db.path()).finish()
+    }
+}
+
+fn chunk_key(blob_id: u64, index: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&blob_id.to_be_bytes());
+    k[8..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the OS random number generator failed");
+    u64::from_le_bytes(b)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `path`, and deletes the chunks
+    /// of uploads that were in progress when the process last stopped.
+    pub fn open(path: &Path, options: &StoreOptions) -> Result<Self> {
+        std::fs::create_dir_all(path).map_err(|e| Error::Internal(format!("cannot create {}: {e}", path.display())))?;
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let table = |bloom: bool| {
+            let mut t = BlockBasedOptions::default();
+            t.set_block_cache(&cache);
+            t.set_cache_index_and_filter_blocks(true);
+            t.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            if bloom {
+                t.set_bloom_filter(10.0, false);
+            }
+            t
+        };
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(2);
+        db_opts.set_max_total_wal_size(256 << 20);
+        db_opts.set_keep_log_file_num(5);
+
+        let mut small = Options::default();
+        small.set_block_based_table_factory(&table(true));
+        small.set_compression_type(DBCompressionType::Lz4);
+        small.set_write_buffer_size(32 << 20);
+
+        let mut chunks = Options::default();
+        chunks.set_block_based_table_factory(&table(false));
+        chunks.set_compression_type(DBCompressionType::None);
+        // Blob data goes to blob files, so compaction never rewrites it.
+        chunks.set_enable_blob_files(true);
+        chunks.set_min_blob_size(4096);
+        chunks.set_blob_compression_type(DBCompressionType::None);
+        chunks.set_enable_blob_gc(true);
+        // Bounded memtables keep RSS flat while a large blob streams in.
+        chunks.set_write_buffer_size(16 << 20);
+        chunks.set_max_write_buffer_number(3);
+
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_CAS, small.clone()),
+            ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
+            ColumnFamilyDescriptor::new(CF_AC, small.clone()),
+            ColumnFamilyDescriptor::new(CF_PENDING, small.clone()),
+            ColumnFamilyDescriptor::new(CF_META, small),
+        ];
+        let db = DBWithThreadMode::<SingleThreaded>::open_cf_descriptors(&db_opts, path, cfs)?;
+        let store = Store { db, locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(), sync: options.sync };
+        store.check_format()?;
+        store.delete_abandoned_uploads(u64::MAX)?;
+        Ok(store)
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    fn write_opts(&self) -> WriteOptions {
+        let mut w = WriteOptions::default();
+        w.set_sync(self.sync);
+        w
+    }
+
+    fn lock(&self, key: &Key) -> MutexGuard<'_, ()> {
+        self.locks[key.stripe()].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_format(&self) -> Result<()> {
+        let meta = self.cf(CF_META);
+        match self.db.get_cf(meta, b"format")? {
+            None => {
+                self.db.put_cf_opt(meta, b"format", FORMAT_VERSION.to_be_bytes(), &self.write_opts())?;
+                Ok(())
+            }
+            Some(v) if v.as_slice() == FORMAT_VERSION.to_be_bytes() => Ok(()),
+            Some(v) => Err(Error::Internal(format!(
+                "data directory has storage format {v:?}; this provcache reads format {FORMAT_VERSION}"
+            ))),
+        }
+    }
+
+    // ------------------------------------------------------------ CAS
+
+    /// The record of a stored blob.
+    pub fn blob_meta(&self, key: &Key) -> Result<Option<BlobMeta>> {
+        match self.db.get_pinned_cf(self.cf(CF_CAS), key.as_bytes())? {
+            Some(v) => Ok(Some(BlobMeta::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Which of `keys` are stored.
+    pub fn contains(&self, keys: &[Key]) -> Result<Vec<bool>> {
+        let cf = self.cf(CF_CAS);
+        self.db
+            .batched_multi_get_cf(cf, keys.iter().map(|k| k.as_bytes()), false)
+            .into_iter()
+            .map(|r| Ok(r?.is_some()))
+            .collect()
+    }
+
+    /// One chunk of a stored blob.
+    pub fn read_chunk(&self, meta: &BlobMeta, index: u32) -> Result<Vec<u8>> {
+        let v = self.db.get_cf(self.cf(CF_CHUNKS), chunk_key(meta.blob_id, index))?;
+        let expected = if index + 1 == meta.chunks() {
+            meta.size - index as u64 * meta.chunk_size as u64
+        } else {
+            meta.chunk_size as u64
+        };
+        match v {
+            Some(v) if v.len() as u64 == expected => Ok(v),
+            Some(v) => Err(Error::DataLoss(format!(
+                "stored chunk {index} of blob {} has {} bytes, expected {expected}",
+                meta.blob_id,
+                v.len()
+            ))),
+            None => Err(Error::DataLoss(format!("stored chunk {index} of blob {} is missing", meta.blob_id))),
+        }
+    }
+
+    /// Stores a whole blob held in memory (already verified by the caller).
+    /// Returns false if it was already present.
+    pub fn put_blob(&self, key: &Key, data: &[u8]) -> Result<bool> {
+        let _guard = self.lock(key);
+        if self.db.get_pinned_cf(self.cf(CF_CAS), key.as_bytes())?.is_some() {
+            return Ok(false);
+        }
+        let blob_id = random_u64();
+        let mut batch = WriteBatch::default();
+        let chunks = self.cf(CF_CHUNKS);
+        for (i, chunk) in data.chunks(CHUNK_SIZE).enumerate() {
+            batch.put_cf(chunks, chunk_key(blob_id, i as u32), chunk);
+        }
+        let meta = BlobMeta { blob_id, size: data.len() as u64, chunk_size: CHUNK_SIZE as u32, stored_at: unix_now() };
+        batch.put_cf(self.cf(CF_CAS), key.as_bytes(), meta.encode());
+        self.db.write_opt(batch, &self.write_opts())?;
+        Ok(true)
+    }
+
+    /// Starts a streamed upload: returns a fresh blob id whose chunks are
+    /// owned by a `pending` record until commit or abort.
+    pub fn begin_upload(&self) -> Result<u64> {
+        let blob_id = random_u64();
+        self.db.put_cf(self.cf(CF_PENDING), blob_id.to_be_bytes(), unix_now().to_be_bytes())?;
+        Ok(blob_id)
+    }
+
+    /// Writes chunk `index` of an upload in progress (not yet visible).
+    pub fn write_chunk(&self, blob_id: u64, index: u32, data: &[u8]) -> Result<()> {
+        self.db.put_cf(self.cf(CF_CHUNKS), chunk_key(blob_id, index), data)?;
+        Ok(())
+    }
+
+    /// Makes an upload visible under `key` (its digest verified by the caller).
+    /// If another writer committed the same blob first, this upload's chunks are
+    /// deleted and the existing copy stays.
+    pub fn commit_upload(&self, key: &Key, blob_id: u64, size: u64) -> Result<()> {
+        let _guard = self.lock(key);
+        let mut batch = WriteBatch::default();
+        if self.db.get_pinned_cf(self.cf(CF_CAS), key.as_bytes())?.is_some() {
+            self.delete_chunks(&mut batch, blob_id);
+        } else {
+            let meta = BlobMeta { blob_id, size, chunk_size: CHUNK_SIZE as u32, stored_at: unix_now() };
+            batch.put_cf(self.cf(CF_CAS), key.as_bytes(), meta.encode());
+        }
+        batch.delete_cf(self.cf(CF_PENDING), blob_id.to_be_bytes());
+        self.db.write_opt(batch, &self.write_opts())?;
+        Ok(())
+    }
+
+    /// Abandons an upload and deletes its chunks.
+    pub fn abort_upload(&self, blob_id: u64) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        self.delete_chunks(&mut batch, blob_id);
+        batch.delete_cf(self.cf(CF_PENDING), blob_id.to_be_bytes());
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Removes a stored blob (for example one found corrupt).
+    pub fn delete_blob(&self, key: &Key) -> Result<()> {
+        let _guard = self.lock(key);
+        if let Some(meta) = self.blob_meta(key)? {
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(self.cf(CF_CAS), key.as_bytes());
+            self.delete_chunks(&mut batch, meta.blob_id);
+            self.db.write_opt(batch, &self.write_opts())?;
+        }
+        Ok(())
+    }
+
+    fn delete_chunks(&self, batch: &mut WriteBatch, blob_id: u64) {
+        let start = chunk_key(blob_id, 0).to_vec();
+        let end = match blob_id.checked_add(1) {
+            Some(next) => chunk_key(next, 0).to_vec(),
+            None => vec![0xff; 13],
+        };
+        batch.delete_range_cf(self.cf(CF_CHUNKS), start, end);
+    }
+
+    /// Deletes the chunks of uploads started before `older_than` (Unix seconds).
+    pub fn delete_abandoned_uploads(&self, older_than: u64) -> Result<usize> {
+        let pending = self.cf(CF_PENDING);
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        for item in self.db.iterator_cf(pending, rocksdb::IteratorMode::Start) {
+            let (k, v) = item?;
+            let started = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if started < older_than {
+                if let Ok(id) = k.as_ref().try_into().map(u64::from_be_bytes) {
+                    self.delete_chunks(&mut batch, id);
+                }
+                batch.delete_cf(pending, &k);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.db.write(batch)?;
+        }
+        Ok(n)
+    }
+
+    // ------------------------------------------------------------ Action Cache
+
+    /// The stored value of an Action Cache key.
+    pub fn ac_get(&self, key: &Key) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_AC), key.as_bytes())?)
+    }
+
+    /// Stores an Action Cache value in one synced write.
+    pub fn ac_put(&self, key: &Key, value: &[u8]) -> Result<()> {
+        self.db.put_cf_opt(self.cf(CF_AC), key.as_bytes(), value, &self.write_opts())?;
+        Ok(())
+    }
+
+    /// Replaces an Action Cache value without any check. For tests and
+    /// operator tools that simulate tampering at rest.
+    pub fn ac_put_raw(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.db.put_cf_opt(self.cf(CF_AC), key, value, &self.write_opts())?;
+        Ok(())
+    }
+
+    /// Every Action Cache key and value (for operator tools; not for the hot path).
+    pub fn ac_entries(&self) -> impl Iterator<Item = Result<KeyValue>> + '_ {
+        self.db.iterator_cf(self.cf(CF_AC), rocksdb::IteratorMode::Start).map(|r| r.map_err(Error::from))
+    }
+
+    /// Flushes memtables and the WAL to disk (used at shutdown).
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        for cf in [CF_CAS, CF_CHUNKS, CF_AC, CF_PENDING, CF_META] {
+            self.db.flush_cf(self.cf(cf))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &StoreOptions { sync: false, ..Default::default() }).unwrap();
+        (dir, s)
+    }
+
+    fn key(data: &[u8], instance: &str) -> Key {
+        Key::new(&InstanceName::parse(instance).unwrap(), &Digest::of(DigestFunction::Sha256, data))
+    }
+
+    #[test]
+    fn keys_round_trip_and_separate_instances() {
+        let d = Digest::of(DigestFunction::Blake3, b"x");
+        let i = InstanceName::parse("a/b").unwrap();
+        assert_eq!(Key::decode(Key::new(&i, &d).as_bytes()), Some((i, d)));
+        assert_ne!(key(b"x", "a"), key(b"x", "b"));
+    }
+
+    #[test]
+    fn put_then_read_multi_chunk_blob() {
+        let (_d, s) = store();
+        let data: Vec<u8> = (0..CHUNK_SIZE * 2 + 17).map(|i| (i % 251) as u8).collect();
+        let k = key(&data, "");
+        assert!(s.put_blob(&k, &data).unwrap());
+        assert!(!s.put_blob(&k, &data).unwrap(), "second put is a no-op");
+        let meta = s.blob_meta(&k).unwrap().unwrap();
+        assert_eq!(meta.chunks(), 3);
+        let mut back = Vec::new();
+        for i in 0..meta.chunks() {
+            back.extend(s.read_chunk(&meta, i).unwrap());
+        }
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn uploads_are_invisible_until_commit_and_abandoned_ones_are_cleaned() {
+        let (dir, s) = store();
+        let k = key(b"abc", "");
+        let id = s.begin_upload().unwrap();
+        s.write_chunk(id, 0, b"abc").unwrap();
+        assert_eq!(s.contains(std::slice::from_ref(&k)).unwrap(), vec![false]);
+        drop(s);
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert!(s.db.get_cf(s.cf(CF_CHUNKS), chunk_key(id, 0)).unwrap().is_none(), "restart deleted the chunks");
+        let id = s.begin_upload().unwrap();
+        s.write_chunk(id, 0, b"abc").unwrap();
+        s.commit_upload(&k, id, 3).unwrap();
+        assert_eq!(s.contains(std::slice::from_ref(&k)).unwrap(), vec![true]);
+    }
+
+    #[test]
+    fn racing_commit_keeps_the_first_copy() {
+        let (_d, s) = store();
+        let k = key(b"abc", "");
+        let a = s.begin_upload().unwrap();
+        let b = s.begin_upload().unwrap();
+        s.write_chunk(a, 0, b"abc").unwrap();
+        s.write_chunk(b, 0, b"abc").unwrap();
+        s.commit_upload(&k, a, 3).unwrap();
+        s.commit_upload(&k, b, 3).unwrap();
+        assert_eq!(s.blob_meta(&k).unwrap().unwrap().blob_id, a);
+        assert!(s.db.get_cf(s.cf(CF_CHUNKS), chunk_key(b, 0)).unwrap().is_none());
+    }
+}

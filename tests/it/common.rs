@@ -1,0 +1,222 @@
+//! A real server on 127.0.0.1:0 and real gRPC clients.
+
+use std::sync::Arc;
+
+use prost::Message;
+use provcache::auth::{AllowAll, SharedGate};
+use provcache::digest::{Digest, DigestFunction};
+use provcache::proto::bytestream::byte_stream_client::ByteStreamClient;
+use provcache::proto::bytestream::WriteRequest;
+use provcache::proto::reapi::action_cache_client::ActionCacheClient;
+use provcache::proto::reapi::capabilities_client::CapabilitiesClient;
+use provcache::proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use provcache::proto::reapi::{self, batch_update_blobs_request};
+use provcache::server::{Cache, ServerOptions};
+use provcache::store::{Store, StoreOptions};
+use tonic::transport::Channel;
+
+pub const MAX_MSG: usize = 64 << 20;
+
+/// A server running in this process on a real socket.
+#[allow(dead_code)]
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub store: Arc<Store>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(Arc::new(AllowAll)).await
+    }
+
+    pub async fn start_with(gate: SharedGate) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let options = ServerOptions {
+            data_dir: dir.path().to_path_buf(),
+            store: StoreOptions { sync: false, ..Default::default() },
+        };
+        let cache = Cache::open(&options, gate).unwrap();
+        let store = cache.context().cas.store().clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(cache.serve_plaintext(listener, async {
+            let _ = rx.await;
+        }));
+        TestServer { addr, dir, store, shutdown: Some(tx), task: Some(task) }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
+    }
+
+    pub async fn clients(&self) -> Clients {
+        Clients::new(self.channel().await)
+    }
+
+    #[allow(dead_code)]
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Clients {
+    pub cas: ContentAddressableStorageClient<Channel>,
+    pub ac: ActionCacheClient<Channel>,
+    pub bs: ByteStreamClient<Channel>,
+    pub caps: CapabilitiesClient<Channel>,
+}
+
+impl Clients {
+    pub fn new(ch: Channel) -> Self {
+        Clients {
+            cas: ContentAddressableStorageClient::new(ch.clone())
+                .max_decoding_message_size(MAX_MSG)
+                .max_encoding_message_size(MAX_MSG),
+            ac: ActionCacheClient::new(ch.clone()).max_decoding_message_size(MAX_MSG),
+            bs: ByteStreamClient::new(ch.clone()).max_decoding_message_size(MAX_MSG),
+            caps: CapabilitiesClient::new(ch),
+        }
+    }
+
+    /// Uploads blobs with BatchUpdateBlobs and asserts every one succeeded.
+    pub async fn upload(&mut self, instance: &str, blobs: &[&[u8]]) -> Vec<reapi::Digest> {
+        let digests: Vec<reapi::Digest> = blobs.iter().map(|b| sha(b)).collect();
+        let resp = self
+            .cas
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                instance_name: instance.into(),
+                requests: blobs
+                    .iter()
+                    .zip(&digests)
+                    .map(|(b, d)| batch_update_blobs_request::Request {
+                        digest: Some(d.clone()),
+                        data: bytes::Bytes::copy_from_slice(b),
+                        compressor: 0,
+                    })
+                    .collect(),
+                digest_function: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for r in &resp.responses {
+            assert_eq!(r.status.as_ref().unwrap().code, 0, "{:?}", r.status);
+        }
+        digests
+    }
+
+    /// Uploads a protobuf message and returns its digest.
+    pub async fn upload_msg<M: Message>(&mut self, instance: &str, m: &M) -> reapi::Digest {
+        self.upload(instance, &[&m.encode_to_vec()]).await.remove(0)
+    }
+
+    /// Writes a blob with ByteStream in `chunk`-byte messages.
+    pub async fn write(&mut self, resource: &str, data: &[u8], chunk: usize) -> Result<i64, tonic::Status> {
+        let msgs = write_requests(resource, data, chunk, 0, true);
+        self.bs.write(futures::stream::iter(msgs)).await.map(|r| r.into_inner().committed_size)
+    }
+
+    /// Reads a whole blob with ByteStream.
+    pub async fn read(&mut self, resource: &str, offset: i64, limit: i64) -> Result<Vec<u8>, tonic::Status> {
+        let mut stream = self
+            .bs
+            .read(provcache::proto::bytestream::ReadRequest {
+                resource_name: resource.into(),
+                read_offset: offset,
+                read_limit: limit,
+            })
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            out.extend_from_slice(&msg.data);
+        }
+        Ok(out)
+    }
+
+    pub async fn missing(&mut self, instance: &str, digests: &[reapi::Digest]) -> Vec<reapi::Digest> {
+        self.cas
+            .find_missing_blobs(reapi::FindMissingBlobsRequest {
+                instance_name: instance.into(),
+                blob_digests: digests.to_vec(),
+                digest_function: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .missing_blob_digests
+    }
+}
+
+pub fn write_requests(resource: &str, data: &[u8], chunk: usize, start: i64, finish: bool) -> Vec<WriteRequest> {
+    let mut msgs = Vec::new();
+    let mut offset = 0usize;
+    loop {
+        let end = (offset + chunk).min(data.len());
+        let last = end == data.len();
+        msgs.push(WriteRequest {
+            resource_name: if msgs.is_empty() { resource.to_string() } else { String::new() },
+            write_offset: start + offset as i64,
+            finish_write: last && finish,
+            data: bytes::Bytes::copy_from_slice(&data[offset..end]),
+        });
+        offset = end;
+        if last {
+            break;
+        }
+    }
+    msgs
+}
+
+pub fn sha(data: &[u8]) -> reapi::Digest {
+    Digest::of(DigestFunction::Sha256, data).to_proto()
+}
+
+pub fn blake3(data: &[u8]) -> reapi::Digest {
+    Digest::of(DigestFunction::Blake3, data).to_proto()
+}
+
+pub fn rn(d: &reapi::Digest) -> String {
+    format!("{}/{}", d.hash, d.size_bytes)
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Uploads an Action with its Command and returns the action digest.
+pub async fn upload_action(c: &mut Clients, instance: &str, salt: &str) -> reapi::Digest {
+    let command = reapi::Command {
+        arguments: vec!["echo".into(), salt.into()],
+        output_files: vec!["out.txt".into()],
+        ..Default::default()
+    };
+    let command_digest = c.upload_msg(instance, &command).await;
+    let input_root = c.upload_msg(instance, &reapi::Directory::default()).await;
+    let action = reapi::Action {
+        command_digest: Some(command_digest),
+        input_root_digest: Some(input_root),
+        ..Default::default()
+    };
+    c.upload_msg(instance, &action).await
+}

@@ -1,0 +1,8 @@
+//! Integration tests against real servers on 127.0.0.1:0.
+
+mod common;
+
+mod action_cache;
+mod bytestream;
+mod capabilities;
+mod cas;
