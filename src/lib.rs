@@ -12,6 +12,7 @@
 
 pub mod action_cache;
 pub mod auth;
+pub mod bench;
 pub mod canonical;
 pub mod cas;
 pub mod digest;
@@ -21,4 +22,5 @@ pub mod resource;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod units;
 pub mod upload;

@@ -23,6 +23,48 @@ struct Cli {
 enum Command {
     /// Run the cache server.
     Serve(ServeArgs),
+    /// Drive a running server with load and print throughput and latency.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Server URL: grpc://HOST:PORT or grpcs://HOST:PORT.
+    #[arg(long, default_value = "grpc://127.0.0.1:8980")]
+    server: String,
+    /// CA certificate (PEM) that signed the server's certificate (grpcs://).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) (grpcs://).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Client private key (PEM) (grpcs://).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Instance name.
+    #[arg(long, default_value = "")]
+    instance: String,
+    /// Scenarios to run, in order: ac-hit, ac-update, find-missing, write, read, big-write.
+    #[arg(long, value_delimiter = ',', default_value = "ac-hit,find-missing,write,read")]
+    scenario: Vec<String>,
+    /// Concurrent request loops.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Connections to spread the loops over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Timed duration of each scenario (e.g. 10s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// Action Cache working set (keys stored through the real write path first).
+    #[arg(long, default_value_t = 1000)]
+    keys: usize,
+    /// Blob size for write, read and big-write (e.g. 1MiB, 1GiB).
+    #[arg(long, default_value = "1MiB", value_parser = provcache::units::parse_size)]
+    size: u64,
+    /// ByteStream message size for writes (Bazel sends 16KiB).
+    #[arg(long, default_value = "16KiB", value_parser = provcache::units::parse_size)]
+    chunk: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -53,7 +95,30 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Bench(args) => runtime.block_on(bench(args)),
     }
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let tls = match (args.ca, args.cert, args.key) {
+        (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
+        (None, None, None) => None,
+        _ => anyhow::bail!("--ca, --cert and --key go together"),
+    };
+    let target = provcache::bench::Target { url: args.server, tls, instance: args.instance };
+    let params = provcache::bench::Params {
+        concurrency: args.concurrency,
+        duration: args.duration,
+        keys: args.keys,
+        size: args.size as usize,
+        chunk: args.chunk as usize,
+        connections: args.connections,
+    };
+    for scenario in &args.scenario {
+        let report = provcache::bench::run(&target, scenario, &params).await?;
+        println!("{report}");
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

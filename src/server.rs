@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::net::TcpListener;
 
 use crate::action_cache::ActionCache;
@@ -115,7 +116,13 @@ impl Cache {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let maintenance = self.spawn_maintenance();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+            let conn = conn?;
+            // Without this, replies larger than one segment wait for the
+            // client's delayed ACK (40 ms).
+            conn.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(conn)
+        });
         let result = self.router().serve_with_incoming_shutdown(incoming, shutdown).await;
         maintenance.abort();
         self.close()?;

@@ -1,0 +1,511 @@
+//! `provcache bench`: a load generator that drives a running server through
+//! its real gRPC API and prints throughput, latency percentiles and its own
+//! CPU time. Blobs are generated before the timed part; every response is
+//! checked.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use prost::Message;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::digest::{Digest, DigestFunction};
+use crate::proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
+use crate::proto::reapi::{
+    self, action_cache_client::ActionCacheClient, batch_update_blobs_request,
+    content_addressable_storage_client::ContentAddressableStorageClient,
+};
+
+/// Where and how to connect.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `grpc://host:port` or `grpcs://host:port`.
+    pub url: String,
+    /// CA, client certificate and key PEM files for `grpcs://`.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)>,
+    /// Instance name to use.
+    pub instance: String,
+}
+
+/// Connects one channel (TCP_NODELAY on).
+pub async fn connect(target: &Target) -> anyhow::Result<Channel> {
+    let (scheme, rest) = target.url.split_once("://").context("server URL needs a scheme (grpc:// or grpcs://)")?;
+    let endpoint = match scheme {
+        "grpc" => Channel::from_shared(format!("http://{rest}"))?,
+        "grpcs" => {
+            let (ca, cert, key) = target.tls.as_ref().context("grpcs:// needs --ca, --cert and --key")?;
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(std::fs::read(ca)?))
+                .identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?));
+            Channel::from_shared(format!("https://{rest}"))?.tls_config(tls)?
+        }
+        other => bail!("unsupported scheme {other:?}"),
+    };
+    Ok(endpoint
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .connect()
+        .await?)
+}
+
+/// Latency samples and counters of one run.
+#[derive(Default)]
+struct Stats {
+    latencies_us: std::sync::Mutex<Vec<u32>>,
+    ops: AtomicU64,
+    bytes: AtomicU64,
+    errors: AtomicU64,
+}
+
+fn cpu_seconds() -> f64 {
+    // utime + stime from /proc/self/stat, in clock ticks of 1/100 s.
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let after = stat.rsplit_once(')').map(|(_, s)| s).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// A bench report.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Operations per second.
+    pub ops_per_sec: f64,
+    /// Payload megabytes (10^6) per second.
+    pub mb_per_sec: f64,
+    /// Latency percentiles in milliseconds: p50, p99, p99.9.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Operations completed.
+    pub ops: u64,
+    /// Failed operations.
+    pub errors: u64,
+    /// The bench client's own CPU seconds.
+    pub client_cpu_s: f64,
+    /// Wall time.
+    pub elapsed_s: f64,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<14} {:>10.0} req/s {:>9.1} MB/s  p50 {:>7.3} ms  p99 {:>7.3} ms  p99.9 {:>7.3} ms  \
+             ops {} errors {}  client cpu {:.1}s / {:.1}s",
+            self.scenario,
+            self.ops_per_sec,
+            self.mb_per_sec,
+            self.p50_ms,
+            self.p99_ms,
+            self.p999_ms,
+            self.ops,
+            self.errors,
+            self.client_cpu_s,
+            self.elapsed_s
+        )
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+/// Runs `op` from `concurrency` tasks for `duration`; `op(worker, iteration)`
+/// returns the payload bytes it moved.
+async fn drive<F, Fut>(name: &str, concurrency: usize, duration: Duration, op: F) -> Report
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<u64>> + Send,
+{
+    let stats = Arc::new(Stats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let op = Arc::new(op);
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (stats, stop, op) = (stats.clone(), stop.clone(), op.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut local = Vec::with_capacity(100_000);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match op(w, i).await {
+                    Ok(n) => {
+                        local.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        stats.ops.fetch_add(1, Ordering::Relaxed);
+                        stats.bytes.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if stats.errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                            eprintln!("bench {w}: {e:#}");
+                        }
+                    }
+                }
+                i += 1;
+            }
+            stats.latencies_us.lock().unwrap().extend(local);
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut lat = std::mem::take(&mut *stats.latencies_us.lock().unwrap());
+    lat.sort_unstable();
+    let ops = stats.ops.load(Ordering::Relaxed);
+    Report {
+        scenario: name.to_string(),
+        ops_per_sec: ops as f64 / elapsed,
+        mb_per_sec: stats.bytes.load(Ordering::Relaxed) as f64 / elapsed / 1e6,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        p999_ms: percentile(&lat, 0.999),
+        ops,
+        errors: stats.errors.load(Ordering::Relaxed),
+        client_cpu_s: cpu_seconds() - cpu0,
+        elapsed_s: elapsed,
+    }
+}
+
+fn blob(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    Bytes::from(out)
+}
+
+fn sha(data: &[u8]) -> reapi::Digest {
+    Digest::of(DigestFunction::Sha256, data).to_proto()
+}
+
+/// Stores `n` action results through the server's real write path (Action,
+/// Command and an output uploaded first) and returns their action digests.
+pub async fn prefill(ch: &Channel, instance: &str, n: usize, run_id: u64) -> anyhow::Result<Vec<reapi::Digest>> {
+    let mut cas = ContentAddressableStorageClient::new(ch.clone());
+    let mut ac = ActionCacheClient::new(ch.clone());
+    let mut digests = Vec::with_capacity(n);
+    for batch_start in (0..n).step_by(200) {
+        let mut reqs = Vec::new();
+        let mut pending = Vec::new();
+        for i in batch_start..(batch_start + 200).min(n) {
+            let command = reapi::Command {
+                arguments: vec!["bench".into(), format!("{run_id}-{i}")],
+                output_files: vec!["out".into()],
+                ..Default::default()
+            };
+            let cmd_bytes = Bytes::from(command.encode_to_vec());
+            let action = reapi::Action { command_digest: Some(sha(&cmd_bytes)), ..Default::default() };
+            let act_bytes = Bytes::from(action.encode_to_vec());
+            let out = blob(run_id ^ (i as u64) << 1, 64);
+            for b in [&cmd_bytes, &act_bytes, &out] {
+                reqs.push(batch_update_blobs_request::Request { digest: Some(sha(b)), data: b.clone(), compressor: 0 });
+            }
+            pending.push((sha(&act_bytes), sha(&out)));
+        }
+        let resp = cas
+            .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+                instance_name: instance.into(),
+                requests: reqs,
+                digest_function: 0,
+            })
+            .await?
+            .into_inner();
+        if resp.responses.iter().any(|r| r.status.as_ref().is_some_and(|s| s.code != 0)) {
+            bail!("prefill upload failed: {:?}", resp.responses.iter().find(|r| r.status.as_ref().unwrap().code != 0));
+        }
+        for (action, out) in pending {
+            ac.update_action_result(reapi::UpdateActionResultRequest {
+                instance_name: instance.into(),
+                action_digest: Some(action.clone()),
+                action_result: Some(reapi::ActionResult {
+                    output_files: vec![reapi::OutputFile {
+                        path: "out".into(),
+                        digest: Some(out),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await?;
+            digests.push(action);
+        }
+    }
+    Ok(digests)
+}
+
+/// Scenario parameters.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Concurrent request loops.
+    pub concurrency: usize,
+    /// Timed duration per scenario.
+    pub duration: Duration,
+    /// Working-set size for Action Cache scenarios.
+    pub keys: usize,
+    /// Blob size for write/read scenarios.
+    pub size: usize,
+    /// ByteStream message size for writes.
+    pub chunk: usize,
+    /// Connections to spread load over.
+    pub connections: usize,
+}
+
+/// Runs one named scenario.
+pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<Report> {
+    let mut channels = Vec::new();
+    for _ in 0..p.connections.max(1) {
+        channels.push(connect(target).await?);
+    }
+    let run_id = u64::from(std::process::id()) << 32 ^ Instant::now().elapsed().as_nanos() as u64 ^ rand_seed();
+    let instance = target.instance.clone();
+    let ch = move |w: usize| channels[w % channels.len()].clone();
+    match scenario {
+        "ac-hit" => {
+            let keys = Arc::new(prefill(&ch(0), &instance, p.keys, run_id).await?);
+            Ok(drive("ac-hit", p.concurrency, p.duration, move |w, i| {
+                let mut client = ActionCacheClient::new(ch(w));
+                let key = keys[((w as u64 * 7919 + i) % keys.len() as u64) as usize].clone();
+                let instance = instance.clone();
+                async move {
+                    let r = client
+                        .get_action_result(reapi::GetActionResultRequest {
+                            instance_name: instance,
+                            action_digest: Some(key),
+                            ..Default::default()
+                        })
+                        .await?
+                        .into_inner();
+                    if r.output_files.len() != 1 {
+                        bail!("unexpected result");
+                    }
+                    Ok(0)
+                }
+            })
+            .await)
+        }
+        "ac-update" => {
+            let keys = Arc::new(prefill(&ch(0), &instance, p.keys, run_id).await?);
+            let mut ac0 = ActionCacheClient::new(ch(0));
+            let mut template = Vec::new();
+            for k in keys.iter() {
+                let r = ac0
+                    .get_action_result(reapi::GetActionResultRequest {
+                        instance_name: instance.clone(),
+                        action_digest: Some(k.clone()),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                template.push(r);
+            }
+            let template = Arc::new(template);
+            Ok(drive("ac-update", p.concurrency, p.duration, move |w, i| {
+                let mut client = ActionCacheClient::new(ch(w));
+                let idx = ((w as u64 * 7919 + i) % keys.len() as u64) as usize;
+                let (key, mut result) = (keys[idx].clone(), template[idx].clone());
+                result.execution_metadata = None;
+                let instance = instance.clone();
+                async move {
+                    client
+                        .update_action_result(reapi::UpdateActionResultRequest {
+                            instance_name: instance,
+                            action_digest: Some(key),
+                            action_result: Some(result),
+                            ..Default::default()
+                        })
+                        .await?;
+                    Ok(0)
+                }
+            })
+            .await)
+        }
+        "find-missing" => {
+            let digests: Arc<Vec<reapi::Digest>> = Arc::new((0..100).map(|i| sha(&blob(run_id + i, 32))).collect());
+            Ok(drive("find-missing", p.concurrency, p.duration, move |w, _| {
+                let mut client = ContentAddressableStorageClient::new(ch(w));
+                let digests = digests.clone();
+                let instance = instance.clone();
+                async move {
+                    let r = client
+                        .find_missing_blobs(reapi::FindMissingBlobsRequest {
+                            instance_name: instance,
+                            blob_digests: digests.to_vec(),
+                            digest_function: 0,
+                        })
+                        .await?
+                        .into_inner();
+                    if r.missing_blob_digests.len() != 100 {
+                        bail!("unexpected FindMissingBlobs answer");
+                    }
+                    Ok(0)
+                }
+            })
+            .await)
+        }
+        "write" => {
+            // Unique blobs, made before the timed part.
+            let per_worker = 64usize;
+            let blobs: Arc<Vec<Bytes>> = Arc::new(
+                (0..p.concurrency * per_worker).map(|i| blob(run_id.wrapping_add(i as u64 * 31), p.size)).collect(),
+            );
+            let digests: Arc<Vec<reapi::Digest>> = Arc::new(blobs.iter().map(|b| sha(b)).collect());
+            let counter = Arc::new(AtomicU64::new(0));
+            let (size, chunk) = (p.size, p.chunk);
+            Ok(drive(&format!("write-{}k", size / 1024), p.concurrency, p.duration, move |w, _| {
+                let mut client = ByteStreamClient::new(ch(w));
+                let n = counter.fetch_add(1, Ordering::Relaxed) as usize;
+                // Past the pre-made set, vary one byte per round so each write is unique.
+                let mut data = blobs[n % blobs.len()].clone();
+                let mut digest = digests[n % blobs.len()].clone();
+                if n >= blobs.len() {
+                    let mut v = data.to_vec();
+                    v[..8].copy_from_slice(&(n as u64).to_le_bytes());
+                    data = Bytes::from(v);
+                    digest = sha(&data);
+                }
+                let instance = instance.clone();
+                async move {
+                    let prefix = if instance.is_empty() { String::new() } else { format!("{instance}/") };
+                    let name = format!("{prefix}uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), digest.hash, size);
+                    let msgs = write_messages(name, data, chunk);
+                    let r = client.write(futures::stream::iter(msgs)).await?.into_inner();
+                    if r.committed_size != size as i64 {
+                        bail!("committed {} of {size}", r.committed_size);
+                    }
+                    Ok(size as u64)
+                }
+            })
+            .await)
+        }
+        "read" => {
+            let data = blob(run_id, p.size);
+            let digest = sha(&data);
+            let mut bs = ByteStreamClient::new(ch(0));
+            let prefix = if instance.is_empty() { String::new() } else { format!("{instance}/") };
+            let name = format!("{prefix}uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), digest.hash, p.size);
+            bs.write(futures::stream::iter(write_messages(name, data, 1 << 20))).await?;
+            let size = p.size;
+            Ok(drive(&format!("read-{}k", size / 1024), p.concurrency, p.duration, move |w, _| {
+                let mut client = ByteStreamClient::new(ch(w));
+                let name = format!("{prefix}blobs/{}/{}", digest.hash, size);
+                async move {
+                    let mut s = client
+                        .read(ReadRequest { resource_name: name, read_offset: 0, read_limit: 0 })
+                        .await?
+                        .into_inner();
+                    let mut n = 0;
+                    while let Some(m) = s.message().await? {
+                        n += m.data.len();
+                    }
+                    if n != size {
+                        bail!("read {n} of {size}");
+                    }
+                    Ok(size as u64)
+                }
+            })
+            .await)
+        }
+        "big-write" => big_write(&ch(0), &instance, p.size, p.chunk, run_id).await,
+        other => bail!("unknown scenario {other:?} (ac-hit, ac-update, find-missing, write, read, big-write)"),
+    }
+}
+
+fn rand_seed() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+fn write_messages(name: String, data: Bytes, chunk: usize) -> Vec<WriteRequest> {
+    let mut msgs = Vec::with_capacity(data.len() / chunk + 1);
+    let mut off = 0;
+    loop {
+        let end = (off + chunk).min(data.len());
+        msgs.push(WriteRequest {
+            resource_name: if off == 0 { name.clone() } else { String::new() },
+            write_offset: off as i64,
+            finish_write: end == data.len(),
+            data: data.slice(off..end),
+        });
+        off = end;
+        if off == data.len() {
+            return msgs;
+        }
+    }
+}
+
+/// One big blob streamed with ByteStream; the client generates and hashes the
+/// data up front (one pass) and then streams a repeated block, so neither side
+/// holds the blob. Also measures single-core SHA-256 speed for comparison.
+async fn big_write(ch: &Channel, instance: &str, size: usize, chunk: usize, seed: u64) -> anyhow::Result<Report> {
+    let block = blob(seed, chunk);
+    let blocks = size.div_ceil(chunk);
+    let sha_start = Instant::now();
+    let mut h = DigestFunction::Sha256.hasher();
+    for i in 0..blocks {
+        let len = chunk.min(size - i * chunk);
+        h.update(&block[..len]);
+    }
+    let hash = h.finalize();
+    let sha_mb_s = size as f64 / sha_start.elapsed().as_secs_f64() / 1e6;
+    let digest = Digest { function: DigestFunction::Sha256, hash, size: size as u64 }.to_proto();
+    let prefix = if instance.is_empty() { String::new() } else { format!("{instance}/") };
+    let name = format!("{prefix}uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), digest.hash, size);
+    let stream = futures::stream::iter((0..blocks).map(move |i| {
+        let len = chunk.min(size - i * chunk);
+        WriteRequest {
+            resource_name: if i == 0 { name.clone() } else { String::new() },
+            write_offset: (i * chunk) as i64,
+            finish_write: i + 1 == blocks,
+            data: block.slice(..len),
+        }
+    }));
+    let cpu0 = cpu_seconds();
+    let t = Instant::now();
+    let r = ByteStreamClient::new(ch.clone()).max_decoding_message_size(64 << 20).write(stream).await?.into_inner();
+    let secs = t.elapsed().as_secs_f64();
+    if r.committed_size != size as i64 {
+        bail!("committed {} of {size}", r.committed_size);
+    }
+    let mb_s = size as f64 / secs / 1e6;
+    eprintln!(
+        "big-write: {} MiB in {secs:.2}s = {mb_s:.0} MB/s; single-core SHA-256 here: {sha_mb_s:.0} MB/s; ratio {:.2}",
+        size >> 20,
+        mb_s / sha_mb_s
+    );
+    Ok(Report {
+        scenario: "big-write".into(),
+        ops_per_sec: 1.0 / secs,
+        mb_per_sec: mb_s,
+        p50_ms: secs * 1000.0,
+        p99_ms: secs * 1000.0,
+        p999_ms: secs * 1000.0,
+        ops: 1,
+        errors: 0,
+        client_cpu_s: cpu_seconds() - cpu0,
+        elapsed_s: secs,
+    })
+}
