@@ -22,6 +22,14 @@ use crate::store::{Key, Store, CHUNK_SIZE};
 pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The most uploads in progress at once (each holds up to one chunk in memory).
 pub const MAX_SESSIONS: usize = 4096;
+/// Blobs larger than this are written to disk once, bypassing the WAL, and
+/// flushed before commit; smaller ones go through the WAL, which is cheaper
+/// than a flush per upload.
+pub const NO_WAL_THRESHOLD: u64 = 64 * 1024 * 1024;
+
+fn use_wal(digest: &Digest) -> bool {
+    digest.size <= NO_WAL_THRESHOLD
+}
 
 /// Receives the decompressed bytes of an upload.
 #[derive(Debug)]
@@ -234,7 +242,8 @@ impl Uploads {
         }
         session.committed += data.len() as i64;
         session.progress.store(session.committed, Ordering::Release);
-        while session.feed.sink().buf.len() >= CHUNK_SIZE {
+        // A blob of one chunk or less stays in memory and is stored in one batch at the end.
+        while session.resource.digest.size > CHUNK_SIZE as u64 && session.feed.sink().buf.len() >= CHUNK_SIZE {
             let chunk = session.feed.sink().buf.split_to(CHUNK_SIZE).freeze();
             self.store_chunk(store, session, chunk).await?;
         }
@@ -256,7 +265,8 @@ impl Uploads {
         };
         let index = session.next_chunk;
         let s = store.clone();
-        blocking(move || s.write_chunk(id, index, &chunk)).await?;
+        let wal = use_wal(&session.resource.digest);
+        blocking(move || s.write_chunk(id, index, &chunk, wal)).await?;
         session.next_chunk += 1;
         Ok(())
     }
@@ -296,7 +306,8 @@ impl Uploads {
                 }
                 let key = session.key.clone();
                 let s = store.clone();
-                blocking(move || s.commit_upload(&key, id, digest.size)).await?;
+                let flush = !use_wal(&digest);
+                blocking(move || s.commit_upload(&key, id, digest.size, flush)).await?;
                 session.blob_id = None;
             }
         }

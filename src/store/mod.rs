@@ -334,15 +334,27 @@ impl Store {
     }
 
     /// Writes chunk `index` of an upload in progress (not yet visible).
-    pub fn write_chunk(&self, blob_id: u64, index: u32, data: &[u8]) -> Result<()> {
-        self.db.put_cf(self.cf(CF_CHUNKS), chunk_key(blob_id, index), data)?;
+    ///
+    /// With `wal` false the chunk skips the write-ahead log, so a large blob
+    /// is written to disk once (into blob files) rather than twice; then
+    /// [`Store::commit_upload`] must be told to flush before the blob becomes
+    /// visible. A crash before that loses only chunks of an upload that was
+    /// never acknowledged.
+    pub fn write_chunk(&self, blob_id: u64, index: u32, data: &[u8], wal: bool) -> Result<()> {
+        let mut w = WriteOptions::default();
+        w.disable_wal(!wal);
+        self.db.put_cf_opt(self.cf(CF_CHUNKS), chunk_key(blob_id, index), data, &w)?;
         Ok(())
     }
 
     /// Makes an upload visible under `key` (its digest verified by the caller).
     /// If another writer committed the same blob first, this upload's chunks are
     /// deleted and the existing copy stays.
-    pub fn commit_upload(&self, key: &Key, blob_id: u64, size: u64) -> Result<()> {
+    /// `flush` must be true when chunks were written without the WAL.
+    pub fn commit_upload(&self, key: &Key, blob_id: u64, size: u64, flush: bool) -> Result<()> {
+        if flush {
+            self.db.flush_cf(self.cf(CF_CHUNKS))?;
+        }
         let _guard = self.lock(key);
         let mut batch = WriteBatch::default();
         if self.db.get_pinned_cf(self.cf(CF_CAS), key.as_bytes())?.is_some() {
@@ -486,14 +498,14 @@ mod tests {
         let (dir, s) = store();
         let k = key(b"abc", "");
         let id = s.begin_upload().unwrap();
-        s.write_chunk(id, 0, b"abc").unwrap();
+        s.write_chunk(id, 0, b"abc", true).unwrap();
         assert_eq!(s.contains(std::slice::from_ref(&k)).unwrap(), vec![false]);
         drop(s);
         let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         assert!(s.db.get_cf(s.cf(CF_CHUNKS), chunk_key(id, 0)).unwrap().is_none(), "restart deleted the chunks");
         let id = s.begin_upload().unwrap();
-        s.write_chunk(id, 0, b"abc").unwrap();
-        s.commit_upload(&k, id, 3).unwrap();
+        s.write_chunk(id, 0, b"abc", true).unwrap();
+        s.commit_upload(&k, id, 3, false).unwrap();
         assert_eq!(s.contains(std::slice::from_ref(&k)).unwrap(), vec![true]);
     }
 
@@ -503,10 +515,10 @@ mod tests {
         let k = key(b"abc", "");
         let a = s.begin_upload().unwrap();
         let b = s.begin_upload().unwrap();
-        s.write_chunk(a, 0, b"abc").unwrap();
-        s.write_chunk(b, 0, b"abc").unwrap();
-        s.commit_upload(&k, a, 3).unwrap();
-        s.commit_upload(&k, b, 3).unwrap();
+        s.write_chunk(a, 0, b"abc", false).unwrap();
+        s.write_chunk(b, 0, b"abc", true).unwrap();
+        s.commit_upload(&k, a, 3, true).unwrap();
+        s.commit_upload(&k, b, 3, false).unwrap();
         assert_eq!(s.blob_meta(&k).unwrap().unwrap().blob_id, a);
         assert!(s.db.get_cf(s.cf(CF_CHUNKS), chunk_key(b, 0)).unwrap().is_none());
     }
