@@ -6,5 +6,6 @@
 pub mod auth;
 pub mod digest;
 pub mod error;
+pub mod identity;
 pub mod proto;
 pub mod resource;
