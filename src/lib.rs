@@ -4,8 +4,10 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod authz;
 pub mod digest;
 pub mod error;
 pub mod identity;
 pub mod proto;
 pub mod resource;
+pub mod tls;
