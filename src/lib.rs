@@ -8,6 +8,7 @@ pub mod authz;
 pub mod digest;
 pub mod error;
 pub mod identity;
+pub mod pki;
 pub mod proto;
 pub mod resource;
 pub mod tls;
