@@ -12,15 +12,21 @@
 
 pub mod action_cache;
 pub mod auth;
+pub mod authz;
 pub mod bench;
 pub mod canonical;
 pub mod cas;
 pub mod digest;
 pub mod error;
+pub mod identity;
+pub mod pki;
 pub mod proto;
 pub mod resource;
 pub mod server;
 pub mod service;
+pub mod signing;
 pub mod store;
+pub mod tls;
+pub mod trust;
 pub mod units;
 pub mod upload;
