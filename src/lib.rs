@@ -8,3 +8,4 @@ pub mod digest;
 pub mod error;
 pub mod proto;
 pub mod resource;
+pub mod signing;
