@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::proto::prov::storage::StoredActionEntry;
 use crate::proto::reapi;
 use crate::resource::InstanceName;
-use crate::store::{unix_now, Key};
+use crate::store::Key;
 
 /// The largest canonical ActionResult accepted (a stored entry must still fit
 /// in a default 4 MiB gRPC message when read back).
@@ -108,7 +108,11 @@ impl ActionCache {
                 "missing blob {missing} ({what}): upload every output to the CAS before UpdateActionResult"
             )));
         }
-        let result = crate::canonical::canonicalize(&result);
+        // A writer cannot smuggle in signatures or verification marks.
+        if let Some(meta) = &mut result.execution_metadata {
+            meta.auxiliary_metadata.retain(|a| a.type_url != crate::signing::STATUS_TYPE_URL);
+        }
+        let result = crate::signing::canonicalize(&result);
         if result.encoded_len() > MAX_RESULT_BYTES {
             return Err(Error::InvalidArgument(format!(
                 "the action result encodes to {} bytes, over the {MAX_RESULT_BYTES}-byte limit",
@@ -123,35 +127,39 @@ impl ActionCache {
         })
     }
 
-    /// Stores a prepared result (with its envelope, if signed) and returns the
-    /// stored entry.
+    /// Stores a prepared result: its canonical bytes and the envelope that
+    /// signs them, side by side, with a history record, in one synced batch.
     pub async fn store(
         &self,
         instance: &InstanceName,
         action: Digest,
         prepared: &PreparedResult,
+        canonical: Vec<u8>,
         envelope: Vec<u8>,
     ) -> Result<StoredActionEntry> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let entry = StoredActionEntry {
-            canonical_result: Bytes::from(prepared.result.encode_to_vec()),
+            canonical_result: Bytes::from(canonical),
             envelope: Bytes::from(envelope),
-            stored_at_unix: unix_now() as i64,
+            stored_at_unix: now.as_secs() as i64,
             referenced_blobs: prepared.referenced.iter().map(Digest::to_proto).collect(),
         };
         let key = Key::new(instance, &action);
         let store = self.cas.store().clone();
         let value = entry.encode_to_vec();
-        blocking(move || store.ac_put(&key, &value)).await?;
+        let nanos = now.as_nanos() as u64;
+        blocking(move || store.ac_put(&key, &value, nanos)).await?;
         Ok(entry)
     }
 
-    /// Loads the stored entry of an action. `Ok(None)` on a miss.
-    pub async fn load(&self, instance: &InstanceName, action: Digest) -> Result<Option<StoredActionEntry>> {
+    /// Loads the stored entry of an action: the raw stored bytes and the
+    /// decoded entry. `Ok(None)` on a miss.
+    pub async fn load(&self, instance: &InstanceName, action: Digest) -> Result<Option<(Vec<u8>, StoredActionEntry)>> {
         let key = Key::new(instance, &action);
         let store = self.cas.store().clone();
         let Some(value) = blocking(move || store.ac_get(&key)).await? else { return Ok(None) };
         match StoredActionEntry::decode(&value[..]) {
-            Ok(entry) => Ok(Some(entry)),
+            Ok(entry) => Ok(Some((value, entry))),
             Err(e) => {
                 tracing::warn!(%action, error = %e, "undecodable Action Cache value; treating as a miss");
                 Ok(None)

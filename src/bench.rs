@@ -428,8 +428,14 @@ pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<
             })
             .await)
         }
-        "big-write" => big_write(&ch(0), &instance, p.size, p.chunk, run_id).await,
-        other => bail!("unknown scenario {other:?} (ac-hit, ac-update, find-missing, write, read, big-write)"),
+        "big-write" => Ok(big_write(&ch(0), &instance, p.size, p.chunk, run_id).await?.0),
+        "big-read" => {
+            let (_, digest) = big_write(&ch(0), &instance, p.size, p.chunk, run_id).await?;
+            big_read(&ch(0), &instance, &digest).await
+        }
+        other => {
+            bail!("unknown scenario {other:?} (ac-hit, ac-update, find-missing, write, read, big-write, big-read)")
+        }
     }
 }
 
@@ -460,7 +466,13 @@ fn write_messages(name: String, data: Bytes, chunk: usize) -> Vec<WriteRequest> 
 /// One big blob streamed with ByteStream; the client generates and hashes the
 /// data up front (one pass) and then streams a repeated block, so neither side
 /// holds the blob. Also measures single-core SHA-256 speed for comparison.
-async fn big_write(ch: &Channel, instance: &str, size: usize, chunk: usize, seed: u64) -> anyhow::Result<Report> {
+async fn big_write(
+    ch: &Channel,
+    instance: &str,
+    size: usize,
+    chunk: usize,
+    seed: u64,
+) -> anyhow::Result<(Report, reapi::Digest)> {
     let block = blob(seed, chunk);
     let blocks = size.div_ceil(chunk);
     let sha_start = Instant::now();
@@ -472,6 +484,7 @@ async fn big_write(ch: &Channel, instance: &str, size: usize, chunk: usize, seed
     let hash = h.finalize();
     let sha_mb_s = size as f64 / sha_start.elapsed().as_secs_f64() / 1e6;
     let digest = Digest { function: DigestFunction::Sha256, hash, size: size as u64 }.to_proto();
+    let written = digest.clone();
     let prefix = if instance.is_empty() { String::new() } else { format!("{instance}/") };
     let name = format!("{prefix}uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), digest.hash, size);
     let stream = futures::stream::iter((0..blocks).map(move |i| {
@@ -496,16 +509,44 @@ async fn big_write(ch: &Channel, instance: &str, size: usize, chunk: usize, seed
         size >> 20,
         mb_s / sha_mb_s
     );
-    Ok(Report {
-        scenario: "big-write".into(),
+    Ok((single("big-write", size, secs, cpu_seconds() - cpu0), written))
+}
+
+fn single(name: &str, size: usize, secs: f64, cpu: f64) -> Report {
+    Report {
+        scenario: name.into(),
         ops_per_sec: 1.0 / secs,
-        mb_per_sec: mb_s,
+        mb_per_sec: size as f64 / secs / 1e6,
         p50_ms: secs * 1000.0,
         p99_ms: secs * 1000.0,
         p999_ms: secs * 1000.0,
         ops: 1,
         errors: 0,
-        client_cpu_s: cpu_seconds() - cpu0,
+        client_cpu_s: cpu,
         elapsed_s: secs,
-    })
+    }
+}
+
+/// Streams a whole blob back, hashing it, and checks the digest.
+async fn big_read(ch: &Channel, instance: &str, digest: &reapi::Digest) -> anyhow::Result<Report> {
+    let prefix = if instance.is_empty() { String::new() } else { format!("{instance}/") };
+    let name = format!("{prefix}blobs/{}/{}", digest.hash, digest.size_bytes);
+    let cpu0 = cpu_seconds();
+    let t = Instant::now();
+    let mut s = ByteStreamClient::new(ch.clone())
+        .max_decoding_message_size(64 << 20)
+        .read(ReadRequest { resource_name: name, read_offset: 0, read_limit: 0 })
+        .await?
+        .into_inner();
+    let mut h = DigestFunction::Sha256.hasher();
+    let mut n = 0usize;
+    while let Some(m) = s.message().await? {
+        n += m.data.len();
+        h.update(&m.data);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    if n as i64 != digest.size_bytes || hex::encode(h.finalize()) != digest.hash {
+        bail!("read back {n} bytes that do not match {}", digest.hash);
+    }
+    Ok(single("big-read", n, secs, cpu_seconds() - cpu0))
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use provcache::auth::AllowAll;
+use provcache::provenance::{Mode, ProvenanceConfig};
 use provcache::server::{Cache, ServerOptions};
 use provcache::store::StoreOptions;
 
@@ -25,6 +25,10 @@ enum Command {
     Serve(ServeArgs),
     /// Drive a running server with load and print throughput and latency.
     Bench(BenchArgs),
+    /// Generate an ed25519 signing key and print its trust-policy entry.
+    Keygen(KeygenArgs),
+    /// Issue a development client certificate for an identity, signed by the dev CA.
+    IssueCert(IssueCertArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -44,7 +48,7 @@ struct BenchArgs {
     /// Instance name.
     #[arg(long, default_value = "")]
     instance: String,
-    /// Scenarios to run, in order: ac-hit, ac-update, find-missing, write, read, big-write.
+    /// Scenarios to run, in order: ac-hit, ac-update, find-missing, write, read, big-write, big-read.
     #[arg(long, value_delimiter = ',', default_value = "ac-hit,find-missing,write,read")]
     scenario: Vec<String>,
     /// Concurrent request loops.
@@ -69,18 +73,116 @@ struct BenchArgs {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// Data directory: RocksDB in DIR/db, the development PKI in DIR/dev-pki.
+    /// Data directory: RocksDB in DIR/db; the development PKI and signing key
+    /// in DIR/dev-pki (created on first run when no TLS or signing options are given).
     #[arg(long, env = "PROVCACHE_DATA_DIR", default_value = "provcache-data")]
     data_dir: PathBuf,
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, env = "PROVCACHE_LISTEN", default_value = "127.0.0.1:8980")]
     listen: SocketAddr,
-    /// Serve plaintext gRPC with no authentication (only behind a trusted proxy).
+
+    /// Server certificate chain (PEM). Without --tls-cert/--tls-key/--client-ca the dev PKI is used.
+    #[arg(long, requires_all = ["tls_key", "client_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that issue client certificates; repeatable.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Vec<PathBuf>,
+    /// CRL files (PEM or DER) or directories of them; repeatable; reloaded when they change.
+    #[arg(long)]
+    crl: Vec<PathBuf>,
+    /// How often CRL files are checked for changes (0s: never).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    crl_reload_interval: std::time::Duration,
+    /// Authorization policy (TOML). Default: the dev PKI's policy.toml.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Where the principal comes from in a client certificate.
+    #[arg(long, value_enum, default_value = "uri-san")]
+    identity: IdentityArg,
+    /// SPIFFE trust domains accepted with --identity uri-san; repeatable. Default with the dev PKI: provcache.dev.
+    #[arg(long)]
+    trust_domain: Vec<String>,
+
+    /// ed25519 signing key (PKCS#8 PEM), kept outside the data directory in production.
+    #[arg(long, requires = "trust_policy")]
+    signing_key: Option<PathBuf>,
+    /// Trust policy (TOML): which keys verify, revocations, max_age. Reloaded when it changes.
+    #[arg(long)]
+    trust_policy: Option<PathBuf>,
+    /// What to do with an Action Cache entry that fails verification: reject (a miss) or flag (serve, marked).
+    #[arg(long, value_enum, default_value = "reject")]
+    verify_mode: VerifyModeArg,
+    /// This server's id, recorded in every signed statement.
+    #[arg(long, default_value = "provcache")]
+    server_id: String,
+    /// How long earlier statements of an action are kept for audits.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    history_retention: std::time::Duration,
+
+    /// Serve PLAINTEXT gRPC, without TLS (only behind a trusted proxy that authenticates callers).
     #[arg(long)]
     plaintext_insecure: bool,
+    /// The principal every plaintext caller is treated as (policy-checked with --policy;
+    /// without --policy it is granted everything).
+    #[arg(long, default_value = "plaintext", requires = "plaintext_insecure")]
+    plaintext_principal: String,
+
     /// Do not fsync commits (benchmarks only: an acknowledged write can be lost on a crash).
     #[arg(long, hide = true)]
     unsafe_no_sync: bool,
+    /// Skip verification on reads (only to measure its cost).
+    #[arg(long, hide = true)]
+    unsafe_no_verify: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum IdentityArg {
+    /// Exactly one URI SAN, a SPIFFE ID in an accepted trust domain.
+    UriSan,
+    /// Exactly one DNS SAN.
+    DnsSan,
+    /// The subject common name (weak; only for CAs that cannot issue SANs).
+    CommonName,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum VerifyModeArg {
+    /// A result that fails verification is a cache miss (NOT_FOUND).
+    Reject,
+    /// Serve it with a VerificationStatus attached (for migrations).
+    Flag,
+}
+
+#[derive(clap::Args, Debug)]
+struct KeygenArgs {
+    /// Where to write the private key (PKCS#8 PEM, mode 0600; never overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    /// The key's name in the trust policy.
+    #[arg(long, default_value = "signing-key")]
+    name: String,
+    /// Validity of the printed trust-policy entry.
+    #[arg(long, default_value = "180d", value_parser = humantime::parse_duration)]
+    valid_for: std::time::Duration,
+}
+
+#[derive(clap::Args, Debug)]
+struct IssueCertArgs {
+    /// Directory of the development CA (ca.pem and ca.key), e.g. provcache-data/dev-pki.
+    #[arg(long, default_value = "provcache-data/dev-pki")]
+    ca_dir: PathBuf,
+    /// The identity: a SPIFFE ID such as spiffe://provcache.dev/ci-runner-7.
+    #[arg(long)]
+    principal: String,
+    /// Output prefix: writes PREFIX.pem and PREFIX.key (PKCS#8 EC P-256).
+    #[arg(long)]
+    out: PathBuf,
+    /// Validity.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    valid_for: std::time::Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -96,6 +198,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Bench(args) => runtime.block_on(bench(args)),
+        Command::Keygen(args) => keygen(args),
+        Command::IssueCert(args) => issue_cert(args),
     }
 }
 
@@ -121,20 +225,135 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    let key = provcache::signing::SigningKey::generate()?;
+    key.write_pem(&args.out)?;
+    let now = std::time::SystemTime::now();
+    let entry = provcache::trust::render_key_entry(
+        &args.name,
+        &key.verifying_key(),
+        provcache::trust::KeyState::Active,
+        now,
+        now + args.valid_for,
+    );
+    println!("wrote {}", args.out.display());
+    println!("key id: {}", key.key_id());
+    println!("\n# Add to the trust policy (every server and auditor):\n{entry}");
+    Ok(())
+}
+
+fn issue_cert(args: IssueCertArgs) -> anyhow::Result<()> {
+    let issued = provcache::pki::issue_client_cert(&args.ca_dir, &args.principal, &args.out, args.valid_for)?;
+    println!("wrote {} and {}", issued.cert.display(), issued.key.display());
+    Ok(())
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use provcache::authz::{MtlsGate, PlaintextGate, Policy};
+    use provcache::identity::IdentityMode;
+    use provcache::pki::{ensure_dev_pki, ensure_dev_signing, DevClient};
+
+    let dev_dir = args.data_dir.join("dev-pki");
+    let (signing_key, trust_policy) = match (&args.signing_key, &args.trust_policy) {
+        (Some(k), Some(p)) => (k.clone(), p.clone()),
+        (None, Some(_)) => anyhow::bail!("--trust-policy without --signing-key: give both, or neither for the dev key"),
+        _ => ensure_dev_signing(&dev_dir).context("creating the development signing key")?,
+    };
     let options = ServerOptions {
         data_dir: args.data_dir.clone(),
         store: StoreOptions { sync: !args.unsafe_no_sync, ..Default::default() },
+        provenance: ProvenanceConfig {
+            signing_key,
+            trust_policy,
+            mode: match args.verify_mode {
+                VerifyModeArg::Reject => Mode::Reject,
+                VerifyModeArg::Flag => Mode::Flag,
+            },
+            server_id: args.server_id.clone(),
+            verification_disabled: args.unsafe_no_verify,
+        },
+        history_retention: args.history_retention,
     };
-    let cache = Cache::open(&options, Arc::new(AllowAll))
-        .with_context(|| format!("opening the data directory {}", args.data_dir.display()))?;
+    if args.unsafe_no_verify {
+        tracing::warn!("verification of Action Cache reads is OFF (--unsafe-no-verify): for measurements only");
+    }
+    if matches!(args.verify_mode, VerifyModeArg::Flag) {
+        tracing::warn!("flag mode: results that fail verification are SERVED, marked with a VerificationStatus");
+    }
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    tracing::warn!("serving PLAINTEXT gRPC without authentication; use only behind a trusted proxy");
-    println!("provcache listening on grpc://{addr}");
-    println!("Bazel flags: --remote_cache=grpc://{addr}");
-    cache.serve_plaintext(listener, shutdown_signal()).await
+
+    if args.plaintext_insecure {
+        let policy = match &args.policy {
+            Some(p) => Policy::load(p).with_context(|| format!("authorization policy {}", p.display()))?,
+            None => Policy::parse(&format!(
+                "[[rules]]\nname = \"plaintext-all\"\nprincipals = [{:?}]\ninstances = [\"*\"]\n\
+                 permissions = [\"ac:read\", \"ac:write\", \"cas:read\", \"cas:write\", \"audit:read\"]\n",
+                args.plaintext_principal
+            ))?,
+        };
+        let gate = Arc::new(PlaintextGate::new(Arc::new(policy), args.plaintext_principal.clone()));
+        let cache = Cache::open(&options, gate)
+            .with_context(|| format!("opening the data directory {}", args.data_dir.display()))?;
+        tracing::warn!("serving PLAINTEXT gRPC without TLS; use only behind a trusted proxy");
+        println!("provcache listening on grpc://{addr}");
+        println!("Bazel flags: --remote_cache=grpc://{addr}");
+        return cache.serve_plaintext(listener, shutdown_signal()).await;
+    }
+
+    let (settings, policy_path, dev) = match &args.tls_cert {
+        Some(cert) => {
+            let mut s = provcache::tls::TlsSettings::new(
+                cert.clone(),
+                args.tls_key.clone().context("--tls-key is required with --tls-cert")?,
+                args.client_ca.clone(),
+                args.crl.clone(),
+            );
+            s.crl_reload_interval = args.crl_reload_interval;
+            let policy = args.policy.clone().context("--policy is required with your own PKI")?;
+            (s, policy, None)
+        }
+        None => {
+            let pki = ensure_dev_pki(&dev_dir).context("creating the development PKI")?;
+            let mut s = pki.tls_settings();
+            s.crls = args.crl.clone();
+            s.crl_reload_interval = args.crl_reload_interval;
+            let policy = args.policy.clone().unwrap_or_else(|| pki.policy.clone());
+            (s, policy, Some(pki))
+        }
+    };
+    let policy =
+        Policy::load(&policy_path).with_context(|| format!("authorization policy {}", policy_path.display()))?;
+    let mode = match args.identity {
+        IdentityArg::UriSan => {
+            let domains = if args.trust_domain.is_empty() && dev.is_some() {
+                vec![provcache::pki::DEV_TRUST_DOMAIN.to_string()]
+            } else {
+                args.trust_domain.clone()
+            };
+            anyhow::ensure!(!domains.is_empty(), "--identity uri-san needs at least one --trust-domain");
+            IdentityMode::spiffe(domains)
+        }
+        IdentityArg::DnsSan => IdentityMode::DnsSan,
+        IdentityArg::CommonName => {
+            tracing::warn!("identities come from the subject common name (--identity common-name)");
+            IdentityMode::CommonName
+        }
+    };
+    let tls = provcache::tls::TlsServer::from_settings(&settings)?;
+    let gate = Arc::new(MtlsGate::new(Arc::new(policy), mode, tls.verifier.clone()));
+    let cache = Cache::open(&options, gate)
+        .with_context(|| format!("opening the data directory {}", args.data_dir.display()))?;
+    println!("provcache listening on grpcs://{addr}");
+    if let Some(pki) = &dev {
+        println!("Development PKI: {}", pki.dir.display());
+        println!("Bazel flags for a CI writer (read and write):");
+        println!("  {}", pki.bazel_flags(DevClient::Writer, addr.port()));
+        println!("Bazel flags for a developer (read only):");
+        println!("  {}", pki.bazel_flags(DevClient::Reader, addr.port()));
+    }
+    cache.serve_tls(listener, tls.config.clone(), shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

@@ -384,6 +384,38 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
     file.sync_all().map_err(io)
 }
 
+/// The development signing key and trust policy in `dir` (`signing.key`,
+/// `trust-policy.toml`), created once: an ed25519 key and a policy that
+/// trusts it as `active` for ten years. Never overwrites a file.
+pub fn ensure_dev_signing(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    use crate::signing::SigningKey;
+    use crate::trust::{render_key_entry, KeyState};
+    std::fs::create_dir_all(dir)?;
+    let key_path = dir.join("signing.key");
+    let policy_path = dir.join("trust-policy.toml");
+    if !key_path.exists() {
+        SigningKey::generate()?.write_pem(&key_path)?;
+    }
+    if !policy_path.exists() {
+        let key = SigningKey::load(&key_path)?;
+        let now = std::time::SystemTime::now();
+        let entry = render_key_entry(
+            "dev-signing",
+            &key.verifying_key(),
+            KeyState::Active,
+            now - Duration::from_secs(24 * 3600),
+            now + DEV_CA_VALIDITY,
+        );
+        let text = format!(
+            "# Development trust policy written by provcache: trusts dev-pki/signing.key.\n\
+             # The same file drives `provcache verify-build`. See docs/keys-and-trust.md.\n\
+             policy_version = 1\nclock_skew = \"5m\"\n\n{entry}"
+        );
+        write_new(&policy_path, text.as_bytes(), 0o644)?;
+    }
+    Ok((key_path, policy_path))
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;

@@ -16,6 +16,7 @@ use crate::proto::reapi::action_cache_server::ActionCacheServer;
 use crate::proto::reapi::capabilities_server::CapabilitiesServer;
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use crate::proto::reapi::execution_server::ExecutionServer;
+use crate::provenance::{Clock, Provenance, ProvenanceConfig};
 use crate::service::action_cache::ActionCacheService;
 use crate::service::bytestream::ByteStreamService;
 use crate::service::capabilities::CapabilitiesService;
@@ -36,6 +37,10 @@ pub struct ServerOptions {
     pub data_dir: PathBuf,
     /// Storage tuning.
     pub store: StoreOptions,
+    /// Signing key, trust policy, mode.
+    pub provenance: ProvenanceConfig,
+    /// How long earlier statements of an action are kept.
+    pub history_retention: Duration,
 }
 
 /// An opened cache, ready to serve.
@@ -43,6 +48,7 @@ pub struct ServerOptions {
 pub struct Cache {
     ctx: Context,
     store: Arc<Store>,
+    history_retention: Duration,
 }
 
 /// The RocksDB directory inside a data directory.
@@ -52,12 +58,19 @@ pub fn db_path(data_dir: &Path) -> PathBuf {
 
 impl Cache {
     /// Opens the store and builds the domain.
-    pub fn open(options: &ServerOptions, gate: SharedGate) -> crate::error::Result<Self> {
+    pub fn open(options: &ServerOptions, gate: SharedGate) -> anyhow::Result<Self> {
+        Self::open_with_clock(options, gate, Arc::new(std::time::SystemTime::now))
+    }
+
+    /// [`Cache::open`] with an injected clock (tests move time).
+    pub fn open_with_clock(options: &ServerOptions, gate: SharedGate, clock: Clock) -> anyhow::Result<Self> {
+        let provenance = Arc::new(Provenance::new(options.provenance.clone(), clock)?);
+        provenance.spawn_reloader(Duration::from_secs(2));
         let store = Arc::new(Store::open(&db_path(&options.data_dir), &options.store)?);
         let cas = Arc::new(Cas::new(store.clone()));
         let ac = Arc::new(ActionCache::new(cas.clone()));
-        let ctx = Context { gate, cas, ac, uploads: Arc::new(Uploads::default()) };
-        Ok(Cache { ctx, store })
+        let ctx = Context { gate, cas, ac, uploads: Arc::new(Uploads::default()), provenance };
+        Ok(Cache { ctx, store, history_retention: options.history_retention })
     }
 
     /// The shared service context.
@@ -95,17 +108,50 @@ impl Cache {
             .add_service(ExecutionServer::new(ExecutionService))
     }
 
-    /// Starts background maintenance (expiry of abandoned uploads).
+    /// Starts background maintenance: expiry of abandoned uploads, purge of
+    /// old history records.
     pub fn spawn_maintenance(&self) -> tokio::task::JoinHandle<()> {
         let uploads = self.ctx.uploads.clone();
         let store = self.store.clone();
+        let retention = self.history_retention;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
+            let mut n: u64 = 0;
             loop {
                 tick.tick().await;
                 uploads.expire(&store, UPLOAD_IDLE_TIMEOUT).await;
+                if n % 60 == 0 {
+                    let cutoff = std::time::SystemTime::now()
+                        .checked_sub(retention)
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or(0);
+                    let s = store.clone();
+                    match crate::cas::blocking(move || s.purge_history(cutoff)).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(records = n, "purged old Action Cache history"),
+                        Err(e) => tracing::warn!(error = %e, "history purge failed"),
+                    }
+                }
+                n += 1;
             }
         })
+    }
+
+    /// Serves gRPC over mutual TLS on `listener` until `shutdown` resolves.
+    pub async fn serve_tls(
+        self,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let maintenance = self.spawn_maintenance();
+        let incoming = crate::tls::tls_incoming(listener, tls);
+        let result = self.router().serve_with_incoming_shutdown(incoming, shutdown).await;
+        maintenance.abort();
+        self.close()?;
+        result?;
+        Ok(())
     }
 
     /// Serves plaintext gRPC on `listener` until `shutdown` resolves, then

@@ -1,4 +1,5 @@
-//! ActionCache: GetActionResult and UpdateActionResult.
+//! ActionCache: GetActionResult (verified on every read) and
+//! UpdateActionResult (signed on every write).
 
 use prost::Message;
 
@@ -7,9 +8,13 @@ use crate::auth::{Peer, Permission};
 use crate::cas::parse_digest;
 use crate::error::Error;
 use crate::proto::reapi::{self, action_cache_server::ActionCache};
+use crate::provenance::{Mode, Subject};
 use crate::resource::InstanceName;
+use crate::signing;
+use crate::store::Key;
+use crate::trust::verify::Reason;
 
-use super::Context;
+use super::{request_metadata, Context};
 
 /// The ActionCache service.
 #[derive(Debug, Clone)]
@@ -27,16 +32,41 @@ impl ActionCache for ActionCacheService {
         let action = parse_digest(req.digest_function, req.action_digest.as_ref())?;
         self.0.gate.authorize(&peer, &instance, Permission::AcRead)?;
 
-        let ac = &self.0.ac;
-        let Some(entry) = ac.load(&instance, action).await? else {
+        let (ac, prov) = (&self.0.ac, &self.0.provenance);
+        let Some((raw, entry)) = ac.load(&instance, action).await? else {
             return Err(Error::NotFound(format!("action {action} is not in the cache")).into());
         };
-        ac.check_complete(&instance, action, &entry).await?;
+        let key = Key::new(&instance, &action);
+        let function = signing::effective_digest_function(req.digest_function);
+        let mut flagged = None;
+        let subject = Subject { instance: &instance, digest_function: function, action };
+        if let Err(reason) = prov.verify(&subject, key.as_bytes(), &raw, &entry.canonical_result, &entry.envelope) {
+            tracing::warn!(%action, instance = %instance, reason = reason.as_str(), "stored result failed verification");
+            match prov.mode() {
+                Mode::Reject => {
+                    return Err(Error::NotFound(format!(
+                        "action {action}: the stored result failed verification ({reason}) and is treated as a miss"
+                    ))
+                    .into())
+                }
+                Mode::Flag => flagged = Some(reason),
+            }
+        }
+        if let Err(e) = ac.check_complete(&instance, action, &entry).await {
+            prov.counters().record_failure(Reason::MissingBlob);
+            return Err(e.into());
+        }
         let mut result = reapi::ActionResult::decode(entry.canonical_result.clone())
             .map_err(|_| Error::NotFound(format!("action {action} has an undecodable stored result")))?;
         let ask =
             InlineRequest { stdout: req.inline_stdout, stderr: req.inline_stderr, files: req.inline_output_files };
         ac.inline(&instance, action, &mut result, &ask).await?;
+        if !entry.envelope.is_empty() {
+            signing::attach_envelope_bytes(&mut result, entry.envelope.to_vec());
+        }
+        if let Some(reason) = flagged {
+            signing::attach_status(&mut result, &reason.to_status());
+        }
         Ok(tonic::Response::new(result))
     }
 
@@ -45,16 +75,25 @@ impl ActionCache for ActionCacheService {
         request: tonic::Request<reapi::UpdateActionResultRequest>,
     ) -> Result<tonic::Response<reapi::ActionResult>, tonic::Status> {
         let peer = Peer::of(&request);
+        let claims = request_metadata(&request);
         let req = request.into_inner();
         let instance = InstanceName::parse(&req.instance_name).map_err(Error::from)?;
         let action = parse_digest(req.digest_function, req.action_digest.as_ref())?;
-        let _caller = self.0.gate.authorize(&peer, &instance, Permission::AcWrite)?;
+        let caller = self.0.gate.authorize(&peer, &instance, Permission::AcWrite)?;
+        // Fail closed before any work: no usable key, no Action Cache writes.
+        let signer = self.0.provenance.require_signer()?;
         let result = req
             .action_result
             .ok_or_else(|| Error::InvalidArgument("UpdateActionResult without an action_result".into()))?;
         let ac = &self.0.ac;
         let prepared = ac.prepare(&instance, action, result).await?;
-        ac.store(&instance, action, &prepared, Vec::new()).await?;
-        Ok(tonic::Response::new(prepared.result))
+        let canonical = prepared.result.encode_to_vec();
+        let function = signing::effective_digest_function(req.digest_function);
+        let subject = Subject { instance: &instance, digest_function: function, action };
+        let envelope = self.0.provenance.sign(&signer, &subject, &prepared, &canonical, &caller, claims);
+        ac.store(&instance, action, &prepared, canonical, envelope.clone()).await?;
+        let mut reply = prepared.result;
+        signing::attach_envelope_bytes(&mut reply, envelope);
+        Ok(tonic::Response::new(reply))
     }
 }

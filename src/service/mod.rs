@@ -31,6 +31,8 @@ pub struct Context {
     pub ac: Arc<ActionCache>,
     /// Uploads in progress.
     pub uploads: Arc<Uploads>,
+    /// Signing and verification of Action Cache entries.
+    pub provenance: Arc<crate::provenance::Provenance>,
 }
 
 impl std::fmt::Debug for Context {

@@ -7,6 +7,7 @@
 //! | `cas`     | [`Key`] (instance, function, hash, size) | [`BlobMeta`]: blob id, size, chunk size, stored-at |
 //! | `chunks`  | blob id (u64 BE) + chunk index (u32 BE) | up to [`CHUNK_SIZE`] bytes of the blob |
 //! | `ac`      | [`Key`] of the action digest          | `StoredActionEntry` (protobuf)          |
+//! | `ac_history` | [`Key`] + stored-at (u64 ns BE)    | an earlier (or the current) `StoredActionEntry` |
 //! | `pending` | blob id (u64 BE)                      | Unix seconds the upload started         |
 //! | `meta`    | `format`                              | format version                          |
 //!
@@ -41,6 +42,7 @@ const FORMAT_VERSION: u32 = 1;
 const CF_CAS: &str = "cas";
 const CF_CHUNKS: &str = "chunks";
 const CF_AC: &str = "ac";
+const CF_AC_HISTORY: &str = "ac_history";
 const CF_PENDING: &str = "pending";
 const CF_META: &str = "meta";
 const LOCK_STRIPES: usize = 256;
@@ -229,6 +231,7 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_CAS, small.clone()),
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
             ColumnFamilyDescriptor::new(CF_AC, small.clone()),
+            ColumnFamilyDescriptor::new(CF_AC_HISTORY, small.clone()),
             ColumnFamilyDescriptor::new(CF_PENDING, small.clone()),
             ColumnFamilyDescriptor::new(CF_META, small),
         ];
@@ -427,10 +430,54 @@ impl Store {
         Ok(self.db.get_cf(self.cf(CF_AC), key.as_bytes())?)
     }
 
-    /// Stores an Action Cache value in one synced write.
-    pub fn ac_put(&self, key: &Key, value: &[u8]) -> Result<()> {
-        self.db.put_cf_opt(self.cf(CF_AC), key.as_bytes(), value, &self.write_opts())?;
+    /// Stores an Action Cache value and its history record in one synced batch.
+    pub fn ac_put(&self, key: &Key, value: &[u8], stored_at_nanos: u64) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_AC), key.as_bytes(), value);
+        let mut hkey = key.as_bytes().to_vec();
+        hkey.extend_from_slice(&stored_at_nanos.to_be_bytes());
+        batch.put_cf(self.cf(CF_AC_HISTORY), hkey, value);
+        self.db.write_opt(batch, &self.write_opts())?;
         Ok(())
+    }
+
+    /// Every history record of an action, oldest first: (stored-at ns, value).
+    pub fn ac_history(&self, key: &Key) -> Result<Vec<(u64, Vec<u8>)>> {
+        let prefix = key.as_bytes();
+        let mut out = Vec::new();
+        let iter = self
+            .db
+            .iterator_cf(self.cf(CF_AC_HISTORY), rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward));
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) || k.len() != prefix.len() + 8 {
+                break;
+            }
+            let at = u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"));
+            out.push((at, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Deletes history records stored before `before_nanos`; returns how many.
+    pub fn purge_history(&self, before_nanos: u64) -> Result<usize> {
+        let cf = self.cf(CF_AC_HISTORY);
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (k, _) = item?;
+            if k.len() >= 8 {
+                let at = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+                if at < before_nanos {
+                    batch.delete_cf(cf, &k);
+                    n += 1;
+                }
+            }
+        }
+        if n > 0 {
+            self.db.write(batch)?;
+        }
+        Ok(n)
     }
 
     /// Replaces an Action Cache value without any check. For tests and
@@ -448,7 +495,7 @@ impl Store {
     /// Flushes memtables and the WAL to disk (used at shutdown).
     pub fn flush(&self) -> Result<()> {
         self.db.flush_wal(true)?;
-        for cf in [CF_CAS, CF_CHUNKS, CF_AC, CF_PENDING, CF_META] {
+        for cf in [CF_CAS, CF_CHUNKS, CF_AC, CF_AC_HISTORY, CF_PENDING, CF_META] {
             self.db.flush_cf(self.cf(cf))?;
         }
         Ok(())

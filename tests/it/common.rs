@@ -34,9 +34,18 @@ impl TestServer {
 
     pub async fn start_with(gate: SharedGate) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let (signing_key, trust_policy) = provcache::pki::ensure_dev_signing(&dir.path().join("dev-pki")).unwrap();
         let options = ServerOptions {
             data_dir: dir.path().to_path_buf(),
             store: StoreOptions { sync: false, ..Default::default() },
+            provenance: provcache::provenance::ProvenanceConfig {
+                signing_key,
+                trust_policy,
+                mode: Default::default(),
+                server_id: "test".into(),
+                verification_disabled: false,
+            },
+            history_retention: std::time::Duration::from_secs(3600),
         };
         let cache = Cache::open(&options, gate).unwrap();
         let store = cache.context().cas.store().clone();
