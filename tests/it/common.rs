@@ -17,6 +17,27 @@ use tonic::transport::Channel;
 
 pub const MAX_MSG: usize = 64 << 20;
 
+/// How to start a [`TestServer`].
+#[derive(Default, Clone)]
+pub struct TestOptions {
+    /// Serve mutual TLS with the dev PKI (otherwise plaintext with `gate`).
+    pub tls: bool,
+    /// Authorization policy text for the TLS server (default: the dev policy).
+    pub policy: Option<String>,
+    /// CRL files the TLS server watches.
+    pub crls: Vec<std::path::PathBuf>,
+    /// The gate of a plaintext server (default: allow all).
+    pub gate: Option<SharedGate>,
+    /// Reject (default) or flag.
+    pub mode: provcache::provenance::Mode,
+    /// Injected clock.
+    pub clock: Option<provcache::provenance::Clock>,
+    /// Signing key and trust policy paths (default: the dev ones).
+    pub signing_key: Option<std::path::PathBuf>,
+    /// See `signing_key`.
+    pub trust_policy: Option<std::path::PathBuf>,
+}
+
 /// A server running in this process on a real socket.
 #[allow(dead_code)]
 pub struct TestServer {
@@ -33,29 +54,88 @@ impl TestServer {
     }
 
     pub async fn start_with(gate: SharedGate) -> Self {
+        Self::start_opts(TestOptions { gate: Some(gate), ..Default::default() }).await
+    }
+
+    /// Starts a server; with `tls` set, over mutual TLS with the dev PKI
+    /// created in `DIR/dev-pki` and `policy` (default: the dev policy).
+    pub async fn start_opts(opts: TestOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (signing_key, trust_policy) = provcache::pki::ensure_dev_signing(&dir.path().join("dev-pki")).unwrap();
+        let dev = dir.path().join("dev-pki");
+        let (signing_key, trust_policy) = provcache::pki::ensure_dev_signing(&dev).unwrap();
         let options = ServerOptions {
             data_dir: dir.path().to_path_buf(),
             store: StoreOptions { sync: false, ..Default::default() },
             provenance: provcache::provenance::ProvenanceConfig {
-                signing_key,
-                trust_policy,
-                mode: Default::default(),
+                signing_key: opts.signing_key.unwrap_or(signing_key),
+                trust_policy: opts.trust_policy.unwrap_or(trust_policy),
+                mode: opts.mode,
                 server_id: "test".into(),
                 verification_disabled: false,
             },
             history_retention: std::time::Duration::from_secs(3600),
         };
-        let cache = Cache::open(&options, gate).unwrap();
-        let store = cache.context().cas.store().clone();
+        let clock = opts.clock.clone().unwrap_or_else(|| Arc::new(std::time::SystemTime::now));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(cache.serve_plaintext(listener, async {
+        let shutdown = async {
             let _ = rx.await;
-        }));
+        };
+        let (store, task) = if opts.tls {
+            let pki = provcache::pki::ensure_dev_pki(&dev).unwrap();
+            let mut settings = pki.tls_settings();
+            settings.crls = opts.crls.clone();
+            settings.crl_reload_interval = std::time::Duration::from_millis(200);
+            let tls = provcache::tls::TlsServer::from_settings(&settings).unwrap();
+            let policy = match &opts.policy {
+                Some(text) => provcache::authz::Policy::parse(text).unwrap(),
+                None => provcache::authz::Policy::load(&pki.policy).unwrap(),
+            };
+            let gate = provcache::authz::MtlsGate::new(
+                Arc::new(policy),
+                provcache::identity::IdentityMode::spiffe(["provcache.dev"]),
+                tls.verifier.clone(),
+            )
+            .with_clock(clock.clone());
+            let cache = Cache::open_with_clock(&options, Arc::new(gate), clock).unwrap();
+            let store = cache.context().cas.store().clone();
+            (store, tokio::spawn(cache.serve_tls(listener, tls.config.clone(), shutdown)))
+        } else {
+            let gate = opts.gate.unwrap_or_else(|| Arc::new(AllowAll));
+            let cache = Cache::open_with_clock(&options, gate, clock).unwrap();
+            let store = cache.context().cas.store().clone();
+            (store, tokio::spawn(cache.serve_plaintext(listener, shutdown)))
+        };
         TestServer { addr, dir, store, shutdown: Some(tx), task: Some(task) }
+    }
+
+    /// The dev PKI directory of this server.
+    pub fn pki_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("dev-pki")
+    }
+
+    /// An mTLS channel with a client certificate (`name`.pem / `name`.key in
+    /// the dev PKI, or any paths), or without one.
+    pub async fn tls_channel(
+        &self,
+        identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let ca = std::fs::read(self.pki_dir().join("ca.pem")).unwrap();
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("localhost");
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()));
+        }
+        Channel::from_shared(format!("https://{}", self.addr)).unwrap().tls_config(tls)?.connect().await
+    }
+
+    /// Clients authenticated as one of the dev PKI's clients (writer, reader, auditor).
+    pub async fn dev_clients(&self, name: &str) -> Clients {
+        let dir = self.pki_dir();
+        let ch =
+            self.tls_channel(Some((dir.join(format!("{name}.pem")), dir.join(format!("{name}.key"))))).await.unwrap();
+        Clients::new(ch)
     }
 
     pub async fn channel(&self) -> Channel {
