@@ -3,6 +3,7 @@
 mod common;
 
 mod action_cache;
+mod bazel;
 mod bytestream;
 mod capabilities;
 mod cas;

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one command that runs the whole test suite, on a fresh machine or in CI:
+# installs what the tests need, then formatting, lints and every test,
+# including the ones that drive a real Bazel (#[ignore]d in a plain `cargo test`).
+# Needs no stdin; works with CI=true.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if ! command -v cargo >/dev/null 2>&1 && [ -x "${HOME:-}/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+# A build directory outside the clone, reused between runs. Always the release
+# profile: the dev profile would compile RocksDB a second time.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:?HOME is not set}/.cache/provcache/target}"
+
+summary=()
+phase() {
+    local name=$1
+    shift
+    local start=$SECONDS
+    echo "==> $name: $*"
+    if ! "$@" </dev/null; then
+        echo "==> $name FAILED after $((SECONDS - start))s" >&2
+        exit 1
+    fi
+    summary+=("$(printf '%-8s %4ds' "$name" $((SECONDS - start)))")
+    echo "==> $name ok in $((SECONDS - start))s"
+}
+
+total=$SECONDS
+phase setup bash tests/setup.sh
+phase fmt cargo fmt --check
+phase clippy cargo clippy --release --all-targets -- -D warnings
+phase test cargo test --release -- --include-ignored
+
+echo "==> all passed in $((SECONDS - total))s (target dir: $CARGO_TARGET_DIR)"
+printf '    %s\n' "${summary[@]}"

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Installs what the full test suite needs on a Debian bookworm machine:
+#   libclang-dev                                  RocksDB's bindgen
+#   bazel-bootstrap                               the real Bazel client of tests/it/bazel.rs
+#   libnetty-tcnative-java libnetty-tcnative-jni  TLS (grpcs://) for that Bazel
+# Idempotent and non-interactive: when everything is installed it only runs dpkg -s.
+# It also checks (but does not install) the Rust toolchain: cargo, rustfmt, clippy.
+set -euo pipefail
+
+if ! command -v cargo >/dev/null 2>&1 && [ -x "${HOME:-}/.cargo/bin/cargo" ]; then
+    PATH="$HOME/.cargo/bin:$PATH"
+fi
+for tool in "cargo --version" "cargo fmt --version" "cargo clippy --version"; do
+    if ! $tool >/dev/null 2>&1; then
+        echo "setup: FAILED: '$tool' does not work; install Rust (>= 1.85) with rustup," \
+            "then: rustup component add rustfmt clippy" >&2
+        exit 1
+    fi
+done
+
+packages=(libclang-dev bazel-bootstrap libnetty-tcnative-java libnetty-tcnative-jni)
+
+missing=()
+for p in "${packages[@]}"; do
+    if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed$'; then
+        missing+=("$p")
+    fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    echo "setup: all test dependencies already installed"
+    exit 0
+fi
+
+fail() {
+    echo "setup: FAILED: $*" >&2
+    echo "setup: install these packages by hand: ${missing[*]}" >&2
+    exit 1
+}
+
+command -v apt-get >/dev/null 2>&1 || fail "apt-get not found (this script targets Debian bookworm)"
+
+sudo=()
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || fail "not root and sudo is not available"
+    sudo=(sudo -n)
+fi
+
+echo "setup: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+if ! "${sudo[@]}" apt-get update -qq >"$log" 2>&1; then
+    cat "$log" >&2
+    fail "apt-get update"
+fi
+if ! "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$log" 2>&1 </dev/null; then
+    tail -n 30 "$log" >&2
+    fail "apt-get install ${missing[*]}"
+fi
+echo "setup: installed ${missing[*]}"
