@@ -3,6 +3,7 @@
 #   libclang-dev                                  RocksDB's bindgen
 #   bazel-bootstrap                               the real Bazel client of tests/it/bazel.rs
 #   libnetty-tcnative-java libnetty-tcnative-jni  TLS (grpcs://) for that Bazel
+# With --build-only, only what building the server needs (libclang-dev).
 # Idempotent and non-interactive: when everything is installed it only runs dpkg -s.
 # It also checks (but does not install) the Rust toolchain: cargo, rustfmt, clippy.
 set -euo pipefail
@@ -19,6 +20,10 @@ for tool in "cargo --version" "cargo fmt --version" "cargo clippy --version"; do
 done
 
 packages=(libclang-dev bazel-bootstrap libnetty-tcnative-java libnetty-tcnative-jni)
+# --build-only: just what building provcache needs (the README's run command).
+if [ "${1:-}" = "--build-only" ]; then
+    packages=(libclang-dev)
+fi
 
 missing=()
 for p in "${packages[@]}"; do
