@@ -408,7 +408,7 @@ pub fn ensure_dev_signing(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
         );
         let text = format!(
             "# Development trust policy written by provcache: trusts dev-pki/signing.key.\n\
-             # The same file drives `provcache verify-build`. See docs/keys-and-trust.md.\n\
+             # The same file drives `provcache verify-build`. See docs/signing.md.\n\
              policy_version = 1\nclock_skew = \"5m\"\n\n{entry}"
         );
         write_new(&policy_path, text.as_bytes(), 0o644)?;
