@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/google/bytestream/bytestream.proto",
         "proto/provcache/v1/provenance.proto",
         "proto/provcache/v1/storage.proto",
+        "proto/provcache/v1/audit.proto",
     ];
     let includes = [std::path::PathBuf::from("proto"), well_known];
     tonic_prost_build::configure()

@@ -29,6 +29,10 @@ enum Command {
     Keygen(KeygenArgs),
     /// Issue a development client certificate for an identity, signed by the dev CA.
     IssueCert(IssueCertArgs),
+    /// Audit a build: check, with public keys alone, that every cache hit was signed by a trusted key.
+    ///
+    /// Exit status: 0 when every hit verifies, 1 on any finding, 2 when the audit could not run.
+    VerifyBuild(VerifyBuildArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -118,7 +122,7 @@ struct ServeArgs {
     /// This server's id, recorded in every signed statement.
     #[arg(long, default_value = "provcache")]
     server_id: String,
-    /// How long earlier statements of an action are kept for audits.
+    /// How long earlier statements of an action, and the per-invocation hit log, are kept for audits.
     #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
     history_retention: std::time::Duration,
 
@@ -170,6 +174,40 @@ struct KeygenArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct VerifyBuildArgs {
+    /// Server URL: grpcs://HOST:PORT (or grpc:// behind a trusted proxy).
+    #[arg(long)]
+    server: String,
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Auditor client certificate (PEM); needs audit:read and cas:read.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Auditor client key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Trust policy (TOML) with the public keys to trust; the server's verdicts are not trusted.
+    #[arg(long)]
+    policy: PathBuf,
+    /// The build's invocation id (Bazel --invocation_id; the BEP's started.uuid).
+    #[arg(long)]
+    invocation: Option<String>,
+    /// Bazel's --execution_log_json_file of the build: its remote cache hits must match signed results.
+    #[arg(long)]
+    exec_log: Option<PathBuf>,
+    /// Instance name for exec-log hits that are not in the server's hit log.
+    #[arg(long, default_value = "")]
+    instance: String,
+    /// Download and re-hash every referenced blob and the Action.
+    #[arg(long)]
+    deep: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
 struct IssueCertArgs {
     /// Directory of the development CA (ca.pem and ca.key), e.g. provcache-data/dev-pki.
     #[arg(long, default_value = "provcache-data/dev-pki")]
@@ -200,7 +238,40 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => runtime.block_on(bench(args)),
         Command::Keygen(args) => keygen(args),
         Command::IssueCert(args) => issue_cert(args),
+        Command::VerifyBuild(args) => {
+            let json = args.json;
+            match runtime.block_on(verify_build(args)) {
+                Ok(report) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&provcache::verify_build::to_json(&report))?);
+                    } else {
+                        print!("{}", provcache::verify_build::to_text(&report));
+                    }
+                    std::process::exit(if report.clean() { 0 } else { 1 });
+                }
+                Err(e) => {
+                    eprintln!("verify-build: the audit could not run: {e:#}");
+                    std::process::exit(2);
+                }
+            }
+        }
     }
+}
+
+async fn verify_build(args: VerifyBuildArgs) -> anyhow::Result<provcache::verify_build::Report> {
+    let tls = match (args.ca, args.cert, args.key) {
+        (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
+        (None, None, None) => None,
+        _ => anyhow::bail!("--ca, --cert and --key go together"),
+    };
+    let opts = provcache::verify_build::Options {
+        target: provcache::client::Target { url: args.server, tls, instance: args.instance },
+        policy: args.policy,
+        invocation: args.invocation,
+        exec_log: args.exec_log,
+        deep: args.deep,
+    };
+    provcache::verify_build::run(&opts).await
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {

@@ -107,10 +107,38 @@ pub struct Subject<'a> {
     pub action: Digest,
 }
 
+/// Where a verified entry came from (from its signed statement).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The writer principal (server-attested).
+    pub writer_principal: String,
+    /// The writer's claimed invocation id (unverified).
+    pub origin_invocation_id: String,
+    /// When it was signed.
+    pub signed_at: Option<SystemTime>,
+    /// The verifying key's id.
+    pub key_id: String,
+}
+
+impl Origin {
+    fn of(v: &Verified) -> Self {
+        let origin = v.statement.origin.clone().unwrap_or_default();
+        Origin {
+            writer_principal: origin.writer.map(|w| w.principal).unwrap_or_default(),
+            origin_invocation_id: origin.claims.map(|c| c.tool_invocation_id).unwrap_or_default(),
+            signed_at: Some(v.signed_at),
+            key_id: v.key_id.clone(),
+        }
+    }
+}
+
 /// A clock, injected so tests can move time.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
 const VERIFIED_CACHE_MAX: usize = 200_000;
+
+/// A cached successful verification: (policy generation, valid until, origin).
+type CachedVerification = (u64, SystemTime, Arc<Origin>);
 
 struct Loaded<T> {
     value: T,
@@ -123,8 +151,8 @@ pub struct Provenance {
     signer: RwLock<Loaded<std::result::Result<Arc<SigningKey>, String>>>,
     trust: RwLock<Loaded<Arc<TrustPolicy>>>,
     generation: AtomicU64,
-    /// SHA-256 of (key, stored value) → (policy generation, valid until).
-    verified: Mutex<HashMap<[u8; 32], (u64, SystemTime)>>,
+    /// SHA-256 of (key, stored value) → (policy generation, valid until, origin).
+    verified: Mutex<HashMap<[u8; 32], CachedVerification>>,
     counters: VerificationCounters,
     clock: Clock,
 }
@@ -293,9 +321,9 @@ impl Provenance {
         raw_value: &[u8],
         canonical: &[u8],
         envelope: &[u8],
-    ) -> std::result::Result<(), Reason> {
+    ) -> std::result::Result<Arc<Origin>, Reason> {
         if self.config.verification_disabled {
-            return Ok(());
+            return Ok(Arc::default());
         }
         let now = (self.clock)();
         let generation = self.generation.load(Ordering::Acquire);
@@ -304,11 +332,11 @@ impl Provenance {
         h.update(raw_key);
         h.update(raw_value);
         let fingerprint: [u8; 32] = h.finalize().into();
-        if let Some((g, until)) = self.verified.lock().unwrap_or_else(|p| p.into_inner()).get(&fingerprint) {
+        if let Some((g, until, origin)) = self.verified.lock().unwrap_or_else(|p| p.into_inner()).get(&fingerprint) {
             if *g == generation && now < *until {
                 self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
                 self.counters.verified.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+                return Ok(origin.clone());
             }
         }
         let policy = self.trust_policy();
@@ -322,14 +350,15 @@ impl Provenance {
             Ok(v) => {
                 self.counters.verified.fetch_add(1, Ordering::Relaxed);
                 let until = valid_until(&policy, &v);
+                let origin = Arc::new(Origin::of(&v));
                 let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
                 if cache.len() >= VERIFIED_CACHE_MAX {
                     cache.clear();
                 }
                 if self.generation.load(Ordering::Acquire) == generation {
-                    cache.insert(fingerprint, (generation, until));
+                    cache.insert(fingerprint, (generation, until, origin.clone()));
                 }
-                Ok(())
+                Ok(origin)
             }
             Err(reason) => {
                 self.counters.record_failure(reason);

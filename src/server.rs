@@ -105,6 +105,9 @@ impl Cache {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
+            .add_service(crate::proto::prov::audit_server::AuditServer::new(crate::service::audit::AuditService(
+                ctx.clone(),
+            )))
             .add_service(ExecutionServer::new(ExecutionService))
     }
 
@@ -127,9 +130,9 @@ impl Cache {
                         .map(|d| d.as_nanos() as u64)
                         .unwrap_or(0);
                     let s = store.clone();
-                    match crate::cas::blocking(move || s.purge_history(cutoff)).await {
+                    match crate::cas::blocking(move || Ok(s.purge_history(cutoff)? + s.purge_audit(cutoff)?)).await {
                         Ok(0) => {}
-                        Ok(n) => tracing::info!(records = n, "purged old Action Cache history"),
+                        Ok(n) => tracing::info!(records = n, "purged old Action Cache history and hit-log records"),
                         Err(e) => tracing::warn!(error = %e, "history purge failed"),
                     }
                 }

@@ -12,6 +12,7 @@ use crate::proto::reapi;
 use crate::upload::Uploads;
 
 pub mod action_cache;
+pub mod audit;
 pub mod bytestream;
 pub mod capabilities;
 pub mod cas;

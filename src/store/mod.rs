@@ -9,6 +9,7 @@
 //! | `ac`      | [`Key`] of the action digest          | `StoredActionEntry` (protobuf)          |
 //! | `ac_history` | [`Key`] + stored-at (u64 ns BE)    | an earlier (or the current) `StoredActionEntry` |
 //! | `pending` | blob id (u64 BE)                      | Unix seconds the upload started         |
+//! | `audit`   | u16 len + invocation id + answered-at (u64 ns BE) + u32 random | `HitRecord` (protobuf) |
 //! | `meta`    | `format`                              | format version                          |
 //!
 //! A blob becomes visible only when its `cas` record is written, in one synced
@@ -44,6 +45,7 @@ const CF_CHUNKS: &str = "chunks";
 const CF_AC: &str = "ac";
 const CF_AC_HISTORY: &str = "ac_history";
 const CF_PENDING: &str = "pending";
+const CF_AUDIT: &str = "audit";
 const CF_META: &str = "meta";
 const LOCK_STRIPES: usize = 256;
 
@@ -176,6 +178,14 @@ fn chunk_key(blob_id: u64, index: u32) -> [u8; 12] {
     k
 }
 
+fn audit_prefix(invocation: &str) -> Vec<u8> {
+    let id = &invocation.as_bytes()[..invocation.len().min(u16::MAX as usize)];
+    let mut k = Vec::with_capacity(2 + id.len() + 12);
+    k.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    k.extend_from_slice(id);
+    k
+}
+
 /// Unix seconds now.
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -233,6 +243,7 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_AC, small.clone()),
             ColumnFamilyDescriptor::new(CF_AC_HISTORY, small.clone()),
             ColumnFamilyDescriptor::new(CF_PENDING, small.clone()),
+            ColumnFamilyDescriptor::new(CF_AUDIT, small.clone()),
             ColumnFamilyDescriptor::new(CF_META, small),
         ];
         let db = DBWithThreadMode::<SingleThreaded>::open_cf_descriptors(&db_opts, path, cfs)?;
@@ -492,10 +503,67 @@ impl Store {
         self.db.iterator_cf(self.cf(CF_AC), rocksdb::IteratorMode::Start).map(|r| r.map_err(Error::from))
     }
 
+    // ------------------------------------------------------------ audit log
+
+    /// Appends a hit record for an invocation (not synced: the hit log is
+    /// an audit aid, not an acknowledged write).
+    pub fn audit_put(&self, invocation: &str, answered_at_nanos: u64, record: &[u8]) -> Result<()> {
+        let mut key = audit_prefix(invocation);
+        key.extend_from_slice(&answered_at_nanos.to_be_bytes());
+        key.extend_from_slice(&(random_u64() as u32).to_be_bytes());
+        self.db.put_cf(self.cf(CF_AUDIT), key, record)?;
+        Ok(())
+    }
+
+    /// Up to `limit` records of an invocation, oldest first, after the raw key
+    /// `after` (a page token) if given. Returns (raw key, record).
+    pub fn audit_list(&self, invocation: &str, after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>> {
+        let prefix = audit_prefix(invocation);
+        let start = after.map(|a| a.to_vec()).unwrap_or_else(|| prefix.clone());
+        let mut out = Vec::new();
+        let iter =
+            self.db.iterator_cf(self.cf(CF_AUDIT), rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward));
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || k.len() != prefix.len() + 12 {
+                break;
+            }
+            if after.is_some_and(|a| a == &k[..]) {
+                continue;
+            }
+            out.push((k, v));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes hit records answered before `before_nanos`; returns how many.
+    pub fn purge_audit(&self, before_nanos: u64) -> Result<usize> {
+        let cf = self.cf(CF_AUDIT);
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (k, _) = item?;
+            if k.len() >= 12 {
+                let at = u64::from_be_bytes(k[k.len() - 12..k.len() - 4].try_into().expect("8 bytes"));
+                if at < before_nanos {
+                    batch.delete_cf(cf, &k);
+                    n += 1;
+                }
+            }
+        }
+        if n > 0 {
+            self.db.write(batch)?;
+        }
+        Ok(n)
+    }
+
     /// Flushes memtables and the WAL to disk (used at shutdown).
     pub fn flush(&self) -> Result<()> {
         self.db.flush_wal(true)?;
-        for cf in [CF_CAS, CF_CHUNKS, CF_AC, CF_AC_HISTORY, CF_PENDING, CF_META] {
+        for cf in [CF_CAS, CF_CHUNKS, CF_AC, CF_AC_HISTORY, CF_PENDING, CF_AUDIT, CF_META] {
             self.db.flush_cf(self.cf(cf))?;
         }
         Ok(())
