@@ -221,6 +221,13 @@ impl ServerProcess {
         self.spawn();
     }
 
+    /// Starts a server that was [`ServerProcess::stop`]ped (for example after
+    /// editing its data directory), on the same data directory.
+    #[allow(dead_code)]
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -1,4 +1,5 @@
 //! A real server on 127.0.0.1:0 and real gRPC clients.
+#![allow(dead_code)]
 
 use std::sync::Arc;
 

@@ -1,0 +1,132 @@
+//! verify-build against real Bazel builds: a writer build W fills the cache,
+//! a reader build R gets every action from it, and an auditor with only the
+//! trust policy checks R's hits and their lineage.
+
+use std::path::Path;
+use std::process::Command;
+
+use prost::Message;
+use provcache::proto::prov::storage::StoredActionEntry;
+use provcache::store::{Key, Store};
+
+use crate::bazel::{BazelWorkspace, ServerProcess};
+
+struct Audit {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn verify_build(server: &ServerProcess, policy: &Path, args: &[&str]) -> Audit {
+    let out = Command::new(env!("CARGO_BIN_EXE_provcache"))
+        .args(["verify-build", "--server", &server.url(), "--policy"])
+        .arg(policy)
+        .args(args)
+        .output()
+        .expect("running verify-build");
+    Audit {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn json_hits(a: &Audit) -> Vec<serde_json::Value> {
+    let v: serde_json::Value =
+        serde_json::from_str(&a.stdout).unwrap_or_else(|e| panic!("verify-build --json: {e}\n{}", a.stdout));
+    v["hits"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+#[ignore = "needs Bazel: run tests/setup.sh, then cargo test --release -- --include-ignored"]
+fn verify_build_audits_a_real_build_and_names_what_fails() {
+    let mut server = ServerProcess::start_plaintext();
+    let mut ws = BazelWorkspace::new();
+    let flag = server.remote_cache_flag();
+    let writer = ws.build(&[&flag]);
+    assert_eq!(writer.remote_cache_hits(), 0, "the writer builds cold");
+    ws.fresh_output_base();
+    let reader = ws.build(&[&flag, "--remote_upload_local_results=false"]);
+    let (hits, spawns) = reader.hits();
+    assert_eq!(hits, spawns, "the reader gets every action from the cache");
+    let r_id = reader.run.invocation_id.clone();
+    let w_id = writer.run.invocation_id.clone();
+    let policy = server.data_dir().join("dev-pki").join("trust-policy.toml");
+
+    // By invocation: exit 0, every hit traced to the writer build W.
+    let a = verify_build(&server, &policy, &["--invocation", &r_id]);
+    assert_eq!(a.code, 0, "verify-build failed:\n{}\n{}", a.stdout, a.stderr);
+    assert!(a.stdout.contains(&w_id), "the writer's invocation is named as origin:\n{}", a.stdout);
+    println!("verify-build --invocation {r_id}\n{}", a.stdout);
+    assert!(a.stdout.contains(&format!("{hits} cache hits audited: {hits} verified, 0 failed")), "{}", a.stdout);
+    let j = verify_build(&server, &policy, &["--invocation", &r_id, "--json"]);
+    assert_eq!(j.code, 0, "{}", j.stderr);
+    let entries = json_hits(&j);
+    assert_eq!(entries.len(), hits);
+    for h in &entries {
+        assert_eq!(h["origin_invocation"], w_id.as_str(), "{h}");
+        assert_eq!(h["writer"], "plaintext", "the plaintext server's principal signs as writer: {h}");
+        assert!(h["findings"].as_array().unwrap().is_empty(), "{h}");
+    }
+
+    // With the execution log (outputs compared) and --deep (blobs re-hashed).
+    let exec_log = reader.run.exec_log.to_string_lossy().into_owned();
+    let a = verify_build(&server, &policy, &["--invocation", &r_id, "--exec-log", &exec_log, "--deep"]);
+    assert_eq!(a.code, 0, "with --exec-log --deep:\n{}\n{}", a.stdout, a.stderr);
+    // A Bazel 4 execution log alone has no action digests: the audit cannot run.
+    let a = verify_build(&server, &policy, &["--exec-log", &exec_log]);
+    assert_eq!(a.code, 2, "{}\n{}", a.stdout, a.stderr);
+
+    // The auditor revokes the key: every hit is a finding (exit 1), whatever the server thinks.
+    let revoked = tempfile::NamedTempFile::new().unwrap();
+    let text = std::fs::read_to_string(&policy).unwrap().replace("state = \"active\"", "state = \"revoked\"");
+    std::fs::write(revoked.path(), text).unwrap();
+    let a = verify_build(&server, revoked.path(), &["--invocation", &r_id, "--json"]);
+    assert_eq!(a.code, 1, "{}", a.stderr);
+    assert!(json_hits(&a).iter().all(|h| !h["findings"].as_array().unwrap().is_empty()));
+
+    // Alter one stored entry at rest (server stopped): exactly that action is named.
+    server.stop();
+    let altered = {
+        let store = Store::open(&provcache::server::db_path(server.data_dir()), &Default::default()).unwrap();
+        let (key, value) = store.ac_entries().next().unwrap().unwrap();
+        let mut entry = StoredActionEntry::decode(&value[..]).unwrap();
+        let mut bytes = entry.canonical_result.to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        entry.canonical_result = bytes.into();
+        store.ac_put_raw(&key, &entry.encode_to_vec()).unwrap();
+        let (_, digest) = Key::decode(&key).unwrap();
+        digest.hash_hex()
+    };
+    server.start_again();
+    let j = verify_build(&server, &policy, &["--invocation", &r_id, "--json"]);
+    assert_eq!(j.code, 1, "{}\n{}", j.stdout, j.stderr);
+    let failed: Vec<String> = json_hits(&j)
+        .iter()
+        .filter(|h| !h["findings"].as_array().unwrap().is_empty())
+        .map(|h| h["action"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(failed.len(), 1, "exactly one action fails: {failed:?}");
+    println!(
+        "after altering {altered}: verify-build --invocation {r_id}\n{}",
+        verify_build(&server, &policy, &["--invocation", &r_id]).stdout
+    );
+    assert!(failed[0].starts_with(&altered), "{failed:?} names {altered}");
+
+    // The next reader build rebuilds exactly that action, and its audit names it.
+    let flag = server.remote_cache_flag();
+    ws.fresh_output_base();
+    let again = ws.build(&[&flag, "--remote_upload_local_results=false"]);
+    assert_eq!(again.hits(), (spawns - 1, spawns), "exactly the altered action is rebuilt");
+    let a = verify_build(&server, &policy, &["--invocation", &again.run.invocation_id, "--json"]);
+    assert_eq!(a.code, 1, "{}", a.stderr);
+    let named: Vec<String> = json_hits(&a)
+        .iter()
+        .filter(|h| !h["findings"].as_array().unwrap().is_empty())
+        .map(|h| h["action"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(named.len(), 1, "{named:?}");
+    assert!(named[0].starts_with(&altered));
+    ws.shutdown();
+}
