@@ -17,6 +17,10 @@ fi
 # machine it is the clone's ./target, shared with `cargo run --release`.
 if [ -n "${CI:-}" ]; then
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:?HOME is not set}/.cache/provcache/target}"
+    # Cargo names a root package's artifacts the same in every checkout, so a
+    # shared build directory may hold provcache built from another clone:
+    # drop those (dependencies, RocksDB included, stay).
+    cargo clean --release -p provcache >/dev/null 2>&1 || true
 fi
 
 summary=()
