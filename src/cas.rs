@@ -354,8 +354,9 @@ impl ChunkSender {
 }
 
 /// Reads `[offset, end)` of a blob chunk by chunk. A read that covers the
-/// whole blob is hash-checked as it goes, and a single-chunk blob is checked
-/// before any byte is sent; a corrupt blob is deleted and the read fails.
+/// whole blob is hash-checked as it goes; a single-chunk blob, and the whole
+/// of a multi-chunk blob read in part, are checked before any byte is sent; a
+/// corrupt blob is deleted and the read fails.
 fn stream_chunks(
     store: &Store,
     key: &Key,
@@ -385,6 +386,18 @@ fn stream_chunks(
         }
         sender.send(data[offset as usize..end as usize].to_vec())?;
         return Ok(());
+    }
+    // A ranged read of a multi-chunk blob cannot be hash-checked as it goes:
+    // check the whole blob first (one extra pass, a chunk at a time), so that
+    // no read ever succeeds with bytes that do not match the digest.
+    if !whole && offset < end {
+        let mut h = digest.function.hasher();
+        for index in 0..meta.chunks() {
+            h.update(&store.read_chunk(meta, index)?);
+        }
+        if h.finalize() != digest.hash {
+            return Err(corrupt(store));
+        }
     }
     let mut pos = offset;
     while pos < end {

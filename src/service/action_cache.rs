@@ -70,7 +70,18 @@ impl ActionCache for ActionCacheService {
             .map_err(|_| Error::NotFound(format!("action {action} has an undecodable stored result")))?;
         let ask =
             InlineRequest { stdout: req.inline_stdout, stderr: req.inline_stderr, files: req.inline_output_files };
-        ac.inline(&instance, action, &mut result, &ask).await?;
+        match ac.inline(&instance, action, &mut result, &ask).await {
+            Ok(()) => {}
+            // A referenced blob found corrupt while inlining was just removed
+            // from the CAS: the result is incomplete now, so it is a miss
+            // (read-path check 9), not an error the client cannot act on.
+            Err(Error::DataLoss(detail)) => {
+                prov.counters().record_failure(Reason::MissingBlob);
+                tracing::warn!(%action, instance = %instance, %detail, "a blob of a stored result is corrupt");
+                return Err(Error::NotFound(format!("action {action} references a corrupt blob: {detail}")).into());
+            }
+            Err(e) => return Err(e.into()),
+        }
         if !entry.envelope.is_empty() {
             signing::attach_envelope_bytes(&mut result, entry.envelope.to_vec());
         }

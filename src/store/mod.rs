@@ -403,6 +403,17 @@ impl Store {
         Ok(())
     }
 
+    /// Overwrites chunk `index` of the blob stored under `key` with `data`,
+    /// bypassing every check. FOR TESTS ONLY: it simulates tampering or bit
+    /// rot at rest (threat T8) so tests can prove reads never serve the wrong
+    /// bytes. Nothing in the server calls it.
+    #[doc(hidden)]
+    pub fn tamper_chunk_for_tests(&self, key: &Key, index: u32, data: &[u8]) -> Result<()> {
+        let meta = self.blob_meta(key)?.ok_or_else(|| Error::NotFound("no such blob to tamper with".into()))?;
+        self.db.put_cf_opt(self.cf(CF_CHUNKS), chunk_key(meta.blob_id, index), data, &self.write_opts())?;
+        Ok(())
+    }
+
     fn delete_chunks(&self, batch: &mut WriteBatch, blob_id: u64) {
         let start = chunk_key(blob_id, 0).to_vec();
         let end = match blob_id.checked_add(1) {

@@ -45,6 +45,8 @@ pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub dir: tempfile::TempDir,
     pub store: Arc<Store>,
+    /// The server's signer and verifier: its counters and trust policy.
+    pub provenance: Arc<provcache::provenance::Provenance>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -83,7 +85,7 @@ impl TestServer {
         let shutdown = async {
             let _ = rx.await;
         };
-        let (store, task) = if opts.tls {
+        let (store, provenance, task) = if opts.tls {
             let pki = provcache::pki::ensure_dev_pki(&dev).unwrap();
             let mut settings = pki.tls_settings();
             settings.crls = opts.crls.clone();
@@ -101,14 +103,16 @@ impl TestServer {
             .with_clock(clock.clone());
             let cache = Cache::open_with_clock(&options, Arc::new(gate), clock).unwrap();
             let store = cache.context().cas.store().clone();
-            (store, tokio::spawn(cache.serve_tls(listener, tls.config.clone(), shutdown)))
+            let provenance = cache.context().provenance.clone();
+            (store, provenance, tokio::spawn(cache.serve_tls(listener, tls.config.clone(), shutdown)))
         } else {
             let gate = opts.gate.unwrap_or_else(|| Arc::new(AllowAll));
             let cache = Cache::open_with_clock(&options, gate, clock).unwrap();
             let store = cache.context().cas.store().clone();
-            (store, tokio::spawn(cache.serve_plaintext(listener, shutdown)))
+            let provenance = cache.context().provenance.clone();
+            (store, provenance, tokio::spawn(cache.serve_plaintext(listener, shutdown)))
         };
-        TestServer { addr, dir, store, shutdown: Some(tx), task: Some(task) }
+        TestServer { addr, dir, store, provenance, shutdown: Some(tx), task: Some(task) }
     }
 
     /// The dev PKI directory of this server.

@@ -5,6 +5,8 @@ mod common;
 mod action_cache;
 mod bazel;
 mod bazel_audit;
+mod bazel_provenance;
 mod bytestream;
 mod capabilities;
 mod cas;
+mod provenance;
