@@ -7,3 +7,4 @@ mod bazel;
 mod bytestream;
 mod capabilities;
 mod cas;
+mod mtls;
