@@ -725,7 +725,7 @@ fn tail(text: &str, lines: usize) -> String {
 
 /// Every spawn ran locally and missed the cache; every remote call succeeded
 /// except GetActionResult's NOT_FOUND misses.
-fn assert_cold(ws: &BazelWorkspace, build: &Build) {
+pub(crate) fn assert_cold(ws: &BazelWorkspace, build: &Build) {
     assert_eq!(build.hits(), (0, ws.action_count()), "a cold build must miss every action");
     for call in build.run.grpc_calls() {
         let expected = if call.method() == "GetActionResult" { 5 } else { 0 };
@@ -735,7 +735,7 @@ fn assert_cold(ws: &BazelWorkspace, build: &Build) {
 }
 
 /// Every spawn was a remote cache hit, and no call failed.
-fn assert_all_hits(ws: &BazelWorkspace, build: &Build) {
+pub(crate) fn assert_all_hits(ws: &BazelWorkspace, build: &Build) {
     assert_eq!(build.hits(), (ws.action_count(), ws.action_count()), "every action must be a remote cache hit");
     for spawn in &build.spawns {
         assert_eq!(spawn.runner, "remote cache hit", "{spawn:?}");
@@ -757,7 +757,7 @@ fn assert_metadata(build: &Build) {
     }
 }
 
-fn assert_same_outputs(first: &Build, second: &Build) {
+pub(crate) fn assert_same_outputs(first: &Build, second: &Build) {
     assert_eq!(
         first.outputs.keys().collect::<Vec<_>>(),
         second.outputs.keys().collect::<Vec<_>>(),
@@ -768,7 +768,7 @@ fn assert_same_outputs(first: &Build, second: &Build) {
     }
 }
 
-fn assert_no_server_errors(server: &ServerProcess) {
+pub(crate) fn assert_no_server_errors(server: &ServerProcess) {
     let errors = server.error_lines();
     assert!(errors.is_empty(), "the server logged errors:\n{}", errors.join("\n"));
 }

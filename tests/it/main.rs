@@ -4,6 +4,7 @@ mod common;
 
 mod action_cache;
 mod bazel;
+mod bazel_tls;
 mod bytestream;
 mod capabilities;
 mod cas;
