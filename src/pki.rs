@@ -172,6 +172,25 @@ impl DevPki {
 /// Ready-to-paste Bazel flags for a client certificate and key against a
 /// server on 127.0.0.1:`port`. A `read_only` client also gets
 /// `--remote_upload_local_results=false` (otherwise Bazel fails when the
+/// server reports that it may not update the cache) and
+/// `--experimental_build_event_upload_strategy=local`: Bazel otherwise uploads
+/// the files its build event stream names (outputs, its own profile) to the
+/// CAS, which a read-only identity may not do, and exits with 38 although
+/// every action succeeded.
+pub fn bazel_flags(&self, client: DevClient, port: u16) -> String {
+        bazel_flags(
+            &self.ca_cert,
+            &self.client_cert(client),
+            &self.client_key(client),
+            port,
+            !client.permissions().contains(&"ac:write"),
+        )
+    }
+}
+
+/// Ready-to-paste Bazel flags for a client certificate and key against a
+/// server on 127.0.0.1:`port`. A `read_only` client also gets
+/// `--remote_upload_local_results=false` (otherwise Bazel fails when the
 /// server reports that it may not update the cache).
 pub fn bazel_flags(ca: &Path, cert: &Path, key: &Path, port: u16, read_only: bool) -> String {
     let mut flags = format!(
@@ -181,7 +200,7 @@ pub fn bazel_flags(ca: &Path, cert: &Path, key: &Path, port: u16, read_only: boo
         key.display()
     );
     if read_only {
-        flags.push_str(" --remote_upload_local_results=false");
+        flags.push_str(" --remote_upload_local_results=false --experimental_build_event_upload_strategy=local");
     }
     flags
 }
