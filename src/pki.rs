@@ -177,21 +177,6 @@ impl DevPki {
 /// the files its build event stream names (outputs, its own profile) to the
 /// CAS, which a read-only identity may not do, and exits with 38 although
 /// every action succeeded.
-pub fn bazel_flags(&self, client: DevClient, port: u16) -> String {
-        bazel_flags(
-            &self.ca_cert,
-            &self.client_cert(client),
-            &self.client_key(client),
-            port,
-            !client.permissions().contains(&"ac:write"),
-        )
-    }
-}
-
-/// Ready-to-paste Bazel flags for a client certificate and key against a
-/// server on 127.0.0.1:`port`. A `read_only` client also gets
-/// `--remote_upload_local_results=false` (otherwise Bazel fails when the
-/// server reports that it may not update the cache).
 pub fn bazel_flags(ca: &Path, cert: &Path, key: &Path, port: u16, read_only: bool) -> String {
     let mut flags = format!(
         "--remote_cache=grpcs://127.0.0.1:{port} --tls_certificate={} --tls_client_certificate={} --tls_client_key={}",
