@@ -537,7 +537,13 @@ mod tests {
              --tls_client_certificate=/p/writer.pem --tls_client_key=/p/writer.key"
         );
         let reader = pki.bazel_flags(DevClient::Reader, 1);
-        assert!(reader.ends_with("--tls_client_key=/p/reader.key --remote_upload_local_results=false"), "{reader}");
+        assert!(
+            reader.ends_with(
+                "--tls_client_key=/p/reader.key --remote_upload_local_results=false \
+                 --experimental_build_event_upload_strategy=local"
+            ),
+            "{reader}"
+        );
         assert!(pki.bazel_flags(DevClient::Auditor, 1).contains("--remote_upload_local_results=false"));
     }
 }
