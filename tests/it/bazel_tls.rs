@@ -182,6 +182,49 @@ fn bazel_over_mtls_writer_fills_reader_hits_anonymous_is_refused() {
     assert_all_hits(&ws, &reader);
     assert_same_outputs(&writer, &reader);
 
+    // An auditor holding only the trust policy and the auditor certificate
+    // audits the reader's build: every hit came from the writer build.
+    let audit = std::process::Command::new(env!("CARGO_BIN_EXE_provcache"))
+        .args(["verify-build", "--server", &server.url(), "--json", "--invocation", &reader.run.invocation_id])
+        .arg("--ca")
+        .arg(pki.dir.join("ca.pem"))
+        .arg("--cert")
+        .arg(pki.dir.join("auditor.pem"))
+        .arg("--key")
+        .arg(pki.dir.join("auditor.key"))
+        .arg("--policy")
+        .arg(pki.dir.join("trust-policy.toml"))
+        .output()
+        .expect("running verify-build");
+    let stdout = String::from_utf8_lossy(&audit.stdout);
+    assert_eq!(
+        audit.status.code(),
+        Some(0),
+        "verify-build over mTLS:\n{stdout}\n{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let hits = report["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), ws.action_count(), "{stdout}");
+    for h in hits {
+        assert_eq!(h["writer"], "spiffe://provcache.dev/writer", "{h}");
+        assert_eq!(h["origin_invocation"], writer.run.invocation_id.as_str(), "{h}");
+    }
+    // The reader's certificate has no audit:read: the audit cannot run (exit 2).
+    let denied = std::process::Command::new(env!("CARGO_BIN_EXE_provcache"))
+        .args(["verify-build", "--server", &server.url(), "--invocation", &reader.run.invocation_id])
+        .arg("--ca")
+        .arg(pki.dir.join("ca.pem"))
+        .arg("--cert")
+        .arg(pki.dir.join("reader.pem"))
+        .arg("--key")
+        .arg(pki.dir.join("reader.key"))
+        .arg("--policy")
+        .arg(pki.dir.join("trust-policy.toml"))
+        .output()
+        .expect("running verify-build");
+    assert_eq!(denied.status.code(), Some(2), "{}", String::from_utf8_lossy(&denied.stderr));
+
     // Without the printed KEEP_LOCAL flag every action is a hit as well, but
     // the upload of Bazel's own profile (a build tool log) is denied: exit 38.
     ws.clean();
