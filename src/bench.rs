@@ -152,7 +152,8 @@ where
     }
 }
 
-fn blob(seed: u64, len: usize) -> Bytes {
+/// Deterministic pseudo-random bytes (xorshift), for load and tests.
+pub fn pseudo_random_bytes(seed: u64, len: usize) -> Bytes {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
@@ -187,7 +188,7 @@ pub async fn prefill(ch: &Channel, instance: &str, n: usize, run_id: u64) -> any
             let cmd_bytes = Bytes::from(command.encode_to_vec());
             let action = reapi::Action { command_digest: Some(sha(&cmd_bytes)), ..Default::default() };
             let act_bytes = Bytes::from(action.encode_to_vec());
-            let out = blob(run_id ^ (i as u64) << 1, 64);
+            let out = pseudo_random_bytes(run_id ^ (i as u64) << 1, 64);
             for b in [&cmd_bytes, &act_bytes, &out] {
                 reqs.push(batch_update_blobs_request::Request { digest: Some(sha(b)), data: b.clone(), compressor: 0 });
             }
@@ -312,7 +313,8 @@ pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<
             .await)
         }
         "find-missing" => {
-            let digests: Arc<Vec<reapi::Digest>> = Arc::new((0..100).map(|i| sha(&blob(run_id + i, 32))).collect());
+            let digests: Arc<Vec<reapi::Digest>> =
+                Arc::new((0..100).map(|i| sha(&pseudo_random_bytes(run_id + i, 32))).collect());
             Ok(drive("find-missing", p.concurrency, p.duration, move |w, _| {
                 let mut client = ContentAddressableStorageClient::new(ch(w));
                 let digests = digests.clone();
@@ -338,7 +340,9 @@ pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<
             // Unique blobs, made before the timed part.
             let per_worker = 64usize;
             let blobs: Arc<Vec<Bytes>> = Arc::new(
-                (0..p.concurrency * per_worker).map(|i| blob(run_id.wrapping_add(i as u64 * 31), p.size)).collect(),
+                (0..p.concurrency * per_worker)
+                    .map(|i| pseudo_random_bytes(run_id.wrapping_add(i as u64 * 31), p.size))
+                    .collect(),
             );
             let digests: Arc<Vec<reapi::Digest>> = Arc::new(blobs.iter().map(|b| sha(b)).collect());
             let counter = Arc::new(AtomicU64::new(0));
@@ -370,7 +374,7 @@ pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<
             .await)
         }
         "read" => {
-            let data = blob(run_id, p.size);
+            let data = pseudo_random_bytes(run_id, p.size);
             let digest = sha(&data);
             let mut bs = ByteStreamClient::new(ch(0));
             let prefix = if instance.is_empty() { String::new() } else { format!("{instance}/") };
@@ -442,7 +446,7 @@ async fn big_write(
     chunk: usize,
     seed: u64,
 ) -> anyhow::Result<(Report, reapi::Digest)> {
-    let block = blob(seed, chunk);
+    let block = pseudo_random_bytes(seed, chunk);
     let blocks = size.div_ceil(chunk);
     let sha_start = Instant::now();
     let mut h = DigestFunction::Sha256.hasher();

@@ -37,21 +37,8 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
-    /// Server URL: grpc://HOST:PORT or grpcs://HOST:PORT.
-    #[arg(long, default_value = "grpc://127.0.0.1:8980")]
-    server: String,
-    /// CA certificate (PEM) that signed the server's certificate (grpcs://).
-    #[arg(long)]
-    ca: Option<PathBuf>,
-    /// Client certificate (PEM) (grpcs://).
-    #[arg(long)]
-    cert: Option<PathBuf>,
-    /// Client private key (PEM) (grpcs://).
-    #[arg(long)]
-    key: Option<PathBuf>,
-    /// Instance name.
-    #[arg(long, default_value = "")]
-    instance: String,
+    #[command(flatten)]
+    client: ClientArgs,
     /// Scenarios to run, in order: ac-hit, ac-update, find-missing, write, read, big-write, big-read.
     #[arg(long, value_delimiter = ',', default_value = "ac-hit,find-missing,write,read")]
     scenario: Vec<String>,
@@ -173,20 +160,42 @@ struct KeygenArgs {
     valid_for: std::time::Duration,
 }
 
+/// How a client command reaches the server.
 #[derive(clap::Args, Debug)]
-struct VerifyBuildArgs {
+struct ClientArgs {
     /// Server URL: grpcs://HOST:PORT (or grpc:// behind a trusted proxy).
-    #[arg(long)]
+    #[arg(long, default_value = "grpcs://127.0.0.1:8980")]
     server: String,
     /// CA certificate (PEM) that signed the server's certificate.
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// Auditor client certificate (PEM); needs audit:read and cas:read.
+    /// Client certificate (PEM).
     #[arg(long)]
     cert: Option<PathBuf>,
-    /// Auditor client key (PEM).
+    /// Client private key (PEM).
     #[arg(long)]
     key: Option<PathBuf>,
+    /// Instance name (for verify-build: of exec-log hits missing from the server's hit log).
+    #[arg(long, default_value = "")]
+    instance: String,
+}
+
+impl ClientArgs {
+    fn target(self) -> anyhow::Result<provcache::client::Target> {
+        let tls = match (self.ca, self.cert, self.key) {
+            (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
+            (None, None, None) => None,
+            _ => anyhow::bail!("--ca, --cert and --key go together"),
+        };
+        Ok(provcache::client::Target { url: self.server, tls, instance: self.instance })
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct VerifyBuildArgs {
+    /// The server and an auditor certificate (audit:read and cas:read).
+    #[command(flatten)]
+    client: ClientArgs,
     /// Trust policy (TOML) with the public keys to trust; the server's verdicts are not trusted.
     #[arg(long)]
     policy: PathBuf,
@@ -196,9 +205,6 @@ struct VerifyBuildArgs {
     /// Bazel's --execution_log_json_file of the build: its remote cache hits must match signed results.
     #[arg(long)]
     exec_log: Option<PathBuf>,
-    /// Instance name for exec-log hits that are not in the server's hit log.
-    #[arg(long, default_value = "")]
-    instance: String,
     /// Download and re-hash every referenced blob and the Action.
     #[arg(long)]
     deep: bool,
@@ -259,13 +265,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn verify_build(args: VerifyBuildArgs) -> anyhow::Result<provcache::verify_build::Report> {
-    let tls = match (args.ca, args.cert, args.key) {
-        (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
-        (None, None, None) => None,
-        _ => anyhow::bail!("--ca, --cert and --key go together"),
-    };
     let opts = provcache::verify_build::Options {
-        target: provcache::client::Target { url: args.server, tls, instance: args.instance },
+        target: args.client.target()?,
         policy: args.policy,
         invocation: args.invocation,
         exec_log: args.exec_log,
@@ -275,12 +276,7 @@ async fn verify_build(args: VerifyBuildArgs) -> anyhow::Result<provcache::verify
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    let tls = match (args.ca, args.cert, args.key) {
-        (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
-        (None, None, None) => None,
-        _ => anyhow::bail!("--ca, --cert and --key go together"),
-    };
-    let target = provcache::bench::Target { url: args.server, tls, instance: args.instance };
+    let target = args.client.target()?;
     let params = provcache::bench::Params {
         concurrency: args.concurrency,
         duration: args.duration,

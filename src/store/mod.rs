@@ -483,13 +483,20 @@ impl Store {
 
     /// Deletes history records stored before `before_nanos`; returns how many.
     pub fn purge_history(&self, before_nanos: u64) -> Result<usize> {
-        let cf = self.cf(CF_AC_HISTORY);
+        // Key: action key + stored-at (u64 ns).
+        self.purge_older(CF_AC_HISTORY, before_nanos, 8)
+    }
+
+    /// Deletes the records of `cf` whose key holds a u64 ns time `from_end`
+    /// bytes before its end, older than `before_nanos`; returns how many.
+    fn purge_older(&self, cf: &str, before_nanos: u64, from_end: usize) -> Result<usize> {
+        let cf = self.cf(cf);
         let mut batch = WriteBatch::default();
         let mut n = 0;
         for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
             let (k, _) = item?;
-            if k.len() >= 8 {
-                let at = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+            if k.len() >= from_end {
+                let at = u64::from_be_bytes(k[k.len() - from_end..k.len() - from_end + 8].try_into().expect("8 bytes"));
                 if at < before_nanos {
                     batch.delete_cf(cf, &k);
                     n += 1;
@@ -552,23 +559,8 @@ impl Store {
 
     /// Deletes hit records answered before `before_nanos`; returns how many.
     pub fn purge_audit(&self, before_nanos: u64) -> Result<usize> {
-        let cf = self.cf(CF_AUDIT);
-        let mut batch = WriteBatch::default();
-        let mut n = 0;
-        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (k, _) = item?;
-            if k.len() >= 12 {
-                let at = u64::from_be_bytes(k[k.len() - 12..k.len() - 4].try_into().expect("8 bytes"));
-                if at < before_nanos {
-                    batch.delete_cf(cf, &k);
-                    n += 1;
-                }
-            }
-        }
-        if n > 0 {
-            self.db.write(batch)?;
-        }
-        Ok(n)
+        // Key: invocation + answered-at (u64 ns) + u32 random.
+        self.purge_older(CF_AUDIT, before_nanos, 12)
     }
 
     /// Flushes memtables and the WAL to disk (used at shutdown).

@@ -6,27 +6,6 @@ use tonic::Code;
 
 use crate::common::*;
 
-fn update(instance: &str, action: &reapi::Digest, result: reapi::ActionResult) -> reapi::UpdateActionResultRequest {
-    reapi::UpdateActionResultRequest {
-        instance_name: instance.into(),
-        action_digest: Some(action.clone()),
-        action_result: Some(result),
-        ..Default::default()
-    }
-}
-
-fn get(instance: &str, action: &reapi::Digest) -> reapi::GetActionResultRequest {
-    reapi::GetActionResultRequest {
-        instance_name: instance.into(),
-        action_digest: Some(action.clone()),
-        ..Default::default()
-    }
-}
-
-fn output(path: &str, d: &reapi::Digest) -> reapi::OutputFile {
-    reapi::OutputFile { path: path.into(), digest: Some(d.clone()), ..Default::default() }
-}
-
 #[tokio::test]
 async fn update_then_get_returns_the_result() {
     let server = TestServer::start().await;

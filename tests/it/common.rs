@@ -286,16 +286,7 @@ pub fn rn(d: &reapi::Digest) -> String {
 
 /// Deterministic pseudo-random bytes.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    provcache::bench::pseudo_random_bytes(seed, len).to_vec()
 }
 
 /// Uploads an Action with its Command and returns the action digest.
@@ -313,4 +304,28 @@ pub async fn upload_action(c: &mut Clients, instance: &str, salt: &str) -> reapi
         ..Default::default()
     };
     c.upload_msg(instance, &action).await
+}
+
+/// An UpdateActionResult request.
+pub fn update(instance: &str, action: &reapi::Digest, result: reapi::ActionResult) -> reapi::UpdateActionResultRequest {
+    reapi::UpdateActionResultRequest {
+        instance_name: instance.into(),
+        action_digest: Some(action.clone()),
+        action_result: Some(result),
+        ..Default::default()
+    }
+}
+
+/// A GetActionResult request.
+pub fn get(instance: &str, action: &reapi::Digest) -> reapi::GetActionResultRequest {
+    reapi::GetActionResultRequest {
+        instance_name: instance.into(),
+        action_digest: Some(action.clone()),
+        ..Default::default()
+    }
+}
+
+/// An output file entry.
+pub fn output(path: &str, d: &reapi::Digest) -> reapi::OutputFile {
+    reapi::OutputFile { path: path.into(), digest: Some(d.clone()), ..Default::default() }
 }

@@ -49,23 +49,6 @@ macro_rules! eventually {
 
 // ---------------------------------------------------------------- helpers
 
-fn update(instance: &str, action: &reapi::Digest, result: reapi::ActionResult) -> reapi::UpdateActionResultRequest {
-    reapi::UpdateActionResultRequest {
-        instance_name: instance.into(),
-        action_digest: Some(action.clone()),
-        action_result: Some(result),
-        ..Default::default()
-    }
-}
-
-fn get(instance: &str, action: &reapi::Digest) -> reapi::GetActionResultRequest {
-    reapi::GetActionResultRequest {
-        instance_name: instance.into(),
-        action_digest: Some(action.clone()),
-        ..Default::default()
-    }
-}
-
 fn key(instance: &str, action: &reapi::Digest) -> Key {
     Key::new(
         &InstanceName::parse(instance).unwrap(),
