@@ -108,6 +108,29 @@ fn assert_only_bep_uploads_denied(run: &BazelRun) -> usize {
     denied
 }
 
+/// Runs `provcache verify-build` with a dev PKI client's certificate.
+fn verify_build_as(
+    server: &ServerProcess,
+    pki: &DevPkiFlags,
+    client: &str,
+    invocation: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_provcache"))
+        .args(["verify-build", "--server", &server.url(), "--invocation", invocation])
+        .arg("--ca")
+        .arg(pki.dir.join("ca.pem"))
+        .arg("--cert")
+        .arg(pki.dir.join(format!("{client}.pem")))
+        .arg("--key")
+        .arg(pki.dir.join(format!("{client}.key")))
+        .arg("--policy")
+        .arg(pki.dir.join("trust-policy.toml"))
+        .args(extra)
+        .output()
+        .expect("running verify-build")
+}
+
 fn refs(flags: &[String]) -> Vec<&str> {
     flags.iter().map(String::as_str).collect()
 }
@@ -184,18 +207,7 @@ fn bazel_over_mtls_writer_fills_reader_hits_anonymous_is_refused() {
 
     // An auditor holding only the trust policy and the auditor certificate
     // audits the reader's build: every hit came from the writer build.
-    let audit = std::process::Command::new(env!("CARGO_BIN_EXE_provcache"))
-        .args(["verify-build", "--server", &server.url(), "--json", "--invocation", &reader.run.invocation_id])
-        .arg("--ca")
-        .arg(pki.dir.join("ca.pem"))
-        .arg("--cert")
-        .arg(pki.dir.join("auditor.pem"))
-        .arg("--key")
-        .arg(pki.dir.join("auditor.key"))
-        .arg("--policy")
-        .arg(pki.dir.join("trust-policy.toml"))
-        .output()
-        .expect("running verify-build");
+    let audit = verify_build_as(&server, &pki, "auditor", &reader.run.invocation_id, &["--json"]);
     let stdout = String::from_utf8_lossy(&audit.stdout);
     assert_eq!(
         audit.status.code(),
@@ -211,18 +223,7 @@ fn bazel_over_mtls_writer_fills_reader_hits_anonymous_is_refused() {
         assert_eq!(h["origin_invocation"], writer.run.invocation_id.as_str(), "{h}");
     }
     // The reader's certificate has no audit:read: the audit cannot run (exit 2).
-    let denied = std::process::Command::new(env!("CARGO_BIN_EXE_provcache"))
-        .args(["verify-build", "--server", &server.url(), "--invocation", &reader.run.invocation_id])
-        .arg("--ca")
-        .arg(pki.dir.join("ca.pem"))
-        .arg("--cert")
-        .arg(pki.dir.join("reader.pem"))
-        .arg("--key")
-        .arg(pki.dir.join("reader.key"))
-        .arg("--policy")
-        .arg(pki.dir.join("trust-policy.toml"))
-        .output()
-        .expect("running verify-build");
+    let denied = verify_build_as(&server, &pki, "reader", &reader.run.invocation_id, &[]);
     assert_eq!(denied.status.code(), Some(2), "{}", String::from_utf8_lossy(&denied.stderr));
 
     // Without the printed KEEP_LOCAL flag every action is a hit as well, but
