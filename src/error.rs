@@ -64,6 +64,9 @@ impl Error {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Storage(e) if is_no_space(e) => Code::ResourceExhausted,
+            // A block or record failed its checksum: stored data is damaged
+            // (threat model R8), which clients may treat as a miss.
+            Error::Storage(e) if e.kind() == rocksdb::ErrorKind::Corruption => Code::DataLoss,
             Error::Storage(_) => Code::Internal,
             Error::Internal(_) => Code::Internal,
         }
