@@ -480,14 +480,45 @@ impl Store {
     }
 
     /// Stores an Action Cache value and its history record in one synced batch.
-    pub fn ac_put(&self, key: &Key, value: &[u8], stored_at_nanos: u64) -> Result<()> {
+    ///
+    /// Writers of one action are serialised (striped lock), and the history
+    /// record's time is made later than the action's last one, so concurrent
+    /// writers never overwrite each other's history record (equal clock
+    /// readings) and the newest history record is always the current value
+    /// (threat model R6). Returns the history time used.
+    pub fn ac_put(&self, key: &Key, value: &[u8], stored_at_nanos: u64) -> Result<u64> {
+        let _guard = self.lock(key);
+        let at = match self.last_history_at(key)? {
+            Some(last) if last >= stored_at_nanos => last.saturating_add(1),
+            _ => stored_at_nanos,
+        };
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_AC), key.as_bytes(), value);
         let mut hkey = key.as_bytes().to_vec();
-        hkey.extend_from_slice(&stored_at_nanos.to_be_bytes());
+        hkey.extend_from_slice(&at.to_be_bytes());
         batch.put_cf(self.cf(CF_AC_HISTORY), hkey, value);
         self.db.write_opt(batch, &self.write_opts())?;
-        Ok(())
+        Ok(at)
+    }
+
+    /// The time of an action's newest history record.
+    fn last_history_at(&self, key: &Key) -> Result<Option<u64>> {
+        let prefix = key.as_bytes();
+        let mut end = prefix.to_vec();
+        end.extend_from_slice(&[0xff; 8]);
+        let mut iter =
+            self.db.iterator_cf(self.cf(CF_AC_HISTORY), rocksdb::IteratorMode::From(&end, rocksdb::Direction::Reverse));
+        match iter.next() {
+            Some(item) => {
+                let (k, _) = item?;
+                if k.len() == prefix.len() + 8 && k.starts_with(prefix) {
+                    Ok(Some(u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"))))
+                } else {
+                    Ok(None)
+                }
+            }
+            None => Ok(None),
+        }
     }
 
     /// Every history record of an action, oldest first: (stored-at ns, value).
