@@ -18,6 +18,7 @@ pub mod cas;
 pub mod client;
 pub mod digest;
 pub mod error;
+pub mod failpoint;
 pub mod identity;
 pub mod pki;
 pub mod proto;

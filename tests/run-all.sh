@@ -41,7 +41,9 @@ total=$SECONDS
 phase setup bash tests/setup.sh
 phase fmt cargo fmt --check
 phase clippy cargo clippy --release --all-targets -- -D warnings
-phase test cargo test --release -- --include-ignored
+# `failpoints` adds the crash points the crash tests use (src/failpoint.rs);
+# only this test build has them.
+phase test cargo test --release --features failpoints -- --include-ignored
 
 echo "==> all passed in $((SECONDS - total))s (target dir: ${CARGO_TARGET_DIR:-./target})"
 printf '    %s\n' "${summary[@]}"

@@ -497,7 +497,9 @@ impl Store {
         let mut hkey = key.as_bytes().to_vec();
         hkey.extend_from_slice(&at.to_be_bytes());
         batch.put_cf(self.cf(CF_AC_HISTORY), hkey, value);
+        crate::failpoint::crash_point("ac-before-commit");
         self.db.write_opt(batch, &self.write_opts())?;
+        crate::failpoint::crash_point("ac-after-commit");
         Ok(at)
     }
 
