@@ -36,6 +36,7 @@ pub mod server;
 #[cfg(feature = "server")]
 pub mod service;
 pub mod signing;
+pub mod soak;
 #[cfg(feature = "server")]
 pub mod store;
 pub mod tls;
