@@ -249,16 +249,36 @@ impl Store {
         chunks.set_write_buffer_size(16 << 20);
         chunks.set_max_write_buffer_number(3);
 
-        let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_CAS, small.clone()),
-            ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
-            ColumnFamilyDescriptor::new(CF_AC, small.clone()),
-            ColumnFamilyDescriptor::new(CF_AC_HISTORY, small.clone()),
-            ColumnFamilyDescriptor::new(CF_PENDING, small.clone()),
-            ColumnFamilyDescriptor::new(CF_AUDIT, small.clone()),
-            ColumnFamilyDescriptor::new(CF_META, small),
-        ];
-        let db = DBWithThreadMode::<SingleThreaded>::open_cf_descriptors(&db_opts, path, cfs)?;
+        let cfs = || {
+            vec![
+                ColumnFamilyDescriptor::new(CF_CAS, small.clone()),
+                ColumnFamilyDescriptor::new(CF_CHUNKS, chunks.clone()),
+                ColumnFamilyDescriptor::new(CF_AC, small.clone()),
+                ColumnFamilyDescriptor::new(CF_AC_HISTORY, small.clone()),
+                ColumnFamilyDescriptor::new(CF_PENDING, small.clone()),
+                ColumnFamilyDescriptor::new(CF_AUDIT, small.clone()),
+                ColumnFamilyDescriptor::new(CF_META, small.clone()),
+            ]
+        };
+        let db = match DBWithThreadMode::<SingleThreaded>::open_cf_descriptors(&db_opts, path, cfs()) {
+            Ok(db) => db,
+            // A damaged table file (its index, filter or properties block,
+            // read at open) or MANIFEST makes RocksDB refuse to open. This
+            // is a cache: every CAS read is hash-checked and every Action
+            // Cache entry signature-checked, so data salvaged by a repair can
+            // never be served wrong, while refusing to start would turn a
+            // damaged file into an outage (threat model R8). RepairDB keeps
+            // what is intact and drops what is not (clients rebuild it).
+            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                tracing::error!(error = %e, path = %path.display(),
+                    "the store is damaged; repairing it (damaged data is dropped, intact data kept)");
+                DBWithThreadMode::<SingleThreaded>::repair(&db_opts, path)?;
+                let db = DBWithThreadMode::<SingleThreaded>::open_cf_descriptors(&db_opts, path, cfs())?;
+                tracing::warn!(path = %path.display(), "the store was repaired");
+                db
+            }
+            Err(e) => return Err(e.into()),
+        };
         let store = Store { db, locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(), sync: options.sync };
         store.check_format()?;
         // Cleanup only: unreadable leftovers must not keep the cache down.
@@ -284,7 +304,18 @@ impl Store {
 
     fn check_format(&self) -> Result<()> {
         let meta = self.cf(CF_META);
-        match self.db.get_cf(meta, b"format")? {
+        let stored = match self.db.get_cf(meta, b"format") {
+            Ok(v) => v,
+            // The record's block is damaged. Format 1 is the only format
+            // there has been, and reads verify what they serve, so the record
+            // is written again rather than keeping the cache down (R8).
+            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                tracing::error!(error = %e, "the storage format record is damaged; writing it again");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match stored {
             None => {
                 self.db.put_cf_opt(meta, b"format", FORMAT_VERSION.to_be_bytes(), &self.write_opts())?;
                 Ok(())
