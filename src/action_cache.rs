@@ -157,7 +157,17 @@ impl ActionCache {
     pub async fn load(&self, instance: &InstanceName, action: Digest) -> Result<Option<(Vec<u8>, StoredActionEntry)>> {
         let key = Key::new(instance, &action);
         let store = self.cas.store().clone();
-        let Some(value) = blocking(move || store.ac_get(&key)).await? else { return Ok(None) };
+        let value = match blocking(move || store.ac_get(&key)).await {
+            Ok(Some(value)) => value,
+            Ok(None) => return Ok(None),
+            // Damaged storage (a block failing its checksum) loses this
+            // entry: a miss, so the client rebuilds (threat model R8).
+            Err(e) if e.code() == tonic::Code::DataLoss => {
+                tracing::error!(%action, error = %e, "Action Cache value unreadable; treating as a miss");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
         match StoredActionEntry::decode(&value[..]) {
             Ok(entry) => Ok(Some((value, entry))),
             Err(e) => {

@@ -39,6 +39,7 @@ pub enum Error {
     #[error("{0}")]
     PermissionDenied(String),
     /// The storage engine failed.
+    #[cfg(feature = "server")]
     #[error("storage error: {0}")]
     Storage(#[from] rocksdb::Error),
     /// A bug or an unexpected condition.
@@ -63,13 +64,20 @@ impl Error {
             Error::DataLoss(_) => Code::DataLoss,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
+            #[cfg(feature = "server")]
             Error::Storage(e) if is_no_space(e) => Code::ResourceExhausted,
+            // A block or record failed its checksum: stored data is damaged
+            // (threat model R8), which clients may treat as a miss.
+            #[cfg(feature = "server")]
+            Error::Storage(e) if e.kind() == rocksdb::ErrorKind::Corruption => Code::DataLoss,
+            #[cfg(feature = "server")]
             Error::Storage(_) => Code::Internal,
             Error::Internal(_) => Code::Internal,
         }
     }
 }
 
+#[cfg(feature = "server")]
 fn is_no_space(e: &rocksdb::Error) -> bool {
     let s = e.to_string();
     s.contains("No space left") || s.contains("NoSpace")
@@ -106,6 +114,7 @@ impl From<Error> for Status {
             tracing::error!(error = %e, "request failed");
         }
         let message = match &e {
+            #[cfg(feature = "server")]
             Error::Storage(inner) if code == Code::ResourceExhausted => format!("out of space: {inner}"),
             other => other.to_string(),
         };

@@ -7,28 +7,41 @@
 //! errors through [`error`]) → the domain ([`action_cache`], [`cas`],
 //! [`upload`]) → [`store`] (RocksDB, on the blocking pool).
 //! [`server`] wires these together; `main.rs` is the command line.
+//!
+//! The storage and everything built on it need the `server` feature (on by
+//! default); without it the crate is its parsers and verifiers alone, which
+//! is what the fuzz targets (tests/fuzz) build.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "server")]
 pub mod action_cache;
 pub mod auth;
 pub mod authz;
 pub mod bench;
+#[cfg(feature = "server")]
 pub mod cas;
 pub mod client;
 pub mod digest;
 pub mod error;
+pub mod failpoint;
 pub mod identity;
 pub mod pki;
 pub mod proto;
+#[cfg(feature = "server")]
 pub mod provenance;
 pub mod resource;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
 pub mod service;
 pub mod signing;
+pub mod soak;
+#[cfg(feature = "server")]
 pub mod store;
 pub mod tls;
 pub mod trust;
 pub mod units;
+#[cfg(feature = "server")]
 pub mod upload;
 pub mod verify_build;

@@ -60,6 +60,21 @@ struct BenchArgs {
     /// ByteStream message size for writes (Bazel sends 16KiB).
     #[arg(long, default_value = "16KiB", value_parser = provcache::units::parse_size)]
     chunk: u64,
+    /// Crash-soak for this long instead of the scenarios: start a server on
+    /// 127.0.0.1 (this binary), mixed load, kill -9 + restart every
+    /// --kill-every, invariant checks; exits 1 on any violation.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    soak: Option<std::time::Duration>,
+    /// Mean time between two kill -9s in a soak (each interval 0.5x-1.5x).
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    kill_every: std::time::Duration,
+    /// The soak's data directory (default: a fresh one under the temp
+    /// directory, deleted after a clean soak).
+    #[arg(long)]
+    soak_dir: Option<PathBuf>,
+    /// After this many bytes of acknowledged blobs, soak uploads stay small.
+    #[arg(long, default_value = "4GiB", value_parser = provcache::units::parse_size)]
+    soak_budget: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -276,6 +291,9 @@ async fn verify_build(args: VerifyBuildArgs) -> anyhow::Result<provcache::verify
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(duration) = args.soak {
+        return soak(&args, duration).await;
+    }
     let target = args.client.target()?;
     let params = provcache::bench::Params {
         concurrency: args.concurrency,
@@ -288,6 +306,30 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     for scenario in &args.scenario {
         let report = provcache::bench::run(&target, scenario, &params).await?;
         println!("{report}");
+    }
+    Ok(())
+}
+
+async fn soak(args: &BenchArgs, duration: std::time::Duration) -> anyhow::Result<()> {
+    let default_dir = args.soak_dir.is_none();
+    let params = provcache::soak::SoakParams {
+        duration,
+        kill_every: args.kill_every,
+        concurrency: args.concurrency,
+        data_dir: args.soak_dir.clone().unwrap_or_else(provcache::soak::default_data_dir),
+        exe: std::env::current_exe().context("finding this provcache binary")?,
+        byte_budget: args.soak_budget,
+    };
+    println!("soak: {duration:?}, kill -9 every ~{:?}, data in {}", args.kill_every, params.data_dir.display());
+    let report = provcache::soak::run(&params).await?;
+    println!("{report}");
+    if report.violations > 0 {
+        println!("soak: data and server log kept in {}", params.data_dir.display());
+        std::process::exit(1);
+    }
+    if default_dir && provcache::soak::is_soak_dir(&params.data_dir) {
+        let _ = std::fs::remove_dir_all(&params.data_dir);
+        let _ = std::fs::remove_file(params.data_dir.with_extension("server.log"));
     }
     Ok(())
 }

@@ -41,7 +41,14 @@ total=$SECONDS
 phase setup bash tests/setup.sh
 phase fmt cargo fmt --check
 phase clippy cargo clippy --release --all-targets -- -D warnings
-phase test cargo test --release -- --include-ignored
+# `failpoints` adds the crash points the crash tests use (src/failpoint.rs);
+# only this test build has them.
+phase test cargo test --release --features failpoints -- --include-ignored
+# Opt-in: PROVCACHE_FUZZ_SECONDS=60 also runs every fuzz target that long
+# (its sanitizer build, without RocksDB, takes about five minutes).
+if [ -n "${PROVCACHE_FUZZ_SECONDS:-}" ]; then
+    phase fuzz bash tests/fuzz/run.sh "$PROVCACHE_FUZZ_SECONDS"
+fi
 
 echo "==> all passed in $((SECONDS - total))s (target dir: ${CARGO_TARGET_DIR:-./target})"
 printf '    %s\n' "${summary[@]}"

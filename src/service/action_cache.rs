@@ -108,10 +108,12 @@ impl ActionCache for ActionCacheService {
             .ok_or_else(|| Error::InvalidArgument("UpdateActionResult without an action_result".into()))?;
         let ac = &self.0.ac;
         let prepared = ac.prepare(&instance, action, result).await?;
+        crate::failpoint::crash_point("ac-after-prepare");
         let canonical = prepared.result.encode_to_vec();
         let function = signing::effective_digest_function(req.digest_function);
         let subject = Subject { instance: &instance, digest_function: function, action };
         let envelope = self.0.provenance.sign(&signer, &subject, &prepared, &canonical, &caller, claims);
+        crate::failpoint::crash_point("ac-after-sign");
         ac.store(&instance, action, &prepared, canonical, envelope.clone()).await?;
         let mut reply = prepared.result;
         signing::attach_envelope_bytes(&mut reply, envelope);

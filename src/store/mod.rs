@@ -219,6 +219,18 @@ impl Store {
         db_opts.increase_parallelism(2);
         db_opts.set_max_total_wal_size(256 << 20);
         db_opts.set_keep_log_file_num(5);
+        // After a crash or a torn write the WAL may end in a partial or
+        // corrupt record. Point-in-time recovery replays every record up to
+        // the first bad one and drops the rest, so the store opens in a
+        // consistent state as of some moment (a prefix of the commits:
+        // a blob's chunks always come before its `cas` record). Failing to
+        // open (absolute consistency) would turn a lost tail into an outage;
+        // skipping bad records and replaying later ones could make a `cas`
+        // record visible whose chunks were lost (threat model R8).
+        db_opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+        // Every block read is checked against its checksum (the default,
+        // stated): a corrupt block is a DATA_LOSS error, never wrong bytes.
+        db_opts.set_paranoid_checks(true);
 
         let mut small = Options::default();
         small.set_block_based_table_factory(&table(true));
@@ -237,19 +249,42 @@ impl Store {
         chunks.set_write_buffer_size(16 << 20);
         chunks.set_max_write_buffer_number(3);
 
-        let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_CAS, small.clone()),
-            ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
-            ColumnFamilyDescriptor::new(CF_AC, small.clone()),
-            ColumnFamilyDescriptor::new(CF_AC_HISTORY, small.clone()),
-            ColumnFamilyDescriptor::new(CF_PENDING, small.clone()),
-            ColumnFamilyDescriptor::new(CF_AUDIT, small.clone()),
-            ColumnFamilyDescriptor::new(CF_META, small),
-        ];
-        let db = DBWithThreadMode::<SingleThreaded>::open_cf_descriptors(&db_opts, path, cfs)?;
+        let cfs = || {
+            vec![
+                ColumnFamilyDescriptor::new(CF_CAS, small.clone()),
+                ColumnFamilyDescriptor::new(CF_CHUNKS, chunks.clone()),
+                ColumnFamilyDescriptor::new(CF_AC, small.clone()),
+                ColumnFamilyDescriptor::new(CF_AC_HISTORY, small.clone()),
+                ColumnFamilyDescriptor::new(CF_PENDING, small.clone()),
+                ColumnFamilyDescriptor::new(CF_AUDIT, small.clone()),
+                ColumnFamilyDescriptor::new(CF_META, small.clone()),
+            ]
+        };
+        let db = match DBWithThreadMode::<SingleThreaded>::open_cf_descriptors(&db_opts, path, cfs()) {
+            Ok(db) => db,
+            // A damaged table file (its index, filter or properties block,
+            // read at open) or MANIFEST makes RocksDB refuse to open. This
+            // is a cache: every CAS read is hash-checked and every Action
+            // Cache entry signature-checked, so data salvaged by a repair can
+            // never be served wrong, while refusing to start would turn a
+            // damaged file into an outage (threat model R8). RepairDB keeps
+            // what is intact and drops what is not (clients rebuild it).
+            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                tracing::error!(error = %e, path = %path.display(),
+                    "the store is damaged; repairing it (damaged data is dropped, intact data kept)");
+                DBWithThreadMode::<SingleThreaded>::repair(&db_opts, path)?;
+                let db = DBWithThreadMode::<SingleThreaded>::open_cf_descriptors(&db_opts, path, cfs())?;
+                tracing::warn!(path = %path.display(), "the store was repaired");
+                db
+            }
+            Err(e) => return Err(e.into()),
+        };
         let store = Store { db, locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(), sync: options.sync };
         store.check_format()?;
-        store.delete_abandoned_uploads(u64::MAX)?;
+        // Cleanup only: unreadable leftovers must not keep the cache down.
+        if let Err(e) = store.delete_abandoned_uploads(u64::MAX) {
+            tracing::error!(error = %e, "could not delete the chunks of interrupted uploads");
+        }
         Ok(store)
     }
 
@@ -269,7 +304,18 @@ impl Store {
 
     fn check_format(&self) -> Result<()> {
         let meta = self.cf(CF_META);
-        match self.db.get_cf(meta, b"format")? {
+        let stored = match self.db.get_cf(meta, b"format") {
+            Ok(v) => v,
+            // The record's block is damaged. Format 1 is the only format
+            // there has been, and reads verify what they serve, so the record
+            // is written again rather than keeping the cache down (R8).
+            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                tracing::error!(error = %e, "the storage format record is damaged; writing it again");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match stored {
             None => {
                 self.db.put_cf_opt(meta, b"format", FORMAT_VERSION.to_be_bytes(), &self.write_opts())?;
                 Ok(())
@@ -414,6 +460,18 @@ impl Store {
         Ok(())
     }
 
+    /// Every live SST file: (column family, file name relative to the
+    /// store's directory). FOR TESTS ONLY, which damage files at rest (R8).
+    #[doc(hidden)]
+    pub fn sst_files_for_tests(&self) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .db
+            .live_files()?
+            .into_iter()
+            .map(|f| (f.column_family_name, f.name.trim_start_matches('/').to_string()))
+            .collect())
+    }
+
     fn delete_chunks(&self, batch: &mut WriteBatch, blob_id: u64) {
         let start = chunk_key(blob_id, 0).to_vec();
         let end = match blob_id.checked_add(1) {
@@ -453,14 +511,47 @@ impl Store {
     }
 
     /// Stores an Action Cache value and its history record in one synced batch.
-    pub fn ac_put(&self, key: &Key, value: &[u8], stored_at_nanos: u64) -> Result<()> {
+    ///
+    /// Writers of one action are serialised (striped lock), and the history
+    /// record's time is made later than the action's last one, so concurrent
+    /// writers never overwrite each other's history record (equal clock
+    /// readings) and the newest history record is always the current value
+    /// (threat model R6). Returns the history time used.
+    pub fn ac_put(&self, key: &Key, value: &[u8], stored_at_nanos: u64) -> Result<u64> {
+        let _guard = self.lock(key);
+        let at = match self.last_history_at(key)? {
+            Some(last) if last >= stored_at_nanos => last.saturating_add(1),
+            _ => stored_at_nanos,
+        };
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_AC), key.as_bytes(), value);
         let mut hkey = key.as_bytes().to_vec();
-        hkey.extend_from_slice(&stored_at_nanos.to_be_bytes());
+        hkey.extend_from_slice(&at.to_be_bytes());
         batch.put_cf(self.cf(CF_AC_HISTORY), hkey, value);
+        crate::failpoint::crash_point("ac-before-commit");
         self.db.write_opt(batch, &self.write_opts())?;
-        Ok(())
+        crate::failpoint::crash_point("ac-after-commit");
+        Ok(at)
+    }
+
+    /// The time of an action's newest history record.
+    fn last_history_at(&self, key: &Key) -> Result<Option<u64>> {
+        let prefix = key.as_bytes();
+        let mut end = prefix.to_vec();
+        end.extend_from_slice(&[0xff; 8]);
+        let mut iter =
+            self.db.iterator_cf(self.cf(CF_AC_HISTORY), rocksdb::IteratorMode::From(&end, rocksdb::Direction::Reverse));
+        match iter.next() {
+            Some(item) => {
+                let (k, _) = item?;
+                if k.len() == prefix.len() + 8 && k.starts_with(prefix) {
+                    Ok(Some(u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"))))
+                } else {
+                    Ok(None)
+                }
+            }
+            None => Ok(None),
+        }
     }
 
     /// Every history record of an action, oldest first: (stored-at ns, value).

@@ -53,6 +53,8 @@ pub struct ServerProcess {
     log_path: PathBuf,
     scheme: String,
     addr: SocketAddr,
+    /// Extra environment variables for the server process.
+    env: Vec<(String, String)>,
     /// Holds the log (and the data directory unless the caller gave one).
     _tmp: tempfile::TempDir,
 }
@@ -96,6 +98,7 @@ impl ServerProcess {
             log_path,
             scheme: String::new(),
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            env: Vec::new(),
             _tmp: tmp,
         };
         server.spawn();
@@ -115,6 +118,7 @@ impl ServerProcess {
             .arg(&self.data_dir)
             .args(&self.args)
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -228,6 +232,46 @@ impl ServerProcess {
     #[allow(dead_code)]
     pub fn start_again(&mut self) {
         self.spawn();
+    }
+
+    /// Sets (or with `None` removes) an environment variable for the next
+    /// [`ServerProcess::start_again`].
+    #[allow(dead_code)]
+    pub fn set_env(&mut self, name: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != name);
+        if let Some(v) = value {
+            self.env.push((name.to_string(), v.to_string()));
+        }
+    }
+
+    /// Kills the server with SIGKILL (`kill -9`: no draining, no flush) and
+    /// reaps it. Start it again with [`ServerProcess::start_again`].
+    #[allow(dead_code)]
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("the server is not running");
+        let sent = Command::new("kill").args(["-KILL", &child.id().to_string()]).status().expect("running kill");
+        assert!(sent.success(), "kill -KILL failed");
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "provcache survived kill -9: {status}");
+    }
+
+    /// Waits for a server that is expected to end by itself (for example at a
+    /// crash point) and returns how it ended.
+    #[allow(dead_code)]
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("the server is not running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("provcache did not exit within {timeout:?}; log:\n{}", tail(&self.log(), 100));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn kill(&mut self) {

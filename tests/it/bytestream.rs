@@ -149,6 +149,45 @@ async fn compressed_reads_refuse_a_read_limit() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
+/// R4 over several interruptions: after each, QueryWriteStatus reports a
+/// committed size that never goes backwards (also after a refused resume at
+/// a wrong offset) and the partial upload stays invisible.
+#[tokio::test]
+async fn r4_committed_size_never_goes_backwards_over_repeated_interruptions() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    let data = noise(4 * 1024 * 1024 + 321, 5);
+    let d = sha(&data);
+    let name = format!("uploads/resume-many/blobs/{}", rn(&d));
+    let committed = |c: &mut Clients| {
+        let mut bs = c.bs.clone();
+        let name = name.clone();
+        async move {
+            let s = bs.query_write_status(QueryWriteStatusRequest { resource_name: name }).await.unwrap().into_inner();
+            assert!(!s.complete);
+            s.committed_size
+        }
+    };
+    let mut last = 0i64;
+    for end in [700 * 1024, 1900 * 1024, 3 * 1024 * 1024 + 5] {
+        let msgs = write_requests(&name, &data[last as usize..end], 64 * 1024, last, false);
+        assert!(c.bs.write(futures::stream::iter(msgs)).await.is_err(), "a stream without finish_write");
+        let now = committed(&mut c).await;
+        assert!(now >= last, "committed size went back from {last} to {now}");
+        assert_eq!(now, end as i64);
+        // A resume at a wrong offset is refused and changes nothing.
+        let ahead = write_requests(&name, &data[end + 10..end + 20], 10, end as i64 + 10, true);
+        assert_eq!(c.bs.write(futures::stream::iter(ahead)).await.unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(committed(&mut c).await, now, "a refused resume moved the committed size");
+        assert_eq!(c.missing("", std::slice::from_ref(&d)).await, vec![d.clone()], "a partial upload is invisible");
+        assert_eq!(c.read(&format!("blobs/{}", rn(&d)), 0, 0).await.unwrap_err().code(), Code::NotFound);
+        last = now;
+    }
+    let rest = write_requests(&name, &data[last as usize..], 64 * 1024, last, true);
+    assert_eq!(c.bs.write(futures::stream::iter(rest)).await.unwrap().into_inner().committed_size, data.len() as i64);
+    assert_eq!(c.read(&format!("blobs/{}", rn(&d)), 0, 0).await.unwrap(), data);
+}
+
 #[tokio::test]
 async fn concurrent_writers_of_one_digest_end_with_one_correct_copy() {
     let server = TestServer::start().await;
@@ -172,7 +211,7 @@ async fn concurrent_writers_of_one_digest_end_with_one_correct_copy() {
         readers.push(tokio::spawn(async move {
             for _ in 0..20 {
                 match c.read(&format!("blobs/{}", rn(&d)), 0, 0).await {
-                    Ok(got) => assert_eq!(got.len(), data.len(), "a reader never sees a prefix"),
+                    Ok(got) => assert!(got == *data, "a reader sees the whole, right blob, never a prefix"),
                     Err(e) => assert_eq!(e.code(), Code::NotFound),
                 }
             }

@@ -12,3 +12,4 @@ mod capabilities;
 mod cas;
 mod mtls;
 mod provenance;
+mod reliability;
