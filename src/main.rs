@@ -134,6 +134,11 @@ struct ServeArgs {
     #[arg(long, default_value = "plaintext", requires = "plaintext_insecure")]
     plaintext_principal: String,
 
+    /// Bound on stored bytes (blobs plus Action Cache entries), e.g. 200GiB;
+    /// least recently used ones are evicted to stay under it. Default: unbounded.
+    #[arg(long, value_parser = provcache::units::parse_size)]
+    max_size: Option<u64>,
+
     /// Do not fsync commits (benchmarks only: an acknowledged write can be lost on a crash).
     #[arg(long, hide = true)]
     unsafe_no_sync: bool,
@@ -332,7 +337,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let options = ServerOptions {
         data_dir: args.data_dir.clone(),
-        store: StoreOptions { sync: !args.unsafe_no_sync, ..Default::default() },
+        store: StoreOptions { sync: !args.unsafe_no_sync, max_size: args.max_size, ..Default::default() },
         provenance: ProvenanceConfig {
             signing_key,
             trust_policy,

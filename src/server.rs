@@ -43,6 +43,43 @@ pub struct ServerOptions {
     pub history_retention: Duration,
 }
 
+/// Background tasks of a serving cache; stopped with [`Background::abort`].
+#[derive(Debug)]
+pub struct Background(Vec<tokio::task::JoinHandle<()>>);
+
+impl Background {
+    /// Stops every task.
+    pub fn abort(&self) {
+        self.0.iter().for_each(|t| t.abort());
+    }
+}
+
+/// Writes queued recency refreshes every second and evicts least recently
+/// used records whenever stored bytes exceed the bound, off the request path.
+fn spawn_eviction(store: Arc<Store>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = store.over_limit_notify().notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let s = store.clone();
+            match crate::cas::blocking(move || {
+                s.apply_touches()?;
+                s.evict()
+            })
+            .await
+            {
+                Ok(e) if e.blobs + e.actions > 0 => {
+                    tracing::debug!(blobs = e.blobs, actions = e.actions, bytes = e.bytes, "evicted")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "eviction failed"),
+            }
+        }
+    })
+}
+
 /// An opened cache, ready to serve.
 #[derive(Debug)]
 pub struct Cache {
@@ -112,8 +149,12 @@ impl Cache {
     }
 
     /// Starts background maintenance: expiry of abandoned uploads, purge of
-    /// old history records.
-    pub fn spawn_maintenance(&self) -> tokio::task::JoinHandle<()> {
+    /// old history records, recency refreshes and eviction.
+    pub fn spawn_maintenance(&self) -> Background {
+        Background(vec![self.spawn_housekeeping(), spawn_eviction(self.store.clone())])
+    }
+
+    fn spawn_housekeeping(&self) -> tokio::task::JoinHandle<()> {
         let uploads = self.ctx.uploads.clone();
         let store = self.store.clone();
         let retention = self.history_retention;
@@ -139,6 +180,11 @@ impl Cache {
                 n += 1;
             }
         })
+    }
+
+    /// The store (for operator tools and tests).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     /// Serves gRPC over mutual TLS on `listener` until `shutdown` resolves.

@@ -37,6 +37,10 @@ pub struct TestOptions {
     pub signing_key: Option<std::path::PathBuf>,
     /// See `signing_key`.
     pub trust_policy: Option<std::path::PathBuf>,
+    /// `--max-size`.
+    pub max_size: Option<u64>,
+    /// How often a record's recency may be refreshed (default: the server's).
+    pub touch_interval: Option<std::time::Duration>,
 }
 
 /// A server running in this process on a real socket.
@@ -66,7 +70,12 @@ impl TestServer {
         let (signing_key, trust_policy) = provcache::pki::ensure_dev_signing(&dev).unwrap();
         let options = ServerOptions {
             data_dir: dir.path().to_path_buf(),
-            store: StoreOptions { sync: false, ..Default::default() },
+            store: StoreOptions {
+                sync: false,
+                max_size: opts.max_size,
+                touch_interval: opts.touch_interval.unwrap_or(StoreOptions::default().touch_interval),
+                ..Default::default()
+            },
             provenance: provcache::provenance::ProvenanceConfig {
                 signing_key: opts.signing_key.unwrap_or(signing_key),
                 trust_policy: opts.trust_policy.unwrap_or(trust_policy),

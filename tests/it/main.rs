@@ -8,3 +8,4 @@ mod bazel_audit;
 mod bytestream;
 mod capabilities;
 mod cas;
+mod eviction;
