@@ -19,6 +19,7 @@ pub mod client;
 pub mod digest;
 pub mod error;
 pub mod identity;
+pub mod metrics;
 pub mod pki;
 pub mod proto;
 pub mod provenance;

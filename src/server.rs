@@ -11,13 +11,16 @@ use tokio::net::TcpListener;
 use crate::action_cache::ActionCache;
 use crate::auth::SharedGate;
 use crate::cas::Cas;
+use crate::metrics::{Metrics, MetricsLayer};
 use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
+use crate::proto::prov::audit_server::AuditServer;
 use crate::proto::reapi::action_cache_server::ActionCacheServer;
 use crate::proto::reapi::capabilities_server::CapabilitiesServer;
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use crate::proto::reapi::execution_server::ExecutionServer;
 use crate::provenance::{Clock, Provenance, ProvenanceConfig};
 use crate::service::action_cache::ActionCacheService;
+use crate::service::audit::AuditService;
 use crate::service::bytestream::ByteStreamService;
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
@@ -25,6 +28,9 @@ use crate::service::execution::ExecutionService;
 use crate::service::Context;
 use crate::store::{Store, StoreOptions};
 use crate::upload::{Uploads, UPLOAD_IDLE_TIMEOUT};
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+use tonic_health::ServingStatus;
 
 /// Largest gRPC message accepted or sent: a full batch (4 MiB of blob data)
 /// plus its framing.
@@ -41,6 +47,8 @@ pub struct ServerOptions {
     pub provenance: ProvenanceConfig,
     /// How long earlier statements of an action are kept.
     pub history_retention: Duration,
+    /// Measure calls for the metrics endpoint (off: the layer is a pass-through).
+    pub metrics: bool,
 }
 
 /// Background tasks of a serving cache; stopped with [`Background::abort`].
@@ -86,6 +94,9 @@ pub struct Cache {
     ctx: Context,
     store: Arc<Store>,
     history_retention: Duration,
+    metrics: Option<Arc<Metrics>>,
+    health: HealthReporter,
+    metrics_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The RocksDB directory inside a data directory.
@@ -106,8 +117,45 @@ impl Cache {
         let store = Arc::new(Store::open(&db_path(&options.data_dir), &options.store)?);
         let cas = Arc::new(Cas::new(store.clone()));
         let ac = Arc::new(ActionCache::new(cas.clone()));
-        let ctx = Context { gate, cas, ac, uploads: Arc::new(Uploads::default()), provenance };
-        Ok(Cache { ctx, store, history_retention: options.history_retention })
+        let uploads = Arc::new(Uploads::default());
+        let metrics = options.metrics.then(|| Metrics::new(store.clone(), provenance.clone(), uploads.clone()));
+        let gate = match &metrics {
+            Some(m) => m.gate(gate),
+            None => gate,
+        };
+        let ctx = Context { gate, cas, ac, uploads, provenance };
+        Ok(Cache {
+            ctx,
+            store,
+            history_retention: options.history_retention,
+            metrics,
+            health: HealthReporter::new(),
+            metrics_task: Default::default(),
+        })
+    }
+
+    /// The metrics, when enabled.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.metrics.as_ref()
+    }
+
+    /// Serves the metrics endpoint on `listener` (until the cache stops serving).
+    pub fn serve_metrics(&self, listener: TcpListener) -> anyhow::Result<()> {
+        let metrics = self.metrics.clone().ok_or_else(|| anyhow::anyhow!("metrics are not enabled"))?;
+        let task = tokio::spawn(crate::metrics::serve_http(listener, metrics, std::future::pending()));
+        *self.metrics_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(())
+    }
+
+    /// Reports every service SERVING on the standard health service.
+    async fn report_serving(&self) {
+        let h = &self.health;
+        h.set_service_status("", ServingStatus::Serving).await;
+        h.set_serving::<CapabilitiesServer<CapabilitiesService>>().await;
+        h.set_serving::<ActionCacheServer<ActionCacheService>>().await;
+        h.set_serving::<ContentAddressableStorageServer<CasService>>().await;
+        h.set_serving::<ByteStreamServer<ByteStreamService>>().await;
+        h.set_serving::<AuditServer<AuditService>>().await;
     }
 
     /// The shared service context.
@@ -116,9 +164,11 @@ impl Cache {
     }
 
     /// The tonic router with every service.
-    pub fn router(&self) -> tonic::transport::server::Router {
+    pub fn router(&self) -> tonic::transport::server::Router<tower_layer::Stack<MetricsLayer, tower_layer::Identity>> {
         let ctx = self.ctx.clone();
+        let layer = self.metrics.as_ref().map(|m| m.layer()).unwrap_or_default();
         tonic::transport::Server::builder()
+            .layer(layer)
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(16 << 20))
@@ -142,10 +192,9 @@ impl Cache {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .add_service(crate::proto::prov::audit_server::AuditServer::new(crate::service::audit::AuditService(
-                ctx.clone(),
-            )))
+            .add_service(AuditServer::new(AuditService(ctx.clone())))
             .add_service(ExecutionServer::new(ExecutionService))
+            .add_service(HealthServer::new(HealthService::from_health_reporter(self.health.clone())))
     }
 
     /// Starts background maintenance: expiry of abandoned uploads, purge of
@@ -195,6 +244,7 @@ impl Cache {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let maintenance = self.spawn_maintenance();
+        self.report_serving().await;
         let incoming = crate::tls::tls_incoming(listener, tls);
         let result = self.router().serve_with_incoming_shutdown(incoming, shutdown).await;
         maintenance.abort();
@@ -211,6 +261,7 @@ impl Cache {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let maintenance = self.spawn_maintenance();
+        self.report_serving().await;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
             let conn = conn?;
             // Without this, replies larger than one segment wait for the
@@ -225,8 +276,11 @@ impl Cache {
         Ok(())
     }
 
-    /// Flushes storage.
+    /// Stops the metrics endpoint and flushes storage.
     pub fn close(&self) -> crate::error::Result<()> {
+        if let Some(task) = self.metrics_task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
         self.store.flush()
     }
 }

@@ -41,12 +41,16 @@ pub struct TestOptions {
     pub max_size: Option<u64>,
     /// How often a record's recency may be refreshed (default: the server's).
     pub touch_interval: Option<std::time::Duration>,
+    /// Serve metrics on a second listener ([`TestServer::metrics_addr`]).
+    pub metrics: bool,
 }
 
 /// A server running in this process on a real socket.
 #[allow(dead_code)]
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
+    /// The metrics endpoint, when started with `metrics`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub dir: tempfile::TempDir,
     pub store: Arc<Store>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -84,6 +88,7 @@ impl TestServer {
                 verification_disabled: false,
             },
             history_retention: std::time::Duration::from_secs(3600),
+            metrics: opts.metrics,
         };
         let clock = opts.clock.clone().unwrap_or_else(|| Arc::new(std::time::SystemTime::now));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -91,6 +96,13 @@ impl TestServer {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async {
             let _ = rx.await;
+        };
+        let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_addr = opts.metrics.then(|| metrics_listener.local_addr().unwrap());
+        let start_metrics = |cache: &Cache| {
+            if opts.metrics {
+                cache.serve_metrics(metrics_listener).unwrap();
+            }
         };
         let (store, task) = if opts.tls {
             let pki = provcache::pki::ensure_dev_pki(&dev).unwrap();
@@ -109,15 +121,17 @@ impl TestServer {
             )
             .with_clock(clock.clone());
             let cache = Cache::open_with_clock(&options, Arc::new(gate), clock).unwrap();
+            start_metrics(&cache);
             let store = cache.context().cas.store().clone();
             (store, tokio::spawn(cache.serve_tls(listener, tls.config.clone(), shutdown)))
         } else {
             let gate = opts.gate.unwrap_or_else(|| Arc::new(AllowAll));
             let cache = Cache::open_with_clock(&options, gate, clock).unwrap();
+            start_metrics(&cache);
             let store = cache.context().cas.store().clone();
             (store, tokio::spawn(cache.serve_plaintext(listener, shutdown)))
         };
-        TestServer { addr, dir, store, shutdown: Some(tx), task: Some(task) }
+        TestServer { addr, metrics_addr, dir, store, shutdown: Some(tx), task: Some(task) }
     }
 
     /// The dev PKI directory of this server.

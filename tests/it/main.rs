@@ -9,3 +9,4 @@ mod bytestream;
 mod capabilities;
 mod cas;
 mod eviction;
+mod metrics;
