@@ -144,6 +144,11 @@ struct ServeArgs {
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
 
+    /// On SIGTERM or Ctrl-C: how long calls in flight may take to complete
+    /// before they are cut off (new connections are refused at once).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_timeout: std::time::Duration,
+
     /// Do not fsync commits (benchmarks only: an acknowledged write can be lost on a crash).
     #[arg(long, hide = true)]
     unsafe_no_sync: bool,
@@ -355,6 +360,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         history_retention: args.history_retention,
         metrics: args.metrics_listen.is_some(),
+        shutdown_timeout: args.shutdown_timeout,
     };
     if args.unsafe_no_verify {
         tracing::warn!("verification of Action Cache reads is OFF (--unsafe-no-verify): for measurements only");
@@ -464,5 +470,4 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-    tracing::info!("shutting down: draining calls and flushing storage");
 }

@@ -49,6 +49,8 @@ pub struct ServerOptions {
     pub history_retention: Duration,
     /// Measure calls for the metrics endpoint (off: the layer is a pass-through).
     pub metrics: bool,
+    /// How long calls in flight may take to complete after shutdown begins.
+    pub shutdown_timeout: Duration,
 }
 
 /// Background tasks of a serving cache; stopped with [`Background::abort`].
@@ -94,6 +96,7 @@ pub struct Cache {
     ctx: Context,
     store: Arc<Store>,
     history_retention: Duration,
+    shutdown_timeout: Duration,
     metrics: Option<Arc<Metrics>>,
     health: HealthReporter,
     metrics_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -128,6 +131,7 @@ impl Cache {
             ctx,
             store,
             history_retention: options.history_retention,
+            shutdown_timeout: options.shutdown_timeout,
             metrics,
             health: HealthReporter::new(),
             metrics_task: Default::default(),
@@ -147,15 +151,24 @@ impl Cache {
         Ok(())
     }
 
-    /// Reports every service SERVING on the standard health service.
-    async fn report_serving(&self) {
-        let h = &self.health;
-        h.set_service_status("", ServingStatus::Serving).await;
-        h.set_serving::<CapabilitiesServer<CapabilitiesService>>().await;
-        h.set_serving::<ActionCacheServer<ActionCacheService>>().await;
-        h.set_serving::<ContentAddressableStorageServer<CasService>>().await;
-        h.set_serving::<ByteStreamServer<ByteStreamService>>().await;
-        h.set_serving::<AuditServer<AuditService>>().await;
+    /// Reports every service's status on the standard health service (and
+    /// on the metrics listener's `/healthz`).
+    async fn report_status(&self, status: ServingStatus) {
+        use tonic::server::NamedService;
+        let names = [
+            "",
+            CapabilitiesServer::<CapabilitiesService>::NAME,
+            ActionCacheServer::<ActionCacheService>::NAME,
+            ContentAddressableStorageServer::<CasService>::NAME,
+            ByteStreamServer::<ByteStreamService>::NAME,
+            AuditServer::<AuditService>::NAME,
+        ];
+        for name in names {
+            self.health.set_service_status(name, status).await;
+        }
+        if let Some(m) = &self.metrics {
+            m.set_serving(status == ServingStatus::Serving);
+        }
     }
 
     /// The shared service context.
@@ -236,32 +249,24 @@ impl Cache {
         &self.store
     }
 
-    /// Serves gRPC over mutual TLS on `listener` until `shutdown` resolves.
+    /// Serves gRPC over mutual TLS on `listener` until `shutdown` resolves,
+    /// then shuts down gracefully ([`Cache::serve`]).
     pub async fn serve_tls(
         self,
         listener: TcpListener,
         tls: Arc<rustls::ServerConfig>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        let maintenance = self.spawn_maintenance();
-        self.report_serving().await;
-        let incoming = crate::tls::tls_incoming(listener, tls);
-        let result = self.router().serve_with_incoming_shutdown(incoming, shutdown).await;
-        maintenance.abort();
-        self.close()?;
-        result?;
-        Ok(())
+        self.serve(crate::tls::tls_incoming(listener, tls), shutdown).await
     }
 
     /// Serves plaintext gRPC on `listener` until `shutdown` resolves, then
-    /// flushes storage.
+    /// shuts down gracefully ([`Cache::serve`]).
     pub async fn serve_plaintext(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        let maintenance = self.spawn_maintenance();
-        self.report_serving().await;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
             let conn = conn?;
             // Without this, replies larger than one segment wait for the
@@ -269,9 +274,55 @@ impl Cache {
             conn.set_nodelay(true)?;
             Ok::<_, std::io::Error>(conn)
         });
-        let result = self.router().serve_with_incoming_shutdown(incoming, shutdown).await;
+        self.serve(incoming, shutdown).await
+    }
+
+    /// Serves connections from `incoming` until `shutdown` resolves. Then:
+    /// health turns NOT_SERVING, the listener closes, every connection is told
+    /// to finish (HTTP/2 GOAWAY) and calls in flight get up to the shutdown
+    /// timeout to complete; calls still running after it are cut off (none of
+    /// them was acknowledged). Last, storage is flushed.
+    async fn serve<I, IO, IE>(self, incoming: I, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()>
+    where
+        I: futures::Stream<Item = Result<IO, IE>>,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let maintenance = self.spawn_maintenance();
+        self.report_status(ServingStatus::Serving).await;
+        let (drain, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = self.router().serve_with_incoming_shutdown(incoming, async {
+            let _ = drain_rx.await;
+        });
+        tokio::pin!(server);
+        let result = tokio::select! {
+            result = &mut server => result,
+            _ = shutdown => {
+                self.report_status(ServingStatus::NotServing).await;
+                tracing::info!(
+                    timeout = ?self.shutdown_timeout,
+                    "shutting down: no new connections; draining calls in flight"
+                );
+                let _ = drain.send(());
+                let started = std::time::Instant::now();
+                match tokio::time::timeout(self.shutdown_timeout, &mut server).await {
+                    Ok(result) => {
+                        tracing::info!(elapsed = ?started.elapsed(), "every call in flight completed");
+                        result
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            timeout = ?self.shutdown_timeout,
+                            "calls still in flight at the shutdown deadline are cut off"
+                        );
+                        Ok(())
+                    }
+                }
+            }
+        };
         maintenance.abort();
         self.close()?;
+        tracing::info!("storage flushed");
         result?;
         Ok(())
     }

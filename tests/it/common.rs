@@ -89,6 +89,7 @@ impl TestServer {
             },
             history_retention: std::time::Duration::from_secs(3600),
             metrics: opts.metrics,
+            shutdown_timeout: std::time::Duration::from_secs(10),
         };
         let clock = opts.clock.clone().unwrap_or_else(|| Arc::new(std::time::SystemTime::now));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
