@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::proto::prov::storage::StoredActionEntry;
 use crate::proto::reapi;
 use crate::resource::InstanceName;
-use crate::store::Key;
+use crate::store::{Key, Kind};
 
 /// The largest canonical ActionResult accepted (a stored entry must still fit
 /// in a default 4 MiB gRPC message when read back).
@@ -178,6 +178,7 @@ impl ActionCache {
     }
 
     /// Checks that every blob a stored entry references is still present.
+    /// A complete entry (and each of its blobs) counts as used.
     pub async fn check_complete(
         &self,
         instance: &InstanceName,
@@ -193,6 +194,7 @@ impl ActionCache {
         if let Some(missing) = self.cas.first_missing(instance, digests).await? {
             return Err(Error::NotFound(format!("action result {action} references missing blob {missing}")));
         }
+        self.cas.store().touch(Kind::Action, &Key::new(instance, &action));
         Ok(())
     }
 

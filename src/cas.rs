@@ -12,7 +12,7 @@ use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::proto::reapi;
 use crate::resource::{Compressor, InstanceName};
-use crate::store::{BlobMeta, Key, Store, CHUNK_SIZE};
+use crate::store::{BlobMeta, Key, Kind, Store, CHUNK_SIZE};
 
 /// The largest total of blob sizes in one batch call (advertised in Capabilities).
 pub const MAX_BATCH_TOTAL_BYTES: u64 = 4 * 1024 * 1024;
@@ -58,7 +58,8 @@ impl Cas {
         &self.store
     }
 
-    /// The digests among `digests` that are not stored (the empty blob is always present).
+    /// The digests among `digests` that are not stored (the empty blob is
+    /// always present). The present ones count as used.
     pub async fn find_missing(&self, instance: &InstanceName, digests: Vec<Digest>) -> Result<Vec<Digest>> {
         let mut seen = HashSet::new();
         let wanted: Vec<Digest> = digests.into_iter().filter(|d| !d.is_empty_blob() && seen.insert(*d)).collect();
@@ -67,7 +68,14 @@ impl Cas {
         }
         let keys: Vec<Key> = wanted.iter().map(|d| Key::new(instance, d)).collect();
         let store = self.store.clone();
-        let present = blocking(move || store.contains(&keys)).await?;
+        let present = blocking(move || {
+            let present = store.contains(&keys)?;
+            for (key, _) in keys.iter().zip(&present).filter(|(_, p)| **p) {
+                store.touch(Kind::Blob, key);
+            }
+            Ok(present)
+        })
+        .await?;
         Ok(wanted.into_iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| d).collect())
     }
 
@@ -102,6 +110,7 @@ impl Cas {
         let store = self.store.clone();
         blocking(move || {
             let Some(meta) = store.blob_meta(&key)? else { return Ok(None) };
+            store.touch(Kind::Blob, &key);
             let mut data = Vec::with_capacity(meta.size as usize);
             for i in 0..meta.chunks() {
                 data.extend_from_slice(&store.read_chunk(&meta, i)?);
@@ -199,7 +208,14 @@ impl Cas {
         } else {
             let key = Key::new(instance, &digest);
             let store = self.store.clone();
-            let meta = blocking(move || store.blob_meta(&key)).await?;
+            let meta = blocking(move || {
+                let meta = store.blob_meta(&key)?;
+                if meta.is_some() {
+                    store.touch(Kind::Blob, &key);
+                }
+                Ok(meta)
+            })
+            .await?;
             Some(meta.ok_or_else(|| Error::NotFound(format!("blob {digest} not found")))?)
         };
         let end = if limit == 0 { digest.size } else { digest.size.min(offset.saturating_add(limit)) };

@@ -26,6 +26,8 @@ pub mod digest;
 pub mod error;
 pub mod failpoint;
 pub mod identity;
+#[cfg(feature = "server")]
+pub mod metrics;
 pub mod pki;
 pub mod proto;
 #[cfg(feature = "server")]

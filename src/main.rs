@@ -136,6 +136,21 @@ struct ServeArgs {
     #[arg(long, default_value = "plaintext", requires = "plaintext_insecure")]
     plaintext_principal: String,
 
+    /// Bound on stored bytes (blobs plus Action Cache entries), e.g. 200GiB;
+    /// least recently used ones are evicted to stay under it. Default: unbounded.
+    #[arg(long, value_parser = provcache::units::parse_size)]
+    max_size: Option<u64>,
+
+    /// Serve Prometheus metrics (GET /metrics) and a liveness probe (GET /healthz)
+    /// over plain HTTP on this address, e.g. 127.0.0.1:9090. Default: off.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+
+    /// On SIGTERM or Ctrl-C: how long calls in flight may take to complete
+    /// before they are cut off (new connections are refused at once).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_timeout: std::time::Duration,
+
     /// Do not fsync commits (benchmarks only: an acknowledged write can be lost on a crash).
     #[arg(long, hide = true)]
     unsafe_no_sync: bool,
@@ -370,7 +385,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let options = ServerOptions {
         data_dir: args.data_dir.clone(),
-        store: StoreOptions { sync: !args.unsafe_no_sync, ..Default::default() },
+        store: StoreOptions { sync: !args.unsafe_no_sync, max_size: args.max_size, ..Default::default() },
         provenance: ProvenanceConfig {
             signing_key,
             trust_policy,
@@ -382,6 +397,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             verification_disabled: args.unsafe_no_verify,
         },
         history_retention: args.history_retention,
+        metrics: args.metrics_listen.is_some(),
+        shutdown_timeout: args.shutdown_timeout,
     };
     if args.unsafe_no_verify {
         tracing::warn!("verification of Action Cache reads is OFF (--unsafe-no-verify): for measurements only");
@@ -392,6 +409,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let metrics_listener = match args.metrics_listen {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("metrics: listening on {a}"))?),
+        None => None,
+    };
+    let start_metrics = |cache: &Cache| -> anyhow::Result<()> {
+        if let Some(l) = metrics_listener {
+            println!("provcache metrics on http://{}/metrics", l.local_addr()?);
+            cache.serve_metrics(l)?;
+        }
+        Ok(())
+    };
 
     if args.plaintext_insecure {
         let policy = match &args.policy {
@@ -406,6 +434,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let cache = Cache::open(&options, gate)
             .with_context(|| format!("opening the data directory {}", args.data_dir.display()))?;
         tracing::warn!("serving PLAINTEXT gRPC without TLS; use only behind a trusted proxy");
+        start_metrics(&cache)?;
         println!("provcache listening on grpc://{addr}");
         println!("Bazel flags: --remote_cache=grpc://{addr}");
         return cache.serve_plaintext(listener, shutdown_signal()).await;
@@ -454,6 +483,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let gate = Arc::new(MtlsGate::new(Arc::new(policy), mode, tls.verifier.clone()));
     let cache = Cache::open(&options, gate)
         .with_context(|| format!("opening the data directory {}", args.data_dir.display()))?;
+    start_metrics(&cache)?;
     println!("provcache listening on grpcs://{addr}");
     if let Some(pki) = &dev {
         println!("Development PKI: {}", pki.dir.display());
@@ -478,5 +508,4 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-    tracing::info!("shutting down: draining calls and flushing storage");
 }

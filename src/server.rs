@@ -11,13 +11,16 @@ use tokio::net::TcpListener;
 use crate::action_cache::ActionCache;
 use crate::auth::SharedGate;
 use crate::cas::Cas;
+use crate::metrics::{Metrics, MetricsLayer};
 use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
+use crate::proto::prov::audit_server::AuditServer;
 use crate::proto::reapi::action_cache_server::ActionCacheServer;
 use crate::proto::reapi::capabilities_server::CapabilitiesServer;
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use crate::proto::reapi::execution_server::ExecutionServer;
 use crate::provenance::{Clock, Provenance, ProvenanceConfig};
 use crate::service::action_cache::ActionCacheService;
+use crate::service::audit::AuditService;
 use crate::service::bytestream::ByteStreamService;
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
@@ -25,6 +28,9 @@ use crate::service::execution::ExecutionService;
 use crate::service::Context;
 use crate::store::{Store, StoreOptions};
 use crate::upload::{Uploads, UPLOAD_IDLE_TIMEOUT};
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+use tonic_health::ServingStatus;
 
 /// Largest gRPC message accepted or sent: a full batch (4 MiB of blob data)
 /// plus its framing.
@@ -41,6 +47,47 @@ pub struct ServerOptions {
     pub provenance: ProvenanceConfig,
     /// How long earlier statements of an action are kept.
     pub history_retention: Duration,
+    /// Measure calls for the metrics endpoint (off: the layer is a pass-through).
+    pub metrics: bool,
+    /// How long calls in flight may take to complete after shutdown begins.
+    pub shutdown_timeout: Duration,
+}
+
+/// Background tasks of a serving cache; stopped with [`Background::abort`].
+#[derive(Debug)]
+pub struct Background(Vec<tokio::task::JoinHandle<()>>);
+
+impl Background {
+    /// Stops every task.
+    pub fn abort(&self) {
+        self.0.iter().for_each(|t| t.abort());
+    }
+}
+
+/// Writes queued recency refreshes every second and evicts least recently
+/// used records whenever stored bytes exceed the bound, off the request path.
+fn spawn_eviction(store: Arc<Store>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = store.over_limit_notify().notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let s = store.clone();
+            match crate::cas::blocking(move || {
+                s.apply_touches()?;
+                s.evict()
+            })
+            .await
+            {
+                Ok(e) if e.blobs + e.actions > 0 => {
+                    tracing::debug!(blobs = e.blobs, actions = e.actions, bytes = e.bytes, "evicted")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "eviction failed"),
+            }
+        }
+    })
 }
 
 /// An opened cache, ready to serve.
@@ -49,6 +96,10 @@ pub struct Cache {
     ctx: Context,
     store: Arc<Store>,
     history_retention: Duration,
+    shutdown_timeout: Duration,
+    metrics: Option<Arc<Metrics>>,
+    health: HealthReporter,
+    metrics_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The RocksDB directory inside a data directory.
@@ -69,8 +120,55 @@ impl Cache {
         let store = Arc::new(Store::open(&db_path(&options.data_dir), &options.store)?);
         let cas = Arc::new(Cas::new(store.clone()));
         let ac = Arc::new(ActionCache::new(cas.clone()));
-        let ctx = Context { gate, cas, ac, uploads: Arc::new(Uploads::default()), provenance };
-        Ok(Cache { ctx, store, history_retention: options.history_retention })
+        let uploads = Arc::new(Uploads::default());
+        let metrics = options.metrics.then(|| Metrics::new(store.clone(), provenance.clone(), uploads.clone()));
+        let gate = match &metrics {
+            Some(m) => m.gate(gate),
+            None => gate,
+        };
+        let ctx = Context { gate, cas, ac, uploads, provenance };
+        Ok(Cache {
+            ctx,
+            store,
+            history_retention: options.history_retention,
+            shutdown_timeout: options.shutdown_timeout,
+            metrics,
+            health: HealthReporter::new(),
+            metrics_task: Default::default(),
+        })
+    }
+
+    /// The metrics, when enabled.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.metrics.as_ref()
+    }
+
+    /// Serves the metrics endpoint on `listener` (until the cache stops serving).
+    pub fn serve_metrics(&self, listener: TcpListener) -> anyhow::Result<()> {
+        let metrics = self.metrics.clone().ok_or_else(|| anyhow::anyhow!("metrics are not enabled"))?;
+        let task = tokio::spawn(crate::metrics::serve_http(listener, metrics, std::future::pending()));
+        *self.metrics_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(())
+    }
+
+    /// Reports every service's status on the standard health service (and
+    /// on the metrics listener's `/healthz`).
+    async fn report_status(&self, status: ServingStatus) {
+        use tonic::server::NamedService;
+        let names = [
+            "",
+            CapabilitiesServer::<CapabilitiesService>::NAME,
+            ActionCacheServer::<ActionCacheService>::NAME,
+            ContentAddressableStorageServer::<CasService>::NAME,
+            ByteStreamServer::<ByteStreamService>::NAME,
+            AuditServer::<AuditService>::NAME,
+        ];
+        for name in names {
+            self.health.set_service_status(name, status).await;
+        }
+        if let Some(m) = &self.metrics {
+            m.set_serving(status == ServingStatus::Serving);
+        }
     }
 
     /// The shared service context.
@@ -79,9 +177,11 @@ impl Cache {
     }
 
     /// The tonic router with every service.
-    pub fn router(&self) -> tonic::transport::server::Router {
+    pub fn router(&self) -> tonic::transport::server::Router<tower_layer::Stack<MetricsLayer, tower_layer::Identity>> {
         let ctx = self.ctx.clone();
+        let layer = self.metrics.as_ref().map(|m| m.layer()).unwrap_or_default();
         tonic::transport::Server::builder()
+            .layer(layer)
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(16 << 20))
@@ -105,15 +205,18 @@ impl Cache {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .add_service(crate::proto::prov::audit_server::AuditServer::new(crate::service::audit::AuditService(
-                ctx.clone(),
-            )))
+            .add_service(AuditServer::new(AuditService(ctx.clone())))
             .add_service(ExecutionServer::new(ExecutionService))
+            .add_service(HealthServer::new(HealthService::from_health_reporter(self.health.clone())))
     }
 
     /// Starts background maintenance: expiry of abandoned uploads, purge of
-    /// old history records.
-    pub fn spawn_maintenance(&self) -> tokio::task::JoinHandle<()> {
+    /// old history records, recency refreshes and eviction.
+    pub fn spawn_maintenance(&self) -> Background {
+        Background(vec![self.spawn_housekeeping(), spawn_eviction(self.store.clone())])
+    }
+
+    fn spawn_housekeeping(&self) -> tokio::task::JoinHandle<()> {
         let uploads = self.ctx.uploads.clone();
         let store = self.store.clone();
         let retention = self.history_retention;
@@ -141,30 +244,29 @@ impl Cache {
         })
     }
 
-    /// Serves gRPC over mutual TLS on `listener` until `shutdown` resolves.
+    /// The store (for operator tools and tests).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Serves gRPC over mutual TLS on `listener` until `shutdown` resolves,
+    /// then shuts down gracefully ([`Cache::serve`]).
     pub async fn serve_tls(
         self,
         listener: TcpListener,
         tls: Arc<rustls::ServerConfig>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        let maintenance = self.spawn_maintenance();
-        let incoming = crate::tls::tls_incoming(listener, tls);
-        let result = self.router().serve_with_incoming_shutdown(incoming, shutdown).await;
-        maintenance.abort();
-        self.close()?;
-        result?;
-        Ok(())
+        self.serve(crate::tls::tls_incoming(listener, tls), shutdown).await
     }
 
     /// Serves plaintext gRPC on `listener` until `shutdown` resolves, then
-    /// flushes storage.
+    /// shuts down gracefully ([`Cache::serve`]).
     pub async fn serve_plaintext(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        let maintenance = self.spawn_maintenance();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
             let conn = conn?;
             // Without this, replies larger than one segment wait for the
@@ -172,15 +274,64 @@ impl Cache {
             conn.set_nodelay(true)?;
             Ok::<_, std::io::Error>(conn)
         });
-        let result = self.router().serve_with_incoming_shutdown(incoming, shutdown).await;
+        self.serve(incoming, shutdown).await
+    }
+
+    /// Serves connections from `incoming` until `shutdown` resolves. Then:
+    /// health turns NOT_SERVING, the listener closes, every connection is told
+    /// to finish (HTTP/2 GOAWAY) and calls in flight get up to the shutdown
+    /// timeout to complete; calls still running after it are cut off (none of
+    /// them was acknowledged). Last, storage is flushed.
+    async fn serve<I, IO, IE>(self, incoming: I, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()>
+    where
+        I: futures::Stream<Item = Result<IO, IE>>,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let maintenance = self.spawn_maintenance();
+        self.report_status(ServingStatus::Serving).await;
+        let (drain, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = self.router().serve_with_incoming_shutdown(incoming, async {
+            let _ = drain_rx.await;
+        });
+        tokio::pin!(server);
+        let result = tokio::select! {
+            result = &mut server => result,
+            _ = shutdown => {
+                self.report_status(ServingStatus::NotServing).await;
+                tracing::info!(
+                    timeout = ?self.shutdown_timeout,
+                    "shutting down: no new connections; draining calls in flight"
+                );
+                let _ = drain.send(());
+                let started = std::time::Instant::now();
+                match tokio::time::timeout(self.shutdown_timeout, &mut server).await {
+                    Ok(result) => {
+                        tracing::info!(elapsed = ?started.elapsed(), "every call in flight completed");
+                        result
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            timeout = ?self.shutdown_timeout,
+                            "calls still in flight at the shutdown deadline are cut off"
+                        );
+                        Ok(())
+                    }
+                }
+            }
+        };
         maintenance.abort();
         self.close()?;
+        tracing::info!("storage flushed");
         result?;
         Ok(())
     }
 
-    /// Flushes storage.
+    /// Stops the metrics endpoint and flushes storage.
     pub fn close(&self) -> crate::error::Result<()> {
+        if let Some(task) = self.metrics_task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
         self.store.flush()
     }
 }

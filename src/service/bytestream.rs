@@ -75,6 +75,7 @@ impl ByteStream for ByteStreamService {
         let res = parse_write(&name).map_err(Error::from)?;
         self.0.gate.authorize(&peer, &res.instance, Permission::CasWrite)?;
         let compressed = res.compressor.is_some();
+        self.0.cas.store().check_fits(res.digest.size)?;
 
         // Already stored: end the write early, as the spec allows.
         if self.blob_exists(&res.instance, res.digest).await? && self.0.uploads.existing(&res).is_none() {

@@ -11,6 +11,7 @@
 //! | `pending` | blob id (u64 BE)                      | Unix seconds the upload started         |
 //! | `audit`   | u16 len + invocation id + answered-at (u64 ns BE) + u32 random | `HitRecord` (protobuf) |
 //! | `meta`    | `format`                              | format version                          |
+//! | `lru`, `atime`, `usage` | the access-time index and size counters ([`lru`]) | |
 //!
 //! A blob becomes visible only when its `cas` record is written, in one synced
 //! batch after its chunks and after its digest was verified; chunks of uploads
@@ -19,6 +20,10 @@
 //! share chunks: the first commit wins and the others delete theirs.
 //!
 //! Every method blocks; async callers run them on the blocking pool.
+
+mod lru;
+
+pub use lru::{Evictions, Kind, Usage};
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -32,6 +37,7 @@ use rocksdb::{
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::resource::InstanceName;
+use lru::{Access, Lru, CF_ATIME, CF_LRU, CF_USAGE};
 
 /// Size of one stored chunk of a blob. Reads and writes move at most this much
 /// at a time, which bounds the memory a large blob costs.
@@ -88,7 +94,7 @@ impl Key {
 
     fn stripe(&self) -> usize {
         // The hash is near the end; its first byte is uniformly distributed.
-        self.0[self.0.len() - 40] as usize % LOCK_STRIPES
+        self.0.len().checked_sub(40).map(|i| self.0[i]).unwrap_or(0) as usize % LOCK_STRIPES
     }
 }
 
@@ -150,11 +156,21 @@ pub struct StoreOptions {
     pub sync: bool,
     /// Shared block cache size in bytes.
     pub block_cache_bytes: usize,
+    /// Bound on stored bytes (blobs plus Action Cache values); least recently
+    /// used records are evicted to stay under it. None: unbounded.
+    pub max_size: Option<u64>,
+    /// A record's recency is refreshed at most this often.
+    pub touch_interval: std::time::Duration,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { sync: true, block_cache_bytes: 64 << 20 }
+        StoreOptions {
+            sync: true,
+            block_cache_bytes: 64 << 20,
+            max_size: None,
+            touch_interval: std::time::Duration::from_secs(60),
+        }
     }
 }
 
@@ -163,6 +179,7 @@ pub struct Store {
     db: DBWithThreadMode<SingleThreaded>,
     locks: Vec<Mutex<()>>,
     sync: bool,
+    lru: Lru,
 }
 
 impl std::fmt::Debug for Store {
@@ -237,6 +254,13 @@ impl Store {
         small.set_compression_type(DBCompressionType::Lz4);
         small.set_write_buffer_size(32 << 20);
 
+        // The access-time index is a queue: eviction deletes from its head.
+        let mut queue = small.clone();
+        queue.add_compact_on_deletion_collector_factory(10_000, 5_000, 0.5);
+        let mut usage = small.clone();
+        usage.set_merge_operator_associative("provcache.add_i64", lru::add_i64);
+        usage.set_max_successive_merges(64);
+
         let mut chunks = Options::default();
         chunks.set_block_based_table_factory(&table(false));
         chunks.set_compression_type(DBCompressionType::None);
@@ -257,7 +281,10 @@ impl Store {
                 ColumnFamilyDescriptor::new(CF_AC_HISTORY, small.clone()),
                 ColumnFamilyDescriptor::new(CF_PENDING, small.clone()),
                 ColumnFamilyDescriptor::new(CF_AUDIT, small.clone()),
+                ColumnFamilyDescriptor::new(CF_ATIME, small.clone()),
                 ColumnFamilyDescriptor::new(CF_META, small.clone()),
+                ColumnFamilyDescriptor::new(CF_LRU, queue.clone()),
+                ColumnFamilyDescriptor::new(CF_USAGE, usage.clone()),
             ]
         };
         let db = match DBWithThreadMode::<SingleThreaded>::open_cf_descriptors(&db_opts, path, cfs()) {
@@ -279,11 +306,30 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         };
-        let store = Store { db, locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(), sync: options.sync };
+        let mut store = Store {
+            db,
+            locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            sync: options.sync,
+            lru: Lru::new(options.touch_interval, options.max_size),
+        };
         store.check_format()?;
         // Cleanup only: unreadable leftovers must not keep the cache down.
         if let Err(e) = store.delete_abandoned_uploads(u64::MAX) {
             tracing::error!(error = %e, "could not delete the chunks of interrupted uploads");
+        }
+        match store.load_usage() {
+            Ok(()) => {}
+            // The size accounting is derived data: rebuild it from the
+            // records rather than keep the cache down (R8).
+            Err(Error::Storage(e)) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                tracing::error!(error = %e, "the size accounting is damaged; rebuilding it from the stored records");
+                for (name, opts) in [(CF_LRU, &queue), (CF_ATIME, &small), (CF_USAGE, &usage)] {
+                    store.db.drop_cf(name)?;
+                    store.db.create_cf(name, opts)?;
+                }
+                store.load_usage()?;
+            }
+            Err(e) => return Err(e),
         }
         Ok(store)
     }
@@ -362,15 +408,19 @@ impl Store {
                 meta.blob_id,
                 v.len()
             ))),
-            None => Err(Error::DataLoss(format!("stored chunk {index} of blob {} is missing", meta.blob_id))),
+            // Evicted or deleted while being read.
+            None => Err(Error::NotFound(format!("blob {} was removed during the read", meta.blob_id))),
         }
     }
 
     /// Stores a whole blob held in memory (already verified by the caller).
     /// Returns false if it was already present.
     pub fn put_blob(&self, key: &Key, data: &[u8]) -> Result<bool> {
+        self.check_fits(data.len() as u64)?;
         let _guard = self.lock(key);
         if self.db.get_pinned_cf(self.cf(CF_CAS), key.as_bytes())?.is_some() {
+            drop(_guard);
+            self.touch(Kind::Blob, key);
             return Ok(false);
         }
         let blob_id = random_u64();
@@ -381,7 +431,10 @@ impl Store {
         }
         let meta = BlobMeta { blob_id, size: data.len() as u64, chunk_size: CHUNK_SIZE as u32, stored_at: unix_now() };
         batch.put_cf(self.cf(CF_CAS), key.as_bytes(), meta.encode());
+        let delta =
+            self.stage(&mut batch, Kind::Blob, key, None, Some(Access { at_ms: lru::now_ms(), size: meta.size }));
         self.db.write_opt(batch, &self.write_opts())?;
+        self.applied(delta);
         Ok(true)
     }
 
@@ -415,16 +468,23 @@ impl Store {
         if flush {
             self.db.flush_cf(self.cf(CF_CHUNKS))?;
         }
+        self.check_fits(size)?;
         let _guard = self.lock(key);
         let mut batch = WriteBatch::default();
+        let mut delta = None;
         if self.db.get_pinned_cf(self.cf(CF_CAS), key.as_bytes())?.is_some() {
             self.delete_chunks(&mut batch, blob_id);
         } else {
             let meta = BlobMeta { blob_id, size, chunk_size: CHUNK_SIZE as u32, stored_at: unix_now() };
             batch.put_cf(self.cf(CF_CAS), key.as_bytes(), meta.encode());
+            let access = Access { at_ms: lru::now_ms(), size };
+            delta = Some(self.stage(&mut batch, Kind::Blob, key, None, Some(access)));
         }
         batch.delete_cf(self.cf(CF_PENDING), blob_id.to_be_bytes());
         self.db.write_opt(batch, &self.write_opts())?;
+        if let Some(delta) = delta {
+            self.applied(delta);
+        }
         Ok(())
     }
 
@@ -444,7 +504,9 @@ impl Store {
             let mut batch = WriteBatch::default();
             batch.delete_cf(self.cf(CF_CAS), key.as_bytes());
             self.delete_chunks(&mut batch, meta.blob_id);
+            let delta = self.stage(&mut batch, Kind::Blob, key, self.access(Kind::Blob, key)?, None);
             self.db.write_opt(batch, &self.write_opts())?;
+            self.applied(delta);
         }
         Ok(())
     }
@@ -528,8 +590,10 @@ impl Store {
         let mut hkey = key.as_bytes().to_vec();
         hkey.extend_from_slice(&at.to_be_bytes());
         batch.put_cf(self.cf(CF_AC_HISTORY), hkey, value);
+        let delta = self.stage_ac(&mut batch, key, value.len())?;
         crate::failpoint::crash_point("ac-before-commit");
         self.db.write_opt(batch, &self.write_opts())?;
+        self.applied(delta);
         crate::failpoint::crash_point("ac-after-commit");
         Ok(at)
     }
@@ -552,6 +616,12 @@ impl Store {
             }
             None => Ok(None),
         }
+    }
+
+    fn stage_ac(&self, batch: &mut WriteBatch, key: &Key, len: usize) -> Result<lru::Delta> {
+        let old = self.access(Kind::Action, key)?;
+        let new = Access { at_ms: lru::now_ms(), size: len as u64 };
+        Ok(self.stage(batch, Kind::Action, key, old, Some(new)))
     }
 
     /// Every history record of an action, oldest first: (stored-at ns, value).
@@ -603,7 +673,13 @@ impl Store {
     /// Replaces an Action Cache value without any check. For tests and
     /// operator tools that simulate tampering at rest.
     pub fn ac_put_raw(&self, key: &[u8], value: &[u8]) -> Result<()> {
-        self.db.put_cf_opt(self.cf(CF_AC), key, value, &self.write_opts())?;
+        let key = Key(key.to_vec());
+        let _guard = self.lock(&key);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_AC), key.as_bytes(), value);
+        let delta = self.stage_ac(&mut batch, &key, value.len())?;
+        self.db.write_opt(batch, &self.write_opts())?;
+        self.applied(delta);
         Ok(())
     }
 
@@ -657,7 +733,7 @@ impl Store {
     /// Flushes memtables and the WAL to disk (used at shutdown).
     pub fn flush(&self) -> Result<()> {
         self.db.flush_wal(true)?;
-        for cf in [CF_CAS, CF_CHUNKS, CF_AC, CF_AC_HISTORY, CF_PENDING, CF_AUDIT, CF_META] {
+        for cf in [CF_CAS, CF_CHUNKS, CF_AC, CF_AC_HISTORY, CF_PENDING, CF_AUDIT, CF_META, CF_LRU, CF_ATIME, CF_USAGE] {
             self.db.flush_cf(self.cf(cf))?;
         }
         Ok(())

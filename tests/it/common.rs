@@ -37,12 +37,20 @@ pub struct TestOptions {
     pub signing_key: Option<std::path::PathBuf>,
     /// See `signing_key`.
     pub trust_policy: Option<std::path::PathBuf>,
+    /// `--max-size`.
+    pub max_size: Option<u64>,
+    /// How often a record's recency may be refreshed (default: the server's).
+    pub touch_interval: Option<std::time::Duration>,
+    /// Serve metrics on a second listener ([`TestServer::metrics_addr`]).
+    pub metrics: bool,
 }
 
 /// A server running in this process on a real socket.
 #[allow(dead_code)]
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
+    /// The metrics endpoint, when started with `metrics`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub dir: tempfile::TempDir,
     pub store: Arc<Store>,
     /// The server's signer and verifier: its counters and trust policy.
@@ -68,7 +76,12 @@ impl TestServer {
         let (signing_key, trust_policy) = provcache::pki::ensure_dev_signing(&dev).unwrap();
         let options = ServerOptions {
             data_dir: dir.path().to_path_buf(),
-            store: StoreOptions { sync: false, ..Default::default() },
+            store: StoreOptions {
+                sync: false,
+                max_size: opts.max_size,
+                touch_interval: opts.touch_interval.unwrap_or(StoreOptions::default().touch_interval),
+                ..Default::default()
+            },
             provenance: provcache::provenance::ProvenanceConfig {
                 signing_key: opts.signing_key.unwrap_or(signing_key),
                 trust_policy: opts.trust_policy.unwrap_or(trust_policy),
@@ -77,6 +90,8 @@ impl TestServer {
                 verification_disabled: false,
             },
             history_retention: std::time::Duration::from_secs(3600),
+            metrics: opts.metrics,
+            shutdown_timeout: std::time::Duration::from_secs(10),
         };
         let clock = opts.clock.clone().unwrap_or_else(|| Arc::new(std::time::SystemTime::now));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -84,6 +99,13 @@ impl TestServer {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async {
             let _ = rx.await;
+        };
+        let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_addr = opts.metrics.then(|| metrics_listener.local_addr().unwrap());
+        let start_metrics = |cache: &Cache| {
+            if opts.metrics {
+                cache.serve_metrics(metrics_listener).unwrap();
+            }
         };
         let (store, provenance, task) = if opts.tls {
             let pki = provcache::pki::ensure_dev_pki(&dev).unwrap();
@@ -102,17 +124,19 @@ impl TestServer {
             )
             .with_clock(clock.clone());
             let cache = Cache::open_with_clock(&options, Arc::new(gate), clock).unwrap();
+            start_metrics(&cache);
             let store = cache.context().cas.store().clone();
             let provenance = cache.context().provenance.clone();
             (store, provenance, tokio::spawn(cache.serve_tls(listener, tls.config.clone(), shutdown)))
         } else {
             let gate = opts.gate.unwrap_or_else(|| Arc::new(AllowAll));
             let cache = Cache::open_with_clock(&options, gate, clock).unwrap();
+            start_metrics(&cache);
             let store = cache.context().cas.store().clone();
             let provenance = cache.context().provenance.clone();
             (store, provenance, tokio::spawn(cache.serve_plaintext(listener, shutdown)))
         };
-        TestServer { addr, dir, store, provenance, shutdown: Some(tx), task: Some(task) }
+        TestServer { addr, metrics_addr, dir, store, provenance, shutdown: Some(tx), task: Some(task) }
     }
 
     /// The dev PKI directory of this server.

@@ -10,6 +10,8 @@ mod bazel_tls;
 mod bytestream;
 mod capabilities;
 mod cas;
+mod eviction;
+mod metrics;
 mod mtls;
 mod provenance;
 mod reliability;

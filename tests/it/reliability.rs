@@ -650,7 +650,7 @@ async fn corrupt_tables_then_check(seed: u64, from_end: bool) {
             damaged.push(path.file_name().unwrap().to_string_lossy().into_owned());
         }
     }
-    for cf in ["cas", "chunks", "ac", "ac_history", "meta"] {
+    for cf in ["cas", "chunks", "ac", "ac_history", "meta", "lru", "atime", "usage"] {
         assert!(damaged.iter().any(|d| d.starts_with(&format!("{cf}:"))), "no table file of {cf}: {tables:?}");
     }
 

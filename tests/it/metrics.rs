@@ -1,0 +1,159 @@
+//! `--metrics-listen` and the standard gRPC health service.
+
+use std::time::Duration;
+
+use provcache::proto::reapi;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::common::*;
+
+const AC: &str = "build.bazel.remote.execution.v2.ActionCache";
+const BS: &str = "google.bytestream.ByteStream";
+
+/// GET over a plain TCP socket: (status line, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of one series (name with its labels, exactly as exposed); 0 if absent.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+async fn scrape(server: &TestServer) -> String {
+    let (status, body) = http_get(server.metrics_addr.unwrap(), "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    body
+}
+
+#[tokio::test]
+async fn counters_move_after_real_calls() {
+    let server = TestServer::start_opts(TestOptions {
+        metrics: true,
+        max_size: Some(256 * 1024),
+        touch_interval: Some(Duration::ZERO),
+        ..Default::default()
+    })
+    .await;
+    let mut c = server.clients().await;
+    let before = scrape(&server).await;
+    let get =
+        |a: &reapi::Digest| reapi::GetActionResultRequest { action_digest: Some(a.clone()), ..Default::default() };
+    let hit_series =
+        format!("provcache_grpc_requests_total{{service=\"{AC}\",method=\"GetActionResult\",code=\"OK\"}}");
+    assert_eq!(value(&before, &hit_series), 0.0);
+
+    // A miss, then a stored result and a hit.
+    let action = upload_action(&mut c, "", "metrics").await;
+    assert_eq!(c.ac.get_action_result(get(&action)).await.unwrap_err().code(), Code::NotFound);
+    let out = c.upload("", &[b"output"]).await.remove(0);
+    let result = reapi::ActionResult {
+        output_files: vec![reapi::OutputFile { path: "o".into(), digest: Some(out), ..Default::default() }],
+        ..Default::default()
+    };
+    c.ac.update_action_result(reapi::UpdateActionResultRequest {
+        action_digest: Some(action.clone()),
+        action_result: Some(result),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.ac.get_action_result(get(&action)).await.unwrap();
+    // 40 KiB through ByteStream, both ways; then enough more to evict.
+    let data = noise(40 * 1024, 7);
+    let d = sha(&data);
+    c.write(&format!("uploads/7c5c2c0e-8a55-4d4e-9b1e-0d6f7f1a2b3c/blobs/{}", rn(&d)), &data, 16 * 1024).await.unwrap();
+    assert_eq!(c.read(&format!("blobs/{}", rn(&d)), 0, 0).await.unwrap(), data);
+    for i in 0..10 {
+        c.upload("", &[&noise(32 * 1024, 100 + i)]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let m = scrape(&server).await;
+    assert_eq!(value(&m, &hit_series), 1.0, "{m}");
+    let miss =
+        format!("provcache_grpc_requests_total{{service=\"{AC}\",method=\"GetActionResult\",code=\"NOT_FOUND\"}}");
+    assert_eq!(value(&m, &miss), 1.0);
+    assert_eq!(value(&m, "provcache_action_cache_lookups_total{result=\"hit\"}"), 1.0);
+    assert_eq!(value(&m, "provcache_action_cache_lookups_total{result=\"miss\"}"), 1.0);
+    let count = format!("provcache_grpc_request_duration_seconds_count{{service=\"{AC}\",method=\"GetActionResult\"}}");
+    assert_eq!(value(&m, &count), 2.0);
+    let received = format!("provcache_grpc_received_bytes_total{{service=\"{BS}\",method=\"Write\"}}");
+    assert!(value(&m, &received) > 40.0 * 1024.0, "{m}");
+    let sent = format!("provcache_grpc_sent_bytes_total{{service=\"{BS}\",method=\"Read\"}}");
+    assert!(value(&m, &sent) > 40.0 * 1024.0);
+    assert_eq!(
+        value(&m, &format!("provcache_grpc_requests_in_flight{{service=\"{AC}\",method=\"GetActionResult\"}}")),
+        0.0
+    );
+    assert_eq!(value(&m, "provcache_verifications_total{outcome=\"verified\"}"), 1.0);
+    assert_eq!(value(&m, "provcache_verification_failures_total{reason=\"unsigned\"}"), 0.0);
+    assert!(m.contains("provcache_verification_failures_total{reason="), "every reason is exposed");
+    assert_eq!(value(&m, "provcache_signatures_total"), 1.0);
+    assert!(value(&m, "provcache_stored_bytes{kind=\"blob\"}") > 0.0);
+    assert!(value(&m, "provcache_stored_bytes{kind=\"blob\"}") <= 256.0 * 1024.0);
+    assert!(value(&m, "provcache_stored_records{kind=\"blob\"}") > 0.0);
+    assert!(value(&m, "provcache_evictions_total{kind=\"blob\"}") > 0.0, "{m}");
+    assert_eq!(value(&m, "provcache_max_size_bytes"), 256.0 * 1024.0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn denied_calls_are_counted_by_permission_and_reason() {
+    let server = TestServer::start_opts(TestOptions { tls: true, metrics: true, ..Default::default() }).await;
+    let mut reader = server.dev_clients("reader").await;
+    let err = reader
+        .ac
+        .update_action_result(reapi::UpdateActionResultRequest {
+            action_digest: Some(sha(b"a")),
+            action_result: Some(Default::default()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // Capabilities asks whether the reader may write: a probe, not a denial.
+    reader.caps.get_capabilities(reapi::GetCapabilitiesRequest::default()).await.unwrap();
+    let m = scrape(&server).await;
+    assert_eq!(
+        value(&m, "provcache_denied_calls_total{permission=\"ac:write\",reason=\"permission_denied\"}"),
+        1.0,
+        "{m}"
+    );
+    let code = format!(
+        "provcache_grpc_requests_total{{service=\"{AC}\",method=\"UpdateActionResult\",code=\"PERMISSION_DENIED\"}}"
+    );
+    assert_eq!(value(&m, &code), 1.0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn health_reports_serving() {
+    let server = TestServer::start_opts(TestOptions { tls: true, metrics: true, ..Default::default() }).await;
+    let dir = server.pki_dir();
+    let ch = server.tls_channel(Some((dir.join("reader.pem"), dir.join("reader.key")))).await.unwrap();
+    let mut health = HealthClient::new(ch);
+    for service in ["", AC, "build.bazel.remote.execution.v2.ContentAddressableStorage", BS] {
+        let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status(), ServingStatus::Serving, "{service:?}");
+    }
+    let err = health.check(HealthCheckRequest { service: "no.such.Service".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let (status, body) = http_get(server.metrics_addr.unwrap(), "/healthz").await;
+    assert!(status.contains("200") && body.contains("SERVING"), "{status} {body}");
+    let (status, _) = http_get(server.metrics_addr.unwrap(), "/nothing").await;
+    assert!(status.contains("404"), "{status}");
+    server.stop().await;
+}
