@@ -166,7 +166,8 @@ pub fn pseudo_random_bytes(seed: u64, len: usize) -> Bytes {
     Bytes::from(out)
 }
 
-fn sha(data: &[u8]) -> reapi::Digest {
+/// The SHA-256 digest of `data`, as a REAPI message.
+pub(crate) fn sha(data: &[u8]) -> reapi::Digest {
     Digest::of(DigestFunction::Sha256, data).to_proto()
 }
 
@@ -241,6 +242,26 @@ pub struct Params {
     pub chunk: usize,
     /// Connections to spread load over.
     pub connections: usize,
+}
+
+/// Stores one Action Cache entry through the real write path and writes a
+/// GetActionResultRequest for it to `path`, framed as a gRPC message body
+/// (for load tools such as `h2load -d`).
+pub async fn write_get_request(target: &Target, path: &std::path::Path) -> anyhow::Result<()> {
+    let ch = connect(target).await?;
+    let key = prefill(&ch, &target.instance, 1, rand_seed()).await?.remove(0);
+    let request = reapi::GetActionResultRequest {
+        instance_name: target.instance.clone(),
+        action_digest: Some(key),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    // gRPC message framing: uncompressed flag, then the length (u32 BE).
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    body.extend_from_slice(&request);
+    std::fs::write(path, body)?;
+    Ok(())
 }
 
 /// Runs one named scenario.

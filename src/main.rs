@@ -75,6 +75,11 @@ struct BenchArgs {
     /// After this many bytes of acknowledged blobs, soak uploads stay small.
     #[arg(long, default_value = "4GiB", value_parser = provcache::units::parse_size)]
     soak_budget: u64,
+    /// Instead of the scenarios: store one Action Cache entry through the
+    /// real write path and write a gRPC-framed GetActionResultRequest for it
+    /// to FILE (a request body for `h2load -d FILE`).
+    #[arg(long, value_name = "FILE")]
+    write_request: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -310,6 +315,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         return soak(&args, duration).await;
     }
     let target = args.client.target()?;
+    if let Some(path) = &args.write_request {
+        return provcache::bench::write_get_request(&target, path).await;
+    }
     let params = provcache::bench::Params {
         concurrency: args.concurrency,
         duration: args.duration,

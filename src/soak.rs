@@ -30,7 +30,7 @@ use prost::Message;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::digest::{Digest, DigestFunction};
+use crate::bench::{pseudo_random_bytes as blob, sha};
 use crate::proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
 use crate::proto::reapi::{
     self, action_cache_client::ActionCacheClient, batch_update_blobs_request,
@@ -147,23 +147,6 @@ impl Shared {
             ex.push(what);
         }
     }
-}
-
-fn blob(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    Bytes::from(out)
-}
-
-fn sha(data: &[u8]) -> reapi::Digest {
-    Digest::of(DigestFunction::Sha256, data).to_proto()
 }
 
 /// A small xorshift generator; each loop has its own.
