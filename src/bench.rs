@@ -175,7 +175,7 @@ pub(crate) fn sha(data: &[u8]) -> reapi::Digest {
 /// Command and an output uploaded first) and returns their action digests.
 pub async fn prefill(ch: &Channel, instance: &str, n: usize, run_id: u64) -> anyhow::Result<Vec<reapi::Digest>> {
     let mut cas = ContentAddressableStorageClient::new(ch.clone());
-    let mut ac = ActionCacheClient::new(ch.clone());
+    let ac = ActionCacheClient::new(ch.clone());
     let mut digests = Vec::with_capacity(n);
     for batch_start in (0..n).step_by(200) {
         let mut reqs = Vec::new();
@@ -206,23 +206,30 @@ pub async fn prefill(ch: &Channel, instance: &str, n: usize, run_id: u64) -> any
         if resp.responses.iter().any(|r| r.status.as_ref().is_some_and(|s| s.code != 0)) {
             bail!("prefill upload failed: {:?}", resp.responses.iter().find(|r| r.status.as_ref().unwrap().code != 0));
         }
-        for (action, out) in pending {
-            ac.update_action_result(reapi::UpdateActionResultRequest {
-                instance_name: instance.into(),
-                action_digest: Some(action.clone()),
-                action_result: Some(reapi::ActionResult {
-                    output_files: vec![reapi::OutputFile {
-                        path: "out".into(),
-                        digest: Some(out),
+        // The batch's updates in parallel: a large prefill is bound by
+        // round trips otherwise.
+        let updates = pending.into_iter().map(|(action, out)| {
+            let mut ac = ac.clone();
+            let instance = instance.to_string();
+            async move {
+                ac.update_action_result(reapi::UpdateActionResultRequest {
+                    instance_name: instance,
+                    action_digest: Some(action.clone()),
+                    action_result: Some(reapi::ActionResult {
+                        output_files: vec![reapi::OutputFile {
+                            path: "out".into(),
+                            digest: Some(out),
+                            ..Default::default()
+                        }],
                         ..Default::default()
-                    }],
+                    }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await?;
-            digests.push(action);
-        }
+                })
+                .await?;
+                Ok::<_, anyhow::Error>(action)
+            }
+        });
+        digests.extend(futures::future::try_join_all(updates).await?);
     }
     Ok(digests)
 }

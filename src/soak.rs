@@ -140,8 +140,14 @@ struct Shared {
 
 impl Shared {
     fn violation(&self, what: String) {
-        eprintln!("soak VIOLATION: {what}");
-        self.violations.fetch_add(1, Ordering::Relaxed);
+        // The first ones in full; after that a count now and then, so a
+        // persistent failure (a full disk, say) cannot flood the log.
+        let n = self.violations.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= 20 {
+            eprintln!("soak VIOLATION: {what}");
+        } else if n % 1000 == 0 {
+            eprintln!("soak: {n} violations so far");
+        }
         let mut ex = self.examples.lock().unwrap_or_else(|p| p.into_inner());
         if ex.len() < 20 {
             ex.push(what);
@@ -519,6 +525,7 @@ async fn load_loop(channel: Channel, shared: Arc<Shared>, worker: u64) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             } else {
                 shared.violation(format!("a call failed while the server was up: {s}"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
