@@ -22,6 +22,8 @@ pub mod bench;
 #[cfg(feature = "server")]
 pub mod cas;
 pub mod client;
+#[cfg(feature = "server")]
+pub mod config;
 pub mod digest;
 pub mod error;
 pub mod failpoint;
@@ -32,6 +34,8 @@ pub mod pki;
 pub mod proto;
 #[cfg(feature = "server")]
 pub mod provenance;
+#[cfg(feature = "server")]
+pub mod request_log;
 pub mod resource;
 #[cfg(feature = "server")]
 pub mod server;
