@@ -22,7 +22,6 @@ pub mod bench;
 #[cfg(feature = "server")]
 pub mod cas;
 pub mod client;
-#[cfg(feature = "server")]
 pub mod config;
 pub mod digest;
 pub mod error;

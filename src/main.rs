@@ -177,9 +177,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = match &cli.command {
         Command::Serve(args) => {
-            let file = args.config.as_deref().map(ServeConfig::load).transpose()?;
             let rust_log = std::env::var("RUST_LOG").ok();
-            let settings = provcache::config::resolve(args.settings.clone(), rust_log, file)?;
+            let loaded = args.config.as_deref().map(ServeConfig::load).transpose();
+            let settings = loaded
+                .and_then(|file| provcache::config::resolve(args.settings.clone(), rust_log, file))
+                .unwrap_or_else(|e| config_failed(e));
             init_logging(settings.log_format, &settings.log_level);
             Some(settings)
         }
@@ -193,7 +195,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let settings = settings.expect("resolved above");
             if args.check_config {
-                return check_config(&settings, args.config.as_deref());
+                check_config(&settings, args.config.as_deref()).unwrap_or_else(|e| config_failed(format!("{e:#}")));
+                return Ok(());
             }
             runtime.block_on(serve(settings))
         }
@@ -218,6 +221,12 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// A configuration that cannot be used: its message, exit status 2.
+fn config_failed(e: impl std::fmt::Display) -> ! {
+    eprintln!("provcache serve: {e}");
+    std::process::exit(2)
 }
 
 /// Logs to stderr: text or JSON (with the request span's fields), filtered
