@@ -105,6 +105,12 @@ pub trait Gate: Send + Sync + 'static {
     }
 }
 
+/// Records the caller's principal on the current request span (see
+/// `request_log`), once a gate knows who is calling.
+pub fn record_principal(principal: &str) {
+    tracing::Span::current().record("principal", principal);
+}
+
 /// A shared gate.
 pub type SharedGate = Arc<dyn Gate>;
 

@@ -354,6 +354,7 @@ impl MtlsGate {
 impl Gate for MtlsGate {
     fn authorize(&self, peer: &Peer, instance: &InstanceName, permission: Permission) -> Result<Caller, Error> {
         let identity = self.authenticate(peer)?;
+        crate::auth::record_principal(&identity.principal);
         let rule = self.policy.check(&identity.principal, instance, permission).map_err(denied)?;
         Ok(Caller { rule: rule.to_owned(), principal: identity.principal, cert: Some(identity.cert) })
     }
@@ -380,6 +381,7 @@ impl PlaintextGate {
 
 impl Gate for PlaintextGate {
     fn authorize(&self, _: &Peer, instance: &InstanceName, permission: Permission) -> Result<Caller, Error> {
+        crate::auth::record_principal(&self.principal);
         let rule = self.policy.check(&self.principal, instance, permission).map_err(denied)?;
         Ok(Caller { principal: self.principal.clone(), rule: rule.to_owned(), cert: None })
     }

@@ -22,6 +22,7 @@ pub mod bench;
 #[cfg(feature = "server")]
 pub mod cas;
 pub mod client;
+pub mod config;
 pub mod digest;
 pub mod error;
 pub mod failpoint;
@@ -32,6 +33,8 @@ pub mod pki;
 pub mod proto;
 #[cfg(feature = "server")]
 pub mod provenance;
+#[cfg(feature = "server")]
+pub mod request_log;
 pub mod resource;
 #[cfg(feature = "server")]
 pub mod server;

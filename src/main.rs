@@ -1,12 +1,12 @@
 //! The `provcache` command line.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+use provcache::config::{IdentityArg, LogFormat, ServeConfig, Settings, VerifyModeArg};
 use provcache::provenance::{Mode, ProvenanceConfig};
 use provcache::server::{Cache, ServerOptions};
 use provcache::store::StoreOptions;
@@ -84,102 +84,16 @@ struct BenchArgs {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// Data directory: RocksDB in DIR/db; the development PKI and signing key
-    /// in DIR/dev-pki (created on first run when no TLS or signing options are given).
-    #[arg(long, env = "PROVCACHE_DATA_DIR", default_value = "provcache-data")]
-    data_dir: PathBuf,
-    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
-    #[arg(long, env = "PROVCACHE_LISTEN", default_value = "127.0.0.1:8980")]
-    listen: SocketAddr,
-
-    /// Server certificate chain (PEM). Without --tls-cert/--tls-key/--client-ca the dev PKI is used.
-    #[arg(long, requires_all = ["tls_key", "client_ca"])]
-    tls_cert: Option<PathBuf>,
-    /// Server private key (PEM).
-    #[arg(long, requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// CA certificate(s) (PEM) that issue client certificates; repeatable.
-    #[arg(long, requires = "tls_cert")]
-    client_ca: Vec<PathBuf>,
-    /// CRL files (PEM or DER) or directories of them; repeatable; reloaded when they change.
+    /// Configuration file (TOML, docs/configuration.md). Flags and PROVCACHE_*
+    /// environment variables override its settings.
+    #[arg(long, env = "PROVCACHE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Check the configuration (file, policies, TLS files, signing key, trust
+    /// policy), print the effective settings and exit: 0 if valid.
     #[arg(long)]
-    crl: Vec<PathBuf>,
-    /// How often CRL files are checked for changes (0s: never).
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    crl_reload_interval: std::time::Duration,
-    /// Authorization policy (TOML). Default: the dev PKI's policy.toml.
-    #[arg(long)]
-    policy: Option<PathBuf>,
-    /// Where the principal comes from in a client certificate.
-    #[arg(long, value_enum, default_value = "uri-san")]
-    identity: IdentityArg,
-    /// SPIFFE trust domains accepted with --identity uri-san; repeatable. Default with the dev PKI: provcache.dev.
-    #[arg(long)]
-    trust_domain: Vec<String>,
-
-    /// ed25519 signing key (PKCS#8 PEM), kept outside the data directory in production.
-    #[arg(long, requires = "trust_policy")]
-    signing_key: Option<PathBuf>,
-    /// Trust policy (TOML): which keys verify, revocations, max_age. Reloaded when it changes.
-    #[arg(long)]
-    trust_policy: Option<PathBuf>,
-    /// What to do with an Action Cache entry that fails verification: reject (a miss) or flag (serve, marked).
-    #[arg(long, value_enum, default_value = "reject")]
-    verify_mode: VerifyModeArg,
-    /// This server's id, recorded in every signed statement.
-    #[arg(long, default_value = "provcache")]
-    server_id: String,
-    /// How long earlier statements of an action, and the per-invocation hit log, are kept for audits.
-    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
-    history_retention: std::time::Duration,
-
-    /// Serve PLAINTEXT gRPC, without TLS (only behind a trusted proxy that authenticates callers).
-    #[arg(long)]
-    plaintext_insecure: bool,
-    /// The principal every plaintext caller is treated as (policy-checked with --policy;
-    /// without --policy it is granted everything).
-    #[arg(long, default_value = "plaintext", requires = "plaintext_insecure")]
-    plaintext_principal: String,
-
-    /// Bound on stored bytes (blobs plus Action Cache entries), e.g. 200GiB;
-    /// least recently used ones are evicted to stay under it. Default: unbounded.
-    #[arg(long, value_parser = provcache::units::parse_size)]
-    max_size: Option<u64>,
-
-    /// Serve Prometheus metrics (GET /metrics) and a liveness probe (GET /healthz)
-    /// over plain HTTP on this address, e.g. 127.0.0.1:9090. Default: off.
-    #[arg(long)]
-    metrics_listen: Option<SocketAddr>,
-
-    /// On SIGTERM or Ctrl-C: how long calls in flight may take to complete
-    /// before they are cut off (new connections are refused at once).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    shutdown_timeout: std::time::Duration,
-
-    /// Do not fsync commits (benchmarks only: an acknowledged write can be lost on a crash).
-    #[arg(long, hide = true)]
-    unsafe_no_sync: bool,
-    /// Skip verification on reads (only to measure its cost).
-    #[arg(long, hide = true)]
-    unsafe_no_verify: bool,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum IdentityArg {
-    /// Exactly one URI SAN, a SPIFFE ID in an accepted trust domain.
-    UriSan,
-    /// Exactly one DNS SAN.
-    DnsSan,
-    /// The subject common name (weak; only for CAs that cannot issue SANs).
-    CommonName,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum VerifyModeArg {
-    /// A result that fails verification is a cache miss (NOT_FOUND).
-    Reject,
-    /// Serve it with a VerificationStatus attached (for migrations).
-    Flag,
+    check_config: bool,
+    #[command(flatten)]
+    settings: ServeConfig,
 }
 
 #[derive(clap::Args, Debug)]
@@ -266,16 +180,31 @@ struct IssueCertArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let settings = match &cli.command {
+        Command::Serve(args) => {
+            let rust_log = std::env::var("RUST_LOG").ok();
+            let loaded = args.config.as_deref().map(ServeConfig::load).transpose();
+            let settings = loaded
+                .and_then(|file| provcache::config::resolve(args.settings.clone(), rust_log, file))
+                .unwrap_or_else(|e| config_failed(e));
+            init_logging(settings.log_format, &settings.log_level);
+            Some(settings)
+        }
+        _ => {
+            init_logging(LogFormat::Text, &std::env::var("RUST_LOG").unwrap_or_default());
+            None
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => {
+            let settings = settings.expect("resolved above");
+            if args.check_config {
+                check_config(&settings, args.config.as_deref()).unwrap_or_else(|e| config_failed(format!("{e:#}")));
+                return Ok(());
+            }
+            runtime.block_on(serve(settings))
+        }
         Command::Bench(args) => runtime.block_on(bench(args)),
         Command::Keygen(args) => keygen(args),
         Command::IssueCert(args) => issue_cert(args),
@@ -297,6 +226,74 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// A configuration that cannot be used: its message, exit status 2.
+fn config_failed(e: impl std::fmt::Display) -> ! {
+    eprintln!("provcache serve: {e}");
+    std::process::exit(2)
+}
+
+/// Logs to stderr: text or JSON (with the request span's fields), filtered
+/// by `filter` (RUST_LOG syntax; empty or invalid: info).
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .ok()
+        .filter(|_| !filter.trim().is_empty())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
+    }
+}
+
+/// `serve --check-config`: everything `serve` would load, without binding
+/// or creating anything; prints the effective settings (paths, no key material).
+fn check_config(s: &Settings, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use provcache::authz::Policy;
+    let dev_dir = s.data_dir.join("dev-pki");
+    let mut notes = Vec::new();
+    let policy = match (&s.policy, s.plaintext_insecure, &s.tls_cert) {
+        (Some(p), _, _) => Some(p.clone()),
+        (None, true, _) => None,
+        (None, false, Some(_)) => anyhow::bail!("policy (--policy) is required with your own PKI"),
+        (None, false, None) => {
+            let p = dev_dir.join("policy.toml");
+            if p.exists() {
+                Some(p)
+            } else {
+                notes.push(format!("the development PKI will be created in {}", dev_dir.display()));
+                None
+            }
+        }
+    };
+    if let Some(p) = &policy {
+        Policy::load(p).with_context(|| format!("authorization policy {}", p.display()))?;
+    }
+    if let (Some(cert), Some(key)) = (&s.tls_cert, &s.tls_key) {
+        let mut t = provcache::tls::TlsSettings::new(cert.clone(), key.clone(), s.client_ca.clone(), s.crl.clone());
+        t.crl_reload_interval = s.crl_reload_interval;
+        provcache::tls::TlsServer::from_settings(&t).context("TLS settings")?;
+    }
+    if s.identity == IdentityArg::UriSan && s.trust_domain.is_empty() && s.tls_cert.is_some() && !s.plaintext_insecure {
+        anyhow::bail!("identity uri-san needs at least one trust_domain (--trust-domain)");
+    }
+    if let (Some(key), Some(trust)) = (&s.signing_key, &s.trust_policy) {
+        let k = provcache::signing::SigningKey::load(key).with_context(|| format!("signing key {}", key.display()))?;
+        provcache::trust::TrustPolicy::load(trust).with_context(|| format!("trust policy {}", trust.display()))?;
+        notes.push(format!("signing key id {}", k.key_id()));
+    } else {
+        notes.push(format!("the development signing key and trust policy in {}", dev_dir.display()));
+    }
+    match file {
+        Some(f) => println!("# configuration file: {}", f.display()),
+        None => println!("# no configuration file"),
+    }
+    notes.iter().for_each(|n| println!("# {n}"));
+    println!("# effective settings:\n{}", s.to_toml());
+    println!("configuration OK");
+    Ok(())
 }
 
 async fn verify_build(args: VerifyBuildArgs) -> anyhow::Result<provcache::verify_build::Report> {
@@ -380,7 +377,7 @@ fn issue_cert(args: IssueCertArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: Settings) -> anyhow::Result<()> {
     use provcache::authz::{MtlsGate, PlaintextGate, Policy};
     use provcache::identity::IdentityMode;
     use provcache::pki::{ensure_dev_pki, ensure_dev_signing, DevClient};
@@ -388,7 +385,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let dev_dir = args.data_dir.join("dev-pki");
     let (signing_key, trust_policy) = match (&args.signing_key, &args.trust_policy) {
         (Some(k), Some(p)) => (k.clone(), p.clone()),
-        (None, Some(_)) => anyhow::bail!("--trust-policy without --signing-key: give both, or neither for the dev key"),
         _ => ensure_dev_signing(&dev_dir).context("creating the development signing key")?,
     };
     let options = ServerOptions {

@@ -19,6 +19,7 @@ use crate::proto::reapi::capabilities_server::CapabilitiesServer;
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use crate::proto::reapi::execution_server::ExecutionServer;
 use crate::provenance::{Clock, Provenance, ProvenanceConfig};
+use crate::request_log::RequestSpanLayer;
 use crate::service::action_cache::ActionCacheService;
 use crate::service::audit::AuditService;
 use crate::service::bytestream::ByteStreamService;
@@ -126,6 +127,7 @@ impl Cache {
             Some(m) => m.gate(gate),
             None => gate,
         };
+        let gate = crate::request_log::LoggingGate::wrap(gate);
         let ctx = Context { gate, cas, ac, uploads, provenance };
         Ok(Cache {
             ctx,
@@ -177,10 +179,15 @@ impl Cache {
     }
 
     /// The tonic router with every service.
-    pub fn router(&self) -> tonic::transport::server::Router<tower_layer::Stack<MetricsLayer, tower_layer::Identity>> {
+    pub fn router(
+        &self,
+    ) -> tonic::transport::server::Router<
+        tower_layer::Stack<MetricsLayer, tower_layer::Stack<RequestSpanLayer, tower_layer::Identity>>,
+    > {
         let ctx = self.ctx.clone();
         let layer = self.metrics.as_ref().map(|m| m.layer()).unwrap_or_default();
         tonic::transport::Server::builder()
+            .layer(RequestSpanLayer)
             .layer(layer)
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(4 << 20))

@@ -48,3 +48,36 @@ pub fn request_metadata<T>(request: &tonic::Request<T>) -> Option<reapi::Request
     let bytes = value.to_bytes().ok()?;
     reapi::RequestMetadata::decode(bytes).ok()
 }
+
+/// [`request_metadata`] from the raw HTTP headers, before tonic sees the call
+/// (the request span reads the invocation id from them).
+pub fn request_metadata_from_headers(headers: &http::HeaderMap) -> Option<reapi::RequestMetadata> {
+    use base64::engine::{general_purpose::GeneralPurpose, DecodePaddingMode, GeneralPurposeConfig};
+    use base64::Engine as _;
+    // gRPC sends `-bin` values as base64, with or without padding.
+    const B64: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let bytes = B64.decode(headers.get(REQUEST_METADATA_HEADER)?.as_bytes()).ok()?;
+    reapi::RequestMetadata::decode(bytes.as_slice()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The raw-header decoder agrees with tonic's.
+    #[test]
+    fn request_metadata_from_raw_headers() {
+        let sent = reapi::RequestMetadata { tool_invocation_id: "inv-1".into(), ..Default::default() };
+        let mut request = tonic::Request::new(());
+        request
+            .metadata_mut()
+            .insert_bin(REQUEST_METADATA_HEADER, tonic::metadata::MetadataValue::from_bytes(&sent.encode_to_vec()));
+        let headers = request.metadata().clone().into_headers();
+        assert_eq!(request_metadata_from_headers(&headers), Some(sent.clone()));
+        assert_eq!(request_metadata(&request), Some(sent));
+        assert_eq!(request_metadata_from_headers(&http::HeaderMap::new()), None);
+    }
+}

@@ -10,6 +10,7 @@ mod bazel_tls;
 mod bytestream;
 mod capabilities;
 mod cas;
+mod config;
 mod eviction;
 mod metrics;
 mod mtls;

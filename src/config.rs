@@ -1,0 +1,556 @@
+//! Settings of `provcache serve`: one TOML file, environment variables and
+//! flags (docs/configuration.md).
+//!
+//! [`ServeConfig`] is the partial form: every setting optional. clap fills
+//! one from the flags and `PROVCACHE_<FLAG_NAME>` environment variables (a
+//! flag wins over its variable), serde fills one from the file; [`resolve`]
+//! layers them (flags and environment > file > defaults) and checks the
+//! settings that go together, giving the complete [`Settings`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Where the principal comes from in a client certificate.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentityArg {
+    /// Exactly one URI SAN, a SPIFFE ID in an accepted trust domain.
+    UriSan,
+    /// Exactly one DNS SAN.
+    DnsSan,
+    /// The subject common name (weak; only for CAs that cannot issue SANs).
+    CommonName,
+}
+
+/// What to do with an Action Cache entry that fails verification.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyModeArg {
+    /// A result that fails verification is a cache miss (NOT_FOUND).
+    Reject,
+    /// Serve it with a VerificationStatus attached (for migrations).
+    Flag,
+}
+
+/// How log lines are written (to stderr).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per event, with the request's span fields.
+    Json,
+}
+
+/// Every `serve` setting, each optional: from flags and environment (clap)
+/// or from the configuration file (serde). Field names are the file's keys;
+/// flags are the same names in kebab case.
+#[derive(clap::Args, Deserialize, Debug, Default, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Data directory: RocksDB in DIR/db; the development PKI and signing key
+    /// in DIR/dev-pki (created on first run when no TLS or signing options are
+    /// given). Default: provcache-data.
+    #[arg(long, env = "PROVCACHE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free port; the chosen address is
+    /// printed). Default: 127.0.0.1:8980.
+    #[arg(long, env = "PROVCACHE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Server certificate chain (PEM). Without tls-cert/tls-key/client-ca the dev PKI is used.
+    #[arg(long, env = "PROVCACHE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "PROVCACHE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that issue client certificates; repeatable
+    /// (comma-separated in the environment variable).
+    #[arg(long, env = "PROVCACHE_CLIENT_CA", value_delimiter = ',')]
+    #[serde(default)]
+    pub client_ca: Vec<PathBuf>,
+    /// CRL files (PEM or DER) or directories of them; repeatable; reloaded when they change.
+    #[arg(long, env = "PROVCACHE_CRL", value_delimiter = ',')]
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
+    /// How often CRL files are checked for changes (0s: never). Default: 2s.
+    #[arg(long, env = "PROVCACHE_CRL_RELOAD_INTERVAL", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub crl_reload_interval: Option<Duration>,
+    /// Authorization policy (TOML). Default: the dev PKI's policy.toml.
+    #[arg(long, env = "PROVCACHE_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Where the principal comes from in a client certificate. Default: uri-san.
+    #[arg(long, env = "PROVCACHE_IDENTITY", value_enum)]
+    pub identity: Option<IdentityArg>,
+    /// SPIFFE trust domains accepted with identity uri-san; repeatable. Default with the dev PKI: provcache.dev.
+    #[arg(long, env = "PROVCACHE_TRUST_DOMAIN", value_delimiter = ',')]
+    #[serde(default)]
+    pub trust_domain: Vec<String>,
+
+    /// ed25519 signing key (PKCS#8 PEM), kept outside the data directory in production.
+    #[arg(long, env = "PROVCACHE_SIGNING_KEY")]
+    pub signing_key: Option<PathBuf>,
+    /// Trust policy (TOML): which keys verify, revocations, max_age. Reloaded when it changes.
+    #[arg(long, env = "PROVCACHE_TRUST_POLICY")]
+    pub trust_policy: Option<PathBuf>,
+    /// What to do with an Action Cache entry that fails verification: reject
+    /// (a miss) or flag (serve, marked). Default: reject.
+    #[arg(long, env = "PROVCACHE_VERIFY_MODE", value_enum)]
+    pub verify_mode: Option<VerifyModeArg>,
+    /// This server's id, recorded in every signed statement. Default: provcache.
+    #[arg(long, env = "PROVCACHE_SERVER_ID")]
+    pub server_id: Option<String>,
+    /// How long earlier statements of an action, and the per-invocation hit
+    /// log, are kept for audits. Default: 30d.
+    #[arg(long, env = "PROVCACHE_HISTORY_RETENTION", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub history_retention: Option<Duration>,
+
+    /// Serve PLAINTEXT gRPC, without TLS (only behind a trusted proxy that authenticates callers).
+    #[arg(long, env = "PROVCACHE_PLAINTEXT_INSECURE", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true")]
+    pub plaintext_insecure: Option<bool>,
+    /// The principal every plaintext caller is treated as (policy-checked
+    /// with policy; without one it is granted everything). Default: plaintext.
+    #[arg(long, env = "PROVCACHE_PLAINTEXT_PRINCIPAL")]
+    pub plaintext_principal: Option<String>,
+
+    /// Bound on stored bytes (blobs plus Action Cache entries), e.g. 200GiB;
+    /// least recently used ones are evicted to stay under it. Default: unbounded.
+    #[arg(long, env = "PROVCACHE_MAX_SIZE", value_parser = crate::units::parse_size)]
+    #[serde(default, deserialize_with = "de_size")]
+    pub max_size: Option<u64>,
+
+    /// Serve Prometheus metrics (GET /metrics) and a liveness probe (GET /healthz)
+    /// over plain HTTP on this address, e.g. 127.0.0.1:9090. Default: off.
+    #[arg(long, env = "PROVCACHE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// On SIGTERM or Ctrl-C: how long calls in flight may take to complete
+    /// before they are cut off (new connections are refused at once). Default: 30s.
+    #[arg(long, env = "PROVCACHE_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub shutdown_timeout: Option<Duration>,
+
+    /// Log format on stderr: text or json. Default: text.
+    #[arg(long, env = "PROVCACHE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. info or warn,provcache=debug (RUST_LOG syntax; RUST_LOG
+    /// is used when neither this flag nor PROVCACHE_LOG_LEVEL is set). Default: info.
+    #[arg(long, env = "PROVCACHE_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Do not fsync commits (benchmarks only: an acknowledged write can be lost on a crash).
+    #[arg(long, hide = true, env = "PROVCACHE_UNSAFE_NO_SYNC", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true")]
+    pub unsafe_no_sync: Option<bool>,
+    /// Skip verification on reads (only to measure its cost).
+    #[arg(long, hide = true, env = "PROVCACHE_UNSAFE_NO_VERIFY", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true")]
+    pub unsafe_no_verify: Option<bool>,
+}
+
+/// The complete settings of `serve`, defaults applied. Printed by
+/// `--check-config` (as TOML that is itself a valid configuration file).
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// See [`ServeConfig::data_dir`].
+    pub data_dir: PathBuf,
+    /// See [`ServeConfig::listen`].
+    pub listen: SocketAddr,
+    /// See [`ServeConfig::tls_cert`].
+    pub tls_cert: Option<PathBuf>,
+    /// See [`ServeConfig::tls_key`].
+    pub tls_key: Option<PathBuf>,
+    /// See [`ServeConfig::client_ca`].
+    pub client_ca: Vec<PathBuf>,
+    /// See [`ServeConfig::crl`].
+    pub crl: Vec<PathBuf>,
+    /// See [`ServeConfig::crl_reload_interval`].
+    #[serde(serialize_with = "ser_duration")]
+    pub crl_reload_interval: Duration,
+    /// See [`ServeConfig::policy`].
+    pub policy: Option<PathBuf>,
+    /// See [`ServeConfig::identity`].
+    pub identity: IdentityArg,
+    /// See [`ServeConfig::trust_domain`].
+    pub trust_domain: Vec<String>,
+    /// See [`ServeConfig::signing_key`].
+    pub signing_key: Option<PathBuf>,
+    /// See [`ServeConfig::trust_policy`].
+    pub trust_policy: Option<PathBuf>,
+    /// See [`ServeConfig::verify_mode`].
+    pub verify_mode: VerifyModeArg,
+    /// See [`ServeConfig::server_id`].
+    pub server_id: String,
+    /// See [`ServeConfig::history_retention`].
+    #[serde(serialize_with = "ser_duration")]
+    pub history_retention: Duration,
+    /// See [`ServeConfig::plaintext_insecure`].
+    pub plaintext_insecure: bool,
+    /// See [`ServeConfig::plaintext_principal`].
+    pub plaintext_principal: String,
+    /// See [`ServeConfig::max_size`] (bytes).
+    pub max_size: Option<u64>,
+    /// See [`ServeConfig::metrics_listen`].
+    pub metrics_listen: Option<SocketAddr>,
+    /// See [`ServeConfig::shutdown_timeout`].
+    #[serde(serialize_with = "ser_duration")]
+    pub shutdown_timeout: Duration,
+    /// See [`ServeConfig::log_format`].
+    pub log_format: LogFormat,
+    /// See [`ServeConfig::log_level`].
+    pub log_level: String,
+    /// See [`ServeConfig::unsafe_no_sync`].
+    pub unsafe_no_sync: bool,
+    /// See [`ServeConfig::unsafe_no_verify`].
+    pub unsafe_no_verify: bool,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Malformed TOML, an unknown key or a bad value; the parser's message
+    /// names the key, the line and the column.
+    #[error("invalid configuration file {path}: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// Settings that do not fit together, or a bad value.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl ServeConfig {
+    /// Parses a configuration file's text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax { path: origin.to_owned(), message: e.to_string().trim().to_owned() })
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Every setting of `self`, and those it lacks from `lower`.
+    pub fn or(self, lower: ServeConfig) -> ServeConfig {
+        macro_rules! merge {
+            ($($f:ident),* $(,)?) => {
+                ServeConfig { $($f: Merge::merge(self.$f, lower.$f)),* }
+            };
+        }
+        merge!(
+            data_dir,
+            listen,
+            tls_cert,
+            tls_key,
+            client_ca,
+            crl,
+            crl_reload_interval,
+            policy,
+            identity,
+            trust_domain,
+            signing_key,
+            trust_policy,
+            verify_mode,
+            server_id,
+            history_retention,
+            plaintext_insecure,
+            plaintext_principal,
+            max_size,
+            metrics_listen,
+            shutdown_timeout,
+            log_format,
+            log_level,
+            unsafe_no_sync,
+            unsafe_no_verify,
+        )
+    }
+}
+
+trait Merge {
+    fn merge(self, lower: Self) -> Self;
+}
+
+impl<T> Merge for Option<T> {
+    fn merge(self, lower: Self) -> Self {
+        self.or(lower)
+    }
+}
+
+/// A list given at a higher level replaces the lower one (no appending).
+impl<T> Merge for Vec<T> {
+    fn merge(self, lower: Self) -> Self {
+        if self.is_empty() {
+            lower
+        } else {
+            self
+        }
+    }
+}
+
+/// Layers the settings — `cli` (flags, then `PROVCACHE_*` variables, as clap
+/// parsed them) over `RUST_LOG` (`rust_log`, for the log filter only) over
+/// `file` — applies the defaults and checks the settings that go together.
+pub fn resolve(cli: ServeConfig, rust_log: Option<String>, file: Option<ServeConfig>) -> Result<Settings, ConfigError> {
+    let mut c = cli;
+    c.log_level = c.log_level.or(rust_log.filter(|s| !s.trim().is_empty()));
+    let c = c.or(file.unwrap_or_default());
+    let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+
+    let own_pki = c.tls_cert.is_some() || c.tls_key.is_some() || !c.client_ca.is_empty();
+    if own_pki && (c.tls_cert.is_none() || c.tls_key.is_none() || c.client_ca.is_empty()) {
+        return invalid("tls_cert, tls_key and client_ca go together (--tls-cert, --tls-key, --client-ca)");
+    }
+    match (&c.signing_key, &c.trust_policy) {
+        (Some(_), None) => return invalid("signing_key needs trust_policy (--trust-policy)"),
+        (None, Some(_)) => {
+            return invalid("trust_policy without signing_key: give both, or neither for the development key")
+        }
+        _ => {}
+    }
+    let plaintext = c.plaintext_insecure.unwrap_or(false);
+    if c.plaintext_principal.is_some() && !plaintext {
+        return invalid("plaintext_principal needs plaintext_insecure (--plaintext-insecure)");
+    }
+    if plaintext && own_pki {
+        return invalid("plaintext_insecure serves without TLS: remove tls_cert, tls_key and client_ca");
+    }
+    let log_level = c.log_level.unwrap_or_else(|| "info".to_owned());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+        return Err(ConfigError::Invalid(format!("log_level {log_level:?}: {e}")));
+    }
+    Ok(Settings {
+        data_dir: c.data_dir.unwrap_or_else(|| PathBuf::from("provcache-data")),
+        listen: c.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8980))),
+        tls_cert: c.tls_cert,
+        tls_key: c.tls_key,
+        client_ca: c.client_ca,
+        crl: c.crl,
+        crl_reload_interval: c.crl_reload_interval.unwrap_or(Duration::from_secs(2)),
+        policy: c.policy,
+        identity: c.identity.unwrap_or(IdentityArg::UriSan),
+        trust_domain: c.trust_domain,
+        signing_key: c.signing_key,
+        trust_policy: c.trust_policy,
+        verify_mode: c.verify_mode.unwrap_or(VerifyModeArg::Reject),
+        server_id: c.server_id.unwrap_or_else(|| "provcache".to_owned()),
+        history_retention: c.history_retention.unwrap_or(Duration::from_secs(30 * 24 * 3600)),
+        plaintext_insecure: plaintext,
+        plaintext_principal: c.plaintext_principal.unwrap_or_else(|| "plaintext".to_owned()),
+        max_size: c.max_size,
+        metrics_listen: c.metrics_listen,
+        shutdown_timeout: c.shutdown_timeout.unwrap_or(Duration::from_secs(30)),
+        log_format: c.log_format.unwrap_or(LogFormat::Text),
+        log_level,
+        unsafe_no_sync: c.unsafe_no_sync.unwrap_or(false),
+        unsafe_no_verify: c.unsafe_no_verify.unwrap_or(false),
+    })
+}
+
+impl Settings {
+    /// The settings as a TOML configuration file (paths only; no key material).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("settings are plain values")
+    }
+}
+
+/// A duration such as `30s` or `30d` (humantime).
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map(Some).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+}
+
+fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+/// A size: a string such as `64MiB` or a number of bytes.
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(Some(n)),
+        Size::Text(s) => crate::units::parse_size(&s).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeConfig,
+    }
+
+    fn flags(args: &[&str]) -> ServeConfig {
+        Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).unwrap().serve
+    }
+
+    fn file(text: &str) -> ServeConfig {
+        ServeConfig::from_toml(text, "test.toml").unwrap()
+    }
+
+    #[test]
+    fn defaults_are_those_of_the_flags() {
+        let s = resolve(ServeConfig::default(), None, None).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("provcache-data"));
+        assert_eq!(s.listen, "127.0.0.1:8980".parse().unwrap());
+        assert_eq!(s.crl_reload_interval, Duration::from_secs(2));
+        assert_eq!(s.identity, IdentityArg::UriSan);
+        assert_eq!(s.verify_mode, VerifyModeArg::Reject);
+        assert_eq!(s.server_id, "provcache");
+        assert_eq!(s.history_retention, Duration::from_secs(30 * 86400));
+        assert!(!s.plaintext_insecure);
+        assert_eq!(s.plaintext_principal, "plaintext");
+        assert_eq!((s.max_size, s.metrics_listen), (None, None));
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!((s.log_format, s.log_level.as_str()), (LogFormat::Text, "info"));
+    }
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let f = file("max_size = \"64MiB\"\nserver_id = \"from-file\"\nshutdown_timeout = \"5s\"\n");
+        let s = resolve(flags(&["--max-size", "1GiB"]), None, Some(f)).unwrap();
+        assert_eq!(s.max_size, Some(1 << 30), "the flag wins");
+        assert_eq!(s.server_id, "from-file", "the file wins over the default");
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(s.listen, "127.0.0.1:8980".parse().unwrap(), "the default where nobody says");
+
+        // A list on the command line replaces the file's list.
+        let f = file("trust_domain = [\"a.example\", \"b.example\"]\n");
+        let s = resolve(flags(&["--trust-domain", "c.example"]), None, Some(f.clone())).unwrap();
+        assert_eq!(s.trust_domain, ["c.example"]);
+        assert_eq!(resolve(flags(&[]), None, Some(f)).unwrap().trust_domain, ["a.example", "b.example"]);
+
+        // Boolean flags: present means true, and =false overrides the file.
+        let f = file("plaintext_insecure = true\n");
+        assert!(resolve(flags(&[]), None, Some(f.clone())).unwrap().plaintext_insecure);
+        assert!(!resolve(flags(&["--plaintext-insecure=false"]), None, Some(f)).unwrap().plaintext_insecure);
+        assert!(resolve(flags(&["--plaintext-insecure"]), None, None).unwrap().plaintext_insecure);
+    }
+
+    /// The only test that touches these variables (the environment is
+    /// process-wide; no other test looks at these two settings through clap).
+    #[test]
+    fn environment_sits_between_flags_and_file() {
+        std::env::set_var("PROVCACHE_MAX_SIZE", "2MiB");
+        std::env::set_var("PROVCACHE_METRICS_LISTEN", "127.0.0.1:9001");
+        let f = file("max_size = 1000\nmetrics_listen = \"127.0.0.1:9002\"\n");
+        let s = resolve(flags(&["--max-size", "3MiB"]), None, Some(f.clone())).unwrap();
+        let t = resolve(flags(&[]), None, Some(f)).unwrap();
+        std::env::remove_var("PROVCACHE_MAX_SIZE");
+        std::env::remove_var("PROVCACHE_METRICS_LISTEN");
+        assert_eq!(s.max_size, Some(3 << 20), "the flag wins over the environment");
+        assert_eq!(t.max_size, Some(2 << 20), "the environment wins over the file");
+        assert_eq!(t.metrics_listen, Some("127.0.0.1:9001".parse().unwrap()));
+    }
+
+    #[test]
+    fn log_level_flag_then_rust_log_then_file() {
+        let f = || Some(file("log_level = \"warn\"\n"));
+        assert_eq!(resolve(flags(&["--log-level", "debug"]), Some("error".into()), f()).unwrap().log_level, "debug");
+        assert_eq!(resolve(flags(&[]), Some("error".into()), f()).unwrap().log_level, "error");
+        assert_eq!(resolve(flags(&[]), None, f()).unwrap().log_level, "warn");
+        assert!(resolve(flags(&["--log-level", "info,=[bad"]), None, None).is_err());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_file_and_line() {
+        let err = ServeConfig::from_toml("listen = \"127.0.0.1:1\"\nmax_sise = \"1GiB\"\n", "cache.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("unknown field `max_sise`"), "{msg}");
+        assert!(msg.contains("cache.toml"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn sizes_and_durations_take_units() {
+        let f = file("max_size = \"64MiB\"\nhistory_retention = \"7d\"\ncrl_reload_interval = \"500ms\"\n");
+        assert_eq!(f.max_size, Some(64 << 20));
+        assert_eq!(f.history_retention, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(f.crl_reload_interval, Some(Duration::from_millis(500)));
+        assert_eq!(file("max_size = 4096\n").max_size, Some(4096));
+        let msg = ServeConfig::from_toml("max_size = \"12 parsecs\"\n", "f").unwrap_err().to_string();
+        assert!(msg.contains("parsecs"), "{msg}");
+        let msg = ServeConfig::from_toml("shutdown_timeout = \"soon\"\n", "f").unwrap_err().to_string();
+        assert!(msg.contains("soon"), "{msg}");
+    }
+
+    #[test]
+    fn settings_that_go_together_are_checked() {
+        for (text, needle) in [
+            ("tls_cert = \"c.pem\"\n", "go together"),
+            ("signing_key = \"k.pem\"\n", "trust_policy"),
+            ("trust_policy = \"t.toml\"\n", "signing_key"),
+            ("plaintext_principal = \"p\"\n", "plaintext_insecure"),
+        ] {
+            let msg = resolve(flags(&[]), None, Some(file(text))).unwrap_err().to_string();
+            assert!(msg.contains(needle), "{text}: {msg}");
+        }
+    }
+
+    #[test]
+    fn the_printed_settings_are_a_valid_file_with_the_same_meaning() {
+        let f = file("max_size = \"64MiB\"\nplaintext_insecure = true\nhistory_retention = \"7d\"\n");
+        let s = resolve(ServeConfig::default(), None, Some(f)).unwrap();
+        let again = resolve(ServeConfig::default(), None, Some(file(&s.to_toml()))).unwrap();
+        assert_eq!(again, s);
+    }
+
+    /// The annotated example in docs/configuration.md parses and means what it says.
+    #[test]
+    fn the_documented_example_is_valid() {
+        let doc = include_str!("../docs/configuration.md");
+        let start = doc.find("```toml\n").expect("a ```toml block in docs/configuration.md") + "```toml\n".len();
+        let len = doc[start..].find("```").expect("the end of the block");
+        let example = file(&doc[start..start + len]);
+        let s = resolve(ServeConfig::default(), None, Some(example.clone())).unwrap();
+        assert_eq!(s.max_size, Some(200 << 30));
+        assert_eq!(s.log_format, LogFormat::Json);
+        // Every key is in the example: nothing left at None or empty.
+        let text = s.to_toml();
+        for key in text.lines().filter_map(|l| l.split_once(" = ").map(|(k, _)| k)) {
+            assert!(doc.contains(&format!("{key} = ")), "{key} is missing from the example");
+        }
+        for field in [
+            "tls_cert",
+            "tls_key",
+            "client_ca",
+            "crl",
+            "policy",
+            "trust_domain",
+            "signing_key",
+            "trust_policy",
+            "max_size",
+            "metrics_listen",
+        ] {
+            assert!(text.contains(&format!("{field} = ")), "{field} is not set in the example");
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! `provcache serve --config` and `--check-config` on the real binary, and
+//! its JSON logs (docs/configuration.md).
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use provcache::proto::reapi;
+use provcache::service::REQUEST_METADATA_HEADER;
+
+use crate::bazel::ServerProcess;
+use crate::common::{sha, update, Clients};
+
+fn provcache(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_provcache"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("running provcache")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_misspelt_key_stops_serve_with_a_message_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write(tmp.path(), "provcache.toml", "plaintext_insecure = true\nmax_sise = \"1GiB\"\n");
+    let data = tmp.path().join("data");
+    for extra in [&[][..], &["--check-config"][..]] {
+        let mut args = vec!["serve", "--config", &config, "--listen", "127.0.0.1:0", "--data-dir"];
+        args.push(data.to_str().unwrap());
+        args.extend_from_slice(extra);
+        let out = provcache(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: serve accepted a misspelt key: {stderr}");
+        assert!(stderr.contains("unknown field `max_sise`"), "{stderr}");
+        assert!(stderr.contains(&config), "the message names the file: {stderr}");
+        assert!(stderr.contains("line 2"), "the message names the line: {stderr}");
+    }
+    assert!(!data.exists(), "nothing was created");
+}
+
+#[test]
+fn check_config_validates_and_prints_the_effective_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let policy = write(
+        tmp.path(),
+        "policy.toml",
+        "[[rules]]\nname = \"all\"\nprincipals = [\"ci\"]\ninstances = [\"*\"]\npermissions = [\"ac:read\"]\n",
+    );
+    let good = format!(
+        "data_dir = {:?}\nplaintext_insecure = true\nplaintext_principal = \"ci\"\npolicy = {policy:?}\n\
+         max_size = \"64MiB\"\nserver_id = \"from-file\"\n",
+        data.to_str().unwrap()
+    );
+    let config = write(tmp.path(), "good.toml", &good);
+    let out = provcache(&["serve", "--config", &config, "--check-config", "--server-id", "from-flag"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("max_size = 67108864"), "{stdout}");
+    assert!(stdout.contains("server_id = \"from-flag\""), "a flag overrides the file: {stdout}");
+    assert!(stdout.contains("shutdown_timeout = \"30s\""), "defaults are shown: {stdout}");
+    assert!(!data.exists(), "--check-config creates nothing");
+
+    // The environment sits between the flag and the file.
+    let out = Command::new(env!("CARGO_BIN_EXE_provcache"))
+        .args(["serve", "--check-config"])
+        .env("PROVCACHE_CONFIG", &config)
+        .env("PROVCACHE_SERVER_ID", "from-env")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("server_id = \"from-env\""));
+
+    // A policy the file references is checked too.
+    let bad_policy = write(tmp.path(), "bad-policy.toml", "[[rules]]\nname = \"x\"\nprincipal = [\"ci\"]\n");
+    let bad = write(tmp.path(), "bad.toml", &good.replace(&policy, &bad_policy));
+    let out = provcache(&["serve", "--config", &bad, "--check-config"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("bad-policy.toml") && stderr.contains("principal"), "{stderr}");
+
+    // So is a signing key.
+    let key = write(tmp.path(), "signing.key", "not a key\n");
+    let trust = write(tmp.path(), "trust.toml", "");
+    let out =
+        provcache(&["serve", "--config", &config, "--check-config", "--signing-key", &key, "--trust-policy", &trust]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("signing key"), "{stderr}");
+    assert!(!stderr.contains("not a key"), "no key material in messages: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_principal_and_the_invocation_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let principal = "spiffe://example.org/dev/reader";
+    let policy = write(
+        tmp.path(),
+        "policy.toml",
+        &format!(
+            "[[rules]]\nname = \"readers\"\nprincipals = [{principal:?}]\ninstances = [\"*\"]\n\
+             permissions = [\"ac:read\", \"cas:read\"]\n"
+        ),
+    );
+    let config = write(tmp.path(), "provcache.toml", &format!("log_format = \"json\"\npolicy = {policy:?}\n"));
+    let server =
+        ServerProcess::start(["--config", &config, "--plaintext-insecure", "--plaintext-principal", principal]);
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", server.addr())).unwrap();
+    let mut c = Clients::new(ch.connect().await.unwrap());
+
+    let invocation = "9f2c3d1e-json-log-test";
+    let metadata = reapi::RequestMetadata { tool_invocation_id: invocation.into(), ..Default::default() };
+    let mut request = tonic::Request::new(update("", &sha(b"action"), reapi::ActionResult::default()));
+    request
+        .metadata_mut()
+        .insert_bin(REQUEST_METADATA_HEADER, tonic::metadata::MetadataValue::from_bytes(&metadata.encode_to_vec()));
+    let status = c.ac.update_action_result(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = server.log();
+        let found = log.lines().find(|l| l.contains("call refused")).map(str::to_owned);
+        if let Some(line) = found {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no \"call refused\" line in the log:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let event: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    assert_eq!(event["level"], "INFO", "{event}");
+    assert_eq!(event["fields"]["permission"], "ac:write", "{event}");
+    assert_eq!(event["span"]["rpc"], "ActionCache/UpdateActionResult", "{event}");
+    assert_eq!(event["span"]["principal"], principal, "{event}");
+    assert_eq!(event["span"]["invocation"], invocation, "{event}");
+
+    // Every line of the log is JSON, the startup lines included.
+    for l in server.log().lines().filter(|l| !l.trim().is_empty()) {
+        assert!(serde_json::from_str::<serde_json::Value>(l).is_ok(), "not JSON: {l}");
+    }
+}
