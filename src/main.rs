@@ -33,6 +33,23 @@ enum Command {
     ///
     /// Exit status: 0 when every hit verifies, 1 on any finding, 2 when the audit could not run.
     VerifyBuild(VerifyBuildArgs),
+    /// Write a consistent copy (a RocksDB checkpoint) of a stopped server's storage.
+    ///
+    /// Restore: stop the server, replace DATA_DIR/db with the copy, start it.
+    /// Keys, certificates and policies (DATA_DIR/dev-pki, or your own files)
+    /// are plain files: copy them alongside.
+    Backup(BackupArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BackupArgs {
+    /// The data directory of a server that is not running (its RocksDB is DATA_DIR/db).
+    #[arg(long, env = "PROVCACHE_DATA_DIR", default_value = "provcache-data")]
+    data_dir: PathBuf,
+    /// Where to write the copy: a directory that must not exist yet. On the
+    /// same filesystem, table files are hard links and the copy takes no
+    /// extra space until compaction replaces them.
+    dest: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -208,6 +225,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => runtime.block_on(bench(args)),
         Command::Keygen(args) => keygen(args),
         Command::IssueCert(args) => issue_cert(args),
+        Command::Backup(args) => backup(args),
         Command::VerifyBuild(args) => {
             let json = args.json;
             match runtime.block_on(verify_build(args)) {
@@ -226,6 +244,35 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+}
+
+fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let db = provcache::server::db_path(&args.data_dir);
+    anyhow::ensure!(db.is_dir(), "{} holds no provcache storage (no db/ directory)", args.data_dir.display());
+    anyhow::ensure!(!args.dest.exists(), "{} exists already; name a new directory", args.dest.display());
+    let store = provcache::store::Store::open(&db, &provcache::store::StoreOptions::default()).map_err(|e| {
+        if e.to_string().contains("lock") {
+            anyhow::anyhow!(
+                "{} is in use by a running server: stop it first (SIGTERM), or snapshot the \
+                 filesystem (provcache recovers from a crash-consistent copy)",
+                args.data_dir.display()
+            )
+        } else {
+            anyhow::anyhow!("opening {}: {e}", db.display())
+        }
+    })?;
+    store.checkpoint(&args.dest)?;
+    let usage = store.usage();
+    println!(
+        "backup of {} written to {}: {} blobs ({} bytes), {} Action Cache entries",
+        args.data_dir.display(),
+        args.dest.display(),
+        usage.blobs,
+        usage.blob_bytes,
+        usage.actions
+    );
+    println!("restore: stop the server, replace DATA_DIR/db with {}, start it", args.dest.display());
+    Ok(())
 }
 
 /// A configuration that cannot be used: its message, exit status 2.

@@ -730,6 +730,15 @@ impl Store {
         self.purge_older(CF_AUDIT, before_nanos, 12)
     }
 
+    /// Writes a consistent copy of the whole store to `dest` (a directory
+    /// that must not exist): a RocksDB checkpoint, hard links where the
+    /// filesystem allows. Open it as a data directory's `db` to restore.
+    pub fn checkpoint(&self, dest: &Path) -> Result<()> {
+        self.flush()?;
+        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(dest)?;
+        Ok(())
+    }
+
     /// Flushes memtables and the WAL to disk (used at shutdown).
     pub fn flush(&self) -> Result<()> {
         self.db.flush_wal(true)?;

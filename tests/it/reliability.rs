@@ -690,3 +690,124 @@ async fn r8_corrupted_sst_data_blocks_start_and_serve_no_wrong_bytes() {
 async fn r8_corrupted_sst_index_blocks_start_and_serve_no_wrong_bytes() {
     corrupt_tables_then_check(3 << 32, true).await;
 }
+
+// ---------------------------------------------------------------- shutdown and backup
+
+/// SIGTERM while many uploads stream: calls in flight complete (the drain),
+/// the process exits 0, and every acknowledged blob is there after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_during_uploads_drains_calls_in_flight_and_loses_no_acknowledged_blob() {
+    const UPLOADERS: u64 = 8;
+    let mut server = ServerProcess::start_plaintext();
+    let attempted: Arc<Mutex<Vec<Blob>>> = Arc::default();
+    // Seed → when its upload was acknowledged.
+    let acked: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..UPLOADERS {
+        let (attempted, acked) = (attempted.clone(), acked.clone());
+        let mut c = connect(&server).await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0u64.. {
+                let blob = Blob { seed: (w << 20) | i, len: 4 * MIB + (i as usize % 1000) };
+                attempted.lock().unwrap().push(blob);
+                match upload(&mut c, &blob.data()).await {
+                    Ok(()) => acked.lock().unwrap().push((blob.seed, Instant::now())),
+                    Err(_) => break, // refused: the server is going away
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < 2 * UPLOADERS as usize {
+        assert!(Instant::now() < deadline, "uploads make no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sigterm_at = Instant::now();
+    let status = blocking(|| server.stop()); // SIGTERM; asserts a clean exit
+    assert!(status.success());
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t).await.expect("an uploader hangs").unwrap();
+    }
+    let log = server.log();
+    assert!(log.contains("draining calls in flight"), "no drain in the log:\n{log}");
+    assert!(log.contains("every call in flight completed"), "calls were cut off:\n{log}");
+    let acked_now: Vec<(u64, Instant)> = acked.lock().unwrap().clone();
+    let during_drain = acked_now.iter().filter(|(_, at)| *at > sigterm_at).count();
+    assert!(during_drain > 0, "no upload in flight at SIGTERM completed (of {})", acked_now.len());
+
+    blocking(|| server.start_again());
+    let attempted_now = attempted.lock().unwrap().clone();
+    let acked_set: HashSet<u64> = acked_now.iter().map(|(s, _)| *s).collect();
+    let present = check_blobs(&server, &attempted_now, &acked_set).await;
+    eprintln!(
+        "sigterm: {} uploads attempted, {} acknowledged ({during_drain} while draining), {present} present",
+        attempted_now.len(),
+        acked_now.len()
+    );
+    blocking(|| server.stop());
+}
+
+/// `provcache backup` of a stopped server, restored into a new data
+/// directory: the blobs and signed entries of the moment of the backup are
+/// served (and verify), later writes are not; a running server's directory
+/// is refused with a message saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_then_restore_serves_what_was_stored_at_the_backup() {
+    let mut server = ServerProcess::start_plaintext();
+    let mut c = connect(&server).await;
+    let (blobs, entries) = write_corpus(&mut c, 7 << 32).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = server.data_dir().to_path_buf();
+    let backup = |dest: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_provcache"))
+            .arg("backup")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg(dest)
+            .output()
+            .unwrap()
+    };
+
+    let refused = backup(&tmp.path().join("while-running"));
+    assert!(!refused.status.success(), "a running server's storage was backed up");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("in use by a running server"), "{err}");
+    assert!(!tmp.path().join("while-running").exists());
+
+    blocking(|| server.stop());
+    let dest = tmp.path().join("backup");
+    let made = backup(&dest);
+    assert!(made.status.success(), "backup failed: {}", String::from_utf8_lossy(&made.stderr));
+    let out = String::from_utf8_lossy(&made.stdout);
+    assert!(out.contains("10 Action Cache entries"), "{out}");
+
+    // Written after the backup: absent from the restored copy.
+    blocking(|| server.start_again());
+    let mut c = connect(&server).await;
+    let later = Blob { seed: 7 << 33, len: 5000 };
+    upload(&mut c, &later.data()).await.unwrap();
+    blocking(|| server.stop());
+
+    let restored = tmp.path().join("restored");
+    std::fs::create_dir(&restored).unwrap();
+    std::fs::rename(&dest, restored.join("db")).unwrap();
+    let pki = restored.join("dev-pki");
+    std::fs::create_dir(&pki).unwrap();
+    for entry in std::fs::read_dir(server.data_dir().join("dev-pki")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), pki.join(entry.file_name())).unwrap();
+    }
+    let mut again = ServerProcess::start_in(&restored, ["--plaintext-insecure"]);
+    let acked: HashSet<u64> = blobs.iter().map(|b| b.seed).collect();
+    assert_eq!(check_blobs(&again, &blobs, &acked).await, blobs.len());
+    let policy = dev_policy(&again);
+    let mut c = connect(&again).await;
+    for (action, reply) in &entries {
+        let got = lookup(&mut c, action).await.expect("a backed-up entry is a hit");
+        assert_signed(&policy, &got, action, "restored");
+        assert_eq!(&got, reply);
+    }
+    let later_name = blob_name(&sha(&later.data()));
+    assert_eq!(c.read(&later_name, 0, 0).await.unwrap_err().code(), Code::NotFound);
+    blocking(|| again.stop());
+}
