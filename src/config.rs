@@ -152,6 +152,11 @@ pub struct ServeConfig {
     #[arg(long, hide = true, env = "PROVCACHE_UNSAFE_NO_VERIFY", num_args = 0..=1, require_equals = true,
           default_missing_value = "true")]
     pub unsafe_no_verify: Option<bool>,
+    /// Store Action Cache entries unsigned (only to measure signing's cost;
+    /// every such entry then fails verification).
+    #[arg(long, hide = true, env = "PROVCACHE_UNSAFE_NO_SIGN", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true")]
+    pub unsafe_no_sign: Option<bool>,
 }
 
 /// The complete settings of `serve`, defaults applied. Printed by
@@ -209,6 +214,8 @@ pub struct Settings {
     pub unsafe_no_sync: bool,
     /// See [`ServeConfig::unsafe_no_verify`].
     pub unsafe_no_verify: bool,
+    /// See [`ServeConfig::unsafe_no_sign`].
+    pub unsafe_no_sign: bool,
 }
 
 /// A configuration that cannot be used.
@@ -282,6 +289,7 @@ impl ServeConfig {
             log_level,
             unsafe_no_sync,
             unsafe_no_verify,
+            unsafe_no_sign,
         )
     }
 }
@@ -363,6 +371,7 @@ pub fn resolve(cli: ServeConfig, rust_log: Option<String>, file: Option<ServeCon
         log_level,
         unsafe_no_sync: c.unsafe_no_sync.unwrap_or(false),
         unsafe_no_verify: c.unsafe_no_verify.unwrap_or(false),
+        unsafe_no_sign: c.unsafe_no_sign.unwrap_or(false),
     })
 }
 

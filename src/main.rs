@@ -446,11 +446,15 @@ async fn serve(args: Settings) -> anyhow::Result<()> {
             },
             server_id: args.server_id.clone(),
             verification_disabled: args.unsafe_no_verify,
+            signing_disabled: args.unsafe_no_sign,
         },
         history_retention: args.history_retention,
         metrics: args.metrics_listen.is_some(),
         shutdown_timeout: args.shutdown_timeout,
     };
+    if args.unsafe_no_sign {
+        tracing::warn!("signing of Action Cache entries is OFF (--unsafe-no-sign): for measurements only");
+    }
     if args.unsafe_no_verify {
         tracing::warn!("verification of Action Cache reads is OFF (--unsafe-no-verify): for measurements only");
     }

@@ -93,6 +93,9 @@ pub struct ProvenanceConfig {
     /// Skip verification on reads. Only for measuring its cost (`bench`);
     /// never exposed as a normal option.
     pub verification_disabled: bool,
+    /// Store entries without an envelope. Only for measuring signing's cost
+    /// (`bench`); every such entry fails verification.
+    pub signing_disabled: bool,
 }
 
 /// What an Action Cache entry is about: the request's instance, effective
@@ -273,6 +276,9 @@ impl Provenance {
         caller: &Caller,
         claims: Option<reapi::RequestMetadata>,
     ) -> Vec<u8> {
+        if self.config.signing_disabled {
+            return Vec::new();
+        }
         let writer = Writer {
             principal: caller.principal.clone(),
             leaf_cert_sha256: caller.cert.as_ref().map(|c| c.leaf_sha256.to_vec()).unwrap_or_default().into(),

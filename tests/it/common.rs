@@ -88,6 +88,7 @@ impl TestServer {
                 mode: opts.mode,
                 server_id: "test".into(),
                 verification_disabled: false,
+                signing_disabled: false,
             },
             history_retention: std::time::Duration::from_secs(3600),
             metrics: opts.metrics,
