@@ -44,21 +44,8 @@ async fn store_action(c: &mut Clients, n: u64, len: usize) -> (reapi::Digest, re
     let action = upload_action(c, "", &format!("action-{n}")).await;
     let data = noise(len, n);
     let out = c.upload("", &[&data]).await.remove(0);
-    let result = reapi::ActionResult {
-        output_files: vec![reapi::OutputFile {
-            path: "out.bin".into(),
-            digest: Some(out.clone()),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    c.ac.update_action_result(reapi::UpdateActionResultRequest {
-        action_digest: Some(action.clone()),
-        action_result: Some(result),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let result = reapi::ActionResult { output_files: vec![output("out.bin", &out)], ..Default::default() };
+    c.ac.update_action_result(update("", &action, result)).await.unwrap();
     (action, out, data)
 }
 

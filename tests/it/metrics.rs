@@ -59,17 +59,8 @@ async fn counters_move_after_real_calls() {
     let action = upload_action(&mut c, "", "metrics").await;
     assert_eq!(c.ac.get_action_result(get(&action)).await.unwrap_err().code(), Code::NotFound);
     let out = c.upload("", &[b"output"]).await.remove(0);
-    let result = reapi::ActionResult {
-        output_files: vec![reapi::OutputFile { path: "o".into(), digest: Some(out), ..Default::default() }],
-        ..Default::default()
-    };
-    c.ac.update_action_result(reapi::UpdateActionResultRequest {
-        action_digest: Some(action.clone()),
-        action_result: Some(result),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let result = reapi::ActionResult { output_files: vec![output("o", &out)], ..Default::default() };
+    c.ac.update_action_result(update("", &action, result)).await.unwrap();
     c.ac.get_action_result(get(&action)).await.unwrap();
     // 40 KiB through ByteStream, both ways; then enough more to evict.
     let data = noise(40 * 1024, 7);
