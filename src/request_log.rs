@@ -44,7 +44,7 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let span = tracing::info_span!(
             "request",
             rpc = rpc_name(req.uri().path()),
@@ -52,11 +52,12 @@ where
             invocation = tracing::field::Empty,
         );
         if !span.is_disabled() {
-            if let Some(m) = crate::service::request_metadata_from_headers(req.headers()) {
-                if !m.tool_invocation_id.is_empty() {
-                    span.record("invocation", m.tool_invocation_id.as_str());
-                }
+            let metadata = crate::service::request_metadata_from_headers(req.headers());
+            if let Some(m) = metadata.as_ref().filter(|m| !m.tool_invocation_id.is_empty()) {
+                span.record("invocation", m.tool_invocation_id.as_str());
             }
+            // Decoded once: the handler takes it from here.
+            req.extensions_mut().insert(crate::service::DecodedRequestMetadata(metadata));
         }
         span.in_scope(|| self.0.call(req)).instrument(span)
     }

@@ -42,8 +42,17 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// A `RequestMetadata` header already decoded in front of the services (by
+/// [`crate::request_log::RequestSpan`]), carried in the request's extensions
+/// so the handler does not decode it a second time.
+#[derive(Clone, Debug)]
+pub struct DecodedRequestMetadata(pub Option<reapi::RequestMetadata>);
+
 /// The client's `RequestMetadata`, if it sent a decodable one.
 pub fn request_metadata<T>(request: &tonic::Request<T>) -> Option<reapi::RequestMetadata> {
+    if let Some(DecodedRequestMetadata(decoded)) = request.extensions().get::<DecodedRequestMetadata>() {
+        return decoded.clone();
+    }
     let value = request.metadata().get_bin(REQUEST_METADATA_HEADER)?;
     let bytes = value.to_bytes().ok()?;
     reapi::RequestMetadata::decode(bytes).ok()
@@ -79,5 +88,21 @@ mod tests {
         assert_eq!(request_metadata_from_headers(&headers), Some(sent.clone()));
         assert_eq!(request_metadata(&request), Some(sent));
         assert_eq!(request_metadata_from_headers(&http::HeaderMap::new()), None);
+    }
+
+    /// A value decoded in front of the service is used as is (the header is
+    /// not decoded again).
+    #[test]
+    fn request_metadata_prefers_the_decoded_extension() {
+        let sent = reapi::RequestMetadata { tool_invocation_id: "from-header".into(), ..Default::default() };
+        let mut request = tonic::Request::new(());
+        request
+            .metadata_mut()
+            .insert_bin(REQUEST_METADATA_HEADER, tonic::metadata::MetadataValue::from_bytes(&sent.encode_to_vec()));
+        let decoded = reapi::RequestMetadata { tool_invocation_id: "decoded".into(), ..Default::default() };
+        request.extensions_mut().insert(DecodedRequestMetadata(Some(decoded.clone())));
+        assert_eq!(request_metadata(&request), Some(decoded));
+        request.extensions_mut().insert(DecodedRequestMetadata(None));
+        assert_eq!(request_metadata(&request), None);
     }
 }
