@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
+    SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -372,6 +373,50 @@ fn issue(
     write_new(key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write_new(cert_path, cert.pem().as_bytes(), 0o644)?;
     Ok(())
+}
+
+/// Writes a CRL signed by `ca` that revokes the certificates with `serials`
+/// (key compromise, one second ago), numbered `number` and valid for
+/// `valid_for`, to `path`. The file is replaced atomically: a hidden
+/// temporary file in the same directory (the server's CRL reader ignores
+/// hidden files), synced, then renamed, so a reloading server never sees half
+/// a CRL.
+pub fn write_crl(
+    ca: &Issuer<'_, KeyPair>,
+    path: &Path,
+    serials: &[Vec<u8>],
+    number: u64,
+    valid_for: Duration,
+) -> Result<(), PkiError> {
+    let now = OffsetDateTime::now_utc();
+    let params = CertificateRevocationListParams {
+        this_update: now - Duration::from_secs(60),
+        next_update: now + valid_for,
+        crl_number: SerialNumber::from(number.to_be_bytes().to_vec()),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .iter()
+            .map(|s| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(s),
+                revocation_time: now - Duration::from_secs(1),
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let pem = params.signed_by(ca)?.pem()?;
+    let name = path.file_name().ok_or_else(|| PkiError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+    })?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    write_new(&tmp, pem.as_bytes(), 0o644)?;
+    std::fs::rename(&tmp, path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
 }
 
 /// Creates `path` with `mode`; fails if it exists.

@@ -502,10 +502,7 @@ mod tests {
     use std::sync::atomic::AtomicI64;
 
     use futures::StreamExt;
-    use rcgen::{
-        CertificateRevocationListParams, ExtendedKeyUsagePurpose, KeyIdMethod, KeyPair, RevocationReason,
-        RevokedCertParams, SanType, SerialNumber,
-    };
+    use rcgen::{ExtendedKeyUsagePurpose, KeyPair, SanType};
     use rustls::pki_types::{PrivatePkcs8KeyDer, ServerName};
     use rustls::{ClientConfig, ProtocolVersion, SupportedProtocolVersion};
     use time::OffsetDateTime;
@@ -630,28 +627,8 @@ mod tests {
         }
 
         fn write_crl(&self, name: &str, revoked: &[Vec<u8>], number: u64) {
-            let now = OffsetDateTime::now_utc();
-            let params = CertificateRevocationListParams {
-                this_update: now - Duration::from_secs(60),
-                next_update: now + Duration::from_secs(86400),
-                crl_number: SerialNumber::from(number.to_be_bytes().to_vec()),
-                issuing_distribution_point: None,
-                revoked_certs: revoked
-                    .iter()
-                    .map(|s| RevokedCertParams {
-                        serial_number: SerialNumber::from_slice(s),
-                        revocation_time: now - Duration::from_secs(1),
-                        reason_code: Some(RevocationReason::KeyCompromise),
-                        invalidity_date: None,
-                    })
-                    .collect(),
-                key_identifier_method: KeyIdMethod::Sha256,
-            };
-            let crl = params.signed_by(&self.ca.issuer).unwrap();
-            // Atomic replace: hidden temporary file, then rename.
-            let tmp = self.dir.path().join("crls").join(format!(".{name}.tmp"));
-            std::fs::write(&tmp, crl.pem().unwrap()).unwrap();
-            std::fs::rename(&tmp, self.dir.path().join("crls").join(name)).unwrap();
+            let path = self.dir.path().join("crls").join(name);
+            crate::pki::write_crl(&self.ca.issuer, &path, revoked, number, Duration::from_secs(86400)).unwrap();
         }
 
         async fn wait_for_generation(&self, above: u64) {

@@ -16,9 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 use provcache::proto::bytestream::QueryWriteStatusRequest;
 use provcache::proto::reapi;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
-    SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -123,28 +122,8 @@ fn issue(issuer: &Issuer<'_, KeyPair>, params: &CertificateParams, dir: &Path, n
 /// Replaces `dir/ca.crl.pem` atomically with a CRL of `issuer` revoking
 /// `serials`.
 fn write_crl(issuer: &Issuer<'_, KeyPair>, dir: &Path, serials: &[Vec<u8>], number: u64) {
-    let now = OffsetDateTime::now_utc();
-    let params = CertificateRevocationListParams {
-        this_update: now - Duration::from_secs(60),
-        next_update: now + Duration::from_secs(24 * 3600),
-        crl_number: SerialNumber::from(number.to_be_bytes().to_vec()),
-        issuing_distribution_point: None,
-        revoked_certs: serials
-            .iter()
-            .map(|s| RevokedCertParams {
-                serial_number: SerialNumber::from_slice(s),
-                revocation_time: now - Duration::from_secs(1),
-                reason_code: Some(RevocationReason::KeyCompromise),
-                invalidity_date: None,
-            })
-            .collect(),
-        key_identifier_method: KeyIdMethod::Sha256,
-    };
-    let crl = params.signed_by(issuer).unwrap();
-    // The server ignores hidden files, so the rename is the moment of change.
-    let tmp = dir.join(".ca.crl.pem.tmp");
-    fs::write(&tmp, crl.pem().unwrap()).unwrap();
-    fs::rename(&tmp, dir.join("ca.crl.pem")).unwrap();
+    provcache::pki::write_crl(issuer, &dir.join("ca.crl.pem"), serials, number, Duration::from_secs(24 * 3600))
+        .unwrap();
 }
 
 /// The server's clock: real time plus an offset the test moves.
