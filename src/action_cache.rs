@@ -156,8 +156,15 @@ impl ActionCache {
     /// decoded entry. `Ok(None)` on a miss.
     pub async fn load(&self, instance: &InstanceName, action: Digest) -> Result<Option<(Vec<u8>, StoredActionEntry)>> {
         let key = Key::new(instance, &action);
-        let store = self.cas.store().clone();
-        let value = match blocking(move || store.ac_get(&key)).await {
+        // From memory on this thread when possible (see Store::ac_get_cached).
+        let value = match self.cas.store().ac_get_cached(&key) {
+            Some(value) => value,
+            None => {
+                let store = self.cas.store().clone();
+                blocking(move || store.ac_get(&key)).await
+            }
+        };
+        let value = match value {
             Ok(Some(value)) => value,
             Ok(None) => return Ok(None),
             // Damaged storage (a block failing its checksum) loses this

@@ -12,7 +12,7 @@ use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::proto::reapi;
 use crate::resource::{Compressor, InstanceName};
-use crate::store::{BlobMeta, Key, Kind, Store, CHUNK_SIZE};
+use crate::store::{BlobMeta, Key, Kind, Store, CHUNK_SIZE, MIN_BLOB_FILE_VALUE};
 
 /// The largest total of blob sizes in one batch call (advertised in Capabilities).
 pub const MAX_BATCH_TOTAL_BYTES: u64 = 4 * 1024 * 1024;
@@ -67,15 +67,29 @@ impl Cas {
             return Ok(vec![]);
         }
         let keys: Vec<Key> = wanted.iter().map(|d| Key::new(instance, d)).collect();
-        let store = self.store.clone();
-        let present = blocking(move || {
-            let present = store.contains(&keys)?;
-            for (key, _) in keys.iter().zip(&present).filter(|(_, p)| **p) {
+        let touch = |store: &Store, keys: &[Key], present: &[bool]| {
+            for (key, _) in keys.iter().zip(present).filter(|(_, p)| **p) {
                 store.touch(Kind::Blob, key);
             }
-            Ok(present)
-        })
-        .await?;
+        };
+        // From memory on this thread when possible; a disk read goes to a
+        // blocking thread.
+        let present = match self.store.contains_cached(&keys) {
+            Some(present) => {
+                let present = present?;
+                touch(&self.store, &keys, &present);
+                present
+            }
+            None => {
+                let store = self.store.clone();
+                blocking(move || {
+                    let present = store.contains(&keys)?;
+                    touch(&store, &keys, &present);
+                    Ok(present)
+                })
+                .await?
+            }
+        };
         Ok(wanted.into_iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| d).collect())
     }
 
@@ -107,6 +121,19 @@ impl Cas {
             )));
         }
         let key = Key::new(instance, &digest);
+        // A small blob is usually in memory: read it on this thread. A blob
+        // that fails its digest is left to the path below, which deletes it.
+        if digest.size < MIN_BLOB_FILE_VALUE as u64 {
+            match self.store.small_blob_cached(&key) {
+                Some(Ok(None)) => return Ok(None),
+                Some(Ok(Some(data))) if digest.verify(&data).is_ok() => {
+                    self.store.touch(Kind::Blob, &key);
+                    return Ok(Some(Bytes::from(data)));
+                }
+                Some(Err(e)) => return Err(e),
+                Some(Ok(Some(_))) | None => {}
+            }
+        }
         let store = self.store.clone();
         blocking(move || {
             let Some(meta) = store.blob_meta(&key)? else { return Ok(None) };

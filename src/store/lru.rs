@@ -131,7 +131,7 @@ pub(super) fn add_i64(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOper
 /// (the records behind it stay unaccounted, and so never evicted, until they
 /// are deleted; reads of them fail with DATA_LOSS anyway).
 type Item = (Box<[u8]>, Box<[u8]>);
-fn readable(item: std::result::Result<Item, rocksdb::Error>) -> Result<Option<Item>> {
+pub(super) fn readable(item: std::result::Result<Item, rocksdb::Error>) -> Result<Option<Item>> {
     match item {
         Ok(kv) => Ok(Some(kv)),
         Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {

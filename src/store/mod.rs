@@ -26,12 +26,13 @@ mod lru;
 pub use lru::{Evictions, Kind, Usage};
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, DBWithThreadMode, Options, SingleThreaded,
-    WriteBatch, WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, DBWithThreadMode, Options, ReadOptions,
+    SingleThreaded, WriteBatch, WriteOptions,
 };
 
 use crate::digest::{Digest, DigestFunction};
@@ -42,6 +43,10 @@ use lru::{Access, Lru, CF_ATIME, CF_LRU, CF_USAGE};
 /// Size of one stored chunk of a blob. Reads and writes move at most this much
 /// at a time, which bounds the memory a large blob costs.
 pub const CHUNK_SIZE: usize = 1024 * 1024;
+
+/// Chunk values at least this large go to RocksDB blob files; smaller ones
+/// stay in the table files (and the block cache).
+pub const MIN_BLOB_FILE_VALUE: usize = 4096;
 
 /// On-disk format version, checked at open.
 const FORMAT_VERSION: u32 = 1;
@@ -180,6 +185,9 @@ pub struct Store {
     locks: Vec<Mutex<()>>,
     sync: bool,
     lru: Lru,
+    /// The last history time handed out (ns): history times are strictly
+    /// increasing across the whole store, and above every stored one.
+    history_clock: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -201,6 +209,27 @@ fn audit_prefix(invocation: &str) -> Vec<u8> {
     k.extend_from_slice(&(id.len() as u16).to_be_bytes());
     k.extend_from_slice(id);
     k
+}
+
+/// Read options for reads that must not wait for the disk: RocksDB answers
+/// from its memtables and block cache, or fails at once with `Incomplete`.
+/// Hot lookups then run on the async worker without a hop to a blocking
+/// thread (which costs more than the lookup itself).
+fn memory_only() -> ReadOptions {
+    let mut o = ReadOptions::default();
+    o.set_read_tier(rocksdb::ReadTier::BlockCache);
+    o
+}
+
+/// The key, in the meta column family, of the latest history time stored.
+const HISTORY_HIGH_WATER: &[u8] = b"history-high-water";
+
+/// Merge operator of the meta column family: the largest big-endian u64
+/// (only the history high-water mark is merged).
+fn max_u64(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
+    let decode = |v: &[u8]| v.try_into().map(u64::from_be_bytes).unwrap_or(0);
+    let max = operands.iter().fold(existing.map(decode).unwrap_or(0), |acc, op| acc.max(decode(op)));
+    Some(max.to_be_bytes().to_vec())
 }
 
 /// Unix seconds now.
@@ -259,14 +288,19 @@ impl Store {
         queue.add_compact_on_deletion_collector_factory(10_000, 5_000, 0.5);
         let mut usage = small.clone();
         usage.set_merge_operator_associative("provcache.add_i64", lru::add_i64);
-        usage.set_max_successive_merges(64);
+        // No `max_successive_merges`: with it, every merge first reads the
+        // key's operands back from the memtable, and with a handful of hot
+        // counter keys that read grew to a quarter of the CPU of a write.
+        // Operands are combined by flushes, and read only at open.
+        let mut meta = small.clone();
+        meta.set_merge_operator_associative("provcache.max_u64", max_u64);
 
         let mut chunks = Options::default();
         chunks.set_block_based_table_factory(&table(false));
         chunks.set_compression_type(DBCompressionType::None);
         // Blob data goes to blob files, so compaction never rewrites it.
         chunks.set_enable_blob_files(true);
-        chunks.set_min_blob_size(4096);
+        chunks.set_min_blob_size(MIN_BLOB_FILE_VALUE as u64);
         chunks.set_blob_compression_type(DBCompressionType::None);
         chunks.set_enable_blob_gc(true);
         // Bounded memtables keep RSS flat while a large blob streams in.
@@ -282,7 +316,7 @@ impl Store {
                 ColumnFamilyDescriptor::new(CF_PENDING, small.clone()),
                 ColumnFamilyDescriptor::new(CF_AUDIT, small.clone()),
                 ColumnFamilyDescriptor::new(CF_ATIME, small.clone()),
-                ColumnFamilyDescriptor::new(CF_META, small.clone()),
+                ColumnFamilyDescriptor::new(CF_META, meta.clone()),
                 ColumnFamilyDescriptor::new(CF_LRU, queue.clone()),
                 ColumnFamilyDescriptor::new(CF_USAGE, usage.clone()),
             ]
@@ -311,8 +345,10 @@ impl Store {
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             sync: options.sync,
             lru: Lru::new(options.touch_interval, options.max_size),
+            history_clock: AtomicU64::new(0),
         };
         store.check_format()?;
+        store.history_clock = AtomicU64::new(store.load_history_high_water()?);
         // Cleanup only: unreadable leftovers must not keep the cache down.
         if let Err(e) = store.delete_abandoned_uploads(u64::MAX) {
             tracing::error!(error = %e, "could not delete the chunks of interrupted uploads");
@@ -380,6 +416,53 @@ impl Store {
         match self.db.get_pinned_cf(self.cf(CF_CAS), key.as_bytes())? {
             Some(v) => Ok(Some(BlobMeta::decode(&v)?)),
             None => Ok(None),
+        }
+    }
+
+    /// [`Store::contains`] answered from memory alone (memtables and the
+    /// block cache), for callers on an async worker thread: `None` as soon as
+    /// one key would need a disk read (call [`Store::contains`] on a blocking
+    /// thread then). A key the cached Bloom filter rules out needs no read.
+    pub fn contains_cached(&self, keys: &[Key]) -> Option<Result<Vec<bool>>> {
+        let results =
+            self.db.batched_multi_get_cf_opt(self.cf(CF_CAS), keys.iter().map(|k| k.as_bytes()), false, &memory_only());
+        let mut present = Vec::with_capacity(results.len());
+        for r in results {
+            match r {
+                Ok(v) => present.push(v.is_some()),
+                Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => return None,
+                Err(e) => return Some(Err(e.into())),
+            }
+        }
+        Some(Ok(present))
+    }
+
+    /// The bytes of a small stored blob (one chunk, smaller than
+    /// [`MIN_BLOB_FILE_VALUE`]), answered from memory alone (see
+    /// [`Store::contains_cached`]). `Some(Ok(None))`: not stored. `None`: a
+    /// disk read would be needed, or the blob is not small, or its record
+    /// looks wrong; read it with [`Store::blob_meta`] and
+    /// [`Store::read_chunk`] on a blocking thread then. Not checked against
+    /// its digest.
+    pub fn small_blob_cached(&self, key: &Key) -> Option<Result<Option<Vec<u8>>>> {
+        let ro = memory_only();
+        let meta = match self.db.get_pinned_cf_opt(self.cf(CF_CAS), key.as_bytes(), &ro) {
+            Ok(None) => return Some(Ok(None)),
+            Ok(Some(v)) => match BlobMeta::decode(&v) {
+                Ok(meta) => meta,
+                Err(e) => return Some(Err(e)),
+            },
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => return None,
+            Err(e) => return Some(Err(e.into())),
+        };
+        if meta.size == 0 || meta.size >= MIN_BLOB_FILE_VALUE as u64 || meta.chunks() != 1 {
+            return None;
+        }
+        match self.db.get_cf_opt(self.cf(CF_CHUNKS), chunk_key(meta.blob_id, 0), &ro) {
+            Ok(Some(v)) if v.len() as u64 == meta.size => Some(Ok(Some(v))),
+            Ok(_) => None,
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => None,
+            Err(e) => Some(Err(e.into())),
         }
     }
 
@@ -572,20 +655,31 @@ impl Store {
         Ok(self.db.get_cf(self.cf(CF_AC), key.as_bytes())?)
     }
 
+    /// [`Store::ac_get`] answered from memory alone (see
+    /// [`Store::contains_cached`]): `None` if it would need a disk read.
+    pub fn ac_get_cached(&self, key: &Key) -> Option<Result<Option<Vec<u8>>>> {
+        match self.db.get_cf_opt(self.cf(CF_AC), key.as_bytes(), &memory_only()) {
+            Ok(v) => Some(Ok(v)),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => None,
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+
     /// Stores an Action Cache value and its history record in one synced batch.
     ///
     /// Writers of one action are serialised (striped lock), and the history
-    /// record's time is made later than the action's last one, so concurrent
-    /// writers never overwrite each other's history record (equal clock
-    /// readings) and the newest history record is always the current value
-    /// (threat model R6). Returns the history time used.
+    /// record's time comes from the store's history clock under that lock:
+    /// strictly later than every history time before it, also across
+    /// restarts (its high-water mark is merged into the same batch), so
+    /// concurrent writers never overwrite each other's history record (equal
+    /// clock readings) and the newest history record is always the current
+    /// value (threat model R6), without reading the history on every write.
+    /// Returns the history time used.
     pub fn ac_put(&self, key: &Key, value: &[u8], stored_at_nanos: u64) -> Result<u64> {
         let _guard = self.lock(key);
-        let at = match self.last_history_at(key)? {
-            Some(last) if last >= stored_at_nanos => last.saturating_add(1),
-            _ => stored_at_nanos,
-        };
+        let at = self.next_history_at(stored_at_nanos);
         let mut batch = WriteBatch::default();
+        batch.merge_cf(self.cf(CF_META), HISTORY_HIGH_WATER, at.to_be_bytes());
         batch.put_cf(self.cf(CF_AC), key.as_bytes(), value);
         let mut hkey = key.as_bytes().to_vec();
         hkey.extend_from_slice(&at.to_be_bytes());
@@ -598,24 +692,43 @@ impl Store {
         Ok(at)
     }
 
-    /// The time of an action's newest history record.
-    fn last_history_at(&self, key: &Key) -> Result<Option<u64>> {
-        let prefix = key.as_bytes();
-        let mut end = prefix.to_vec();
-        end.extend_from_slice(&[0xff; 8]);
-        let mut iter =
-            self.db.iterator_cf(self.cf(CF_AC_HISTORY), rocksdb::IteratorMode::From(&end, rocksdb::Direction::Reverse));
-        match iter.next() {
-            Some(item) => {
-                let (k, _) = item?;
-                if k.len() == prefix.len() + 8 && k.starts_with(prefix) {
-                    Ok(Some(u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"))))
-                } else {
-                    Ok(None)
-                }
+    /// A history time: `now_nanos`, or just after the last one handed out
+    /// if that is later (equal clock readings, or a clock set back).
+    fn next_history_at(&self, now_nanos: u64) -> u64 {
+        let mut last = self.history_clock.load(Ordering::Acquire);
+        loop {
+            let next = now_nanos.max(last.saturating_add(1));
+            match self.history_clock.compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return next,
+                Err(current) => last = current,
             }
-            None => Ok(None),
         }
+    }
+
+    /// The latest history time ever stored: the high-water mark, or, in a
+    /// store written before there was one (or with the mark's block
+    /// damaged), the largest time among the history records (read once).
+    fn load_history_high_water(&self) -> Result<u64> {
+        let meta = self.cf(CF_META);
+        match self.db.get_cf(meta, HISTORY_HIGH_WATER) {
+            Ok(Some(v)) if v.len() == 8 => return Ok(u64::from_be_bytes(v[..].try_into().expect("8 bytes"))),
+            Ok(_) => {}
+            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                tracing::error!(error = %e, "the history high-water mark is damaged; recomputing it");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let mut high = 0u64;
+        for item in self.db.iterator_cf(self.cf(CF_AC_HISTORY), rocksdb::IteratorMode::Start) {
+            let Some((k, _)) = lru::readable(item)? else { break };
+            if let Some(at) = k.len().checked_sub(8).map(|i| u64::from_be_bytes(k[i..].try_into().expect("8 bytes"))) {
+                high = high.max(at);
+            }
+        }
+        if high > 0 {
+            self.db.merge_cf_opt(meta, HISTORY_HIGH_WATER, high.to_be_bytes(), &self.write_opts())?;
+        }
+        Ok(high)
     }
 
     fn stage_ac(&self, batch: &mut WriteBatch, key: &Key, len: usize) -> Result<lru::Delta> {
@@ -815,5 +928,32 @@ mod tests {
         s.commit_upload(&k, b, 3, false).unwrap();
         assert_eq!(s.blob_meta(&k).unwrap().unwrap().blob_id, a);
         assert!(s.db.get_cf(s.cf(CF_CHUNKS), chunk_key(b, 0)).unwrap().is_none());
+    }
+
+    /// History times only go forward: equal clock readings, a clock set
+    /// back, a restart, and a store written before the high-water mark
+    /// existed (its mark recomputed from the records) never reorder or
+    /// overwrite an action's history.
+    #[test]
+    fn history_times_only_go_forward_across_restarts() {
+        let (dir, s) = store();
+        let (a, b) = (key(b"a", ""), key(b"b", ""));
+        assert_eq!(s.ac_put(&a, b"a1", 1_000).unwrap(), 1_000);
+        assert_eq!(s.ac_put(&a, b"a2", 1_000).unwrap(), 1_001, "equal reading");
+        assert_eq!(s.ac_put(&b, b"b1", 500).unwrap(), 1_002, "clock set back");
+        drop(s);
+        let s = Store::open(dir.path(), &StoreOptions { sync: false, ..Default::default() }).unwrap();
+        assert_eq!(s.ac_put(&a, b"a3", 10).unwrap(), 1_003, "after a restart with the clock set back");
+        // A store from before the high-water mark: recomputed from the records.
+        s.db.delete_cf(s.cf(CF_META), HISTORY_HIGH_WATER).unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), &StoreOptions { sync: false, ..Default::default() }).unwrap();
+        assert_eq!(s.ac_put(&a, b"a4", 10).unwrap(), 1_004);
+        let history = s.ac_history(&a).unwrap();
+        assert_eq!(
+            history,
+            vec![(1_000, b"a1".to_vec()), (1_001, b"a2".to_vec()), (1_003, b"a3".to_vec()), (1_004, b"a4".to_vec())]
+        );
+        assert_eq!(s.ac_get(&a).unwrap().unwrap(), b"a4", "the newest history record is the current value");
     }
 }
