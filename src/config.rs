@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// Default size of RocksDB's block cache (`--block-cache`).
+pub const DEFAULT_BLOCK_CACHE: u64 = 256 << 20;
+
 /// Where the principal comes from in a client certificate.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -125,6 +128,13 @@ pub struct ServeConfig {
     #[serde(default, deserialize_with = "de_size")]
     pub max_size: Option<u64>,
 
+    /// Memory for RocksDB's block cache (index, filter and data blocks of
+    /// Action Cache entries and blob records), e.g. 1GiB. Lookups of entries
+    /// whose blocks are in it never wait for the disk. Default: 256MiB.
+    #[arg(long, env = "PROVCACHE_BLOCK_CACHE", value_parser = crate::units::parse_size)]
+    #[serde(default, deserialize_with = "de_size")]
+    pub block_cache: Option<u64>,
+
     /// Serve Prometheus metrics (GET /metrics) and a liveness probe (GET /healthz)
     /// over plain HTTP on this address, e.g. 127.0.0.1:9090. Default: off.
     #[arg(long, env = "PROVCACHE_METRICS_LISTEN")]
@@ -201,6 +211,8 @@ pub struct Settings {
     pub plaintext_principal: String,
     /// See [`ServeConfig::max_size`] (bytes).
     pub max_size: Option<u64>,
+    /// See [`ServeConfig::block_cache`] (bytes).
+    pub block_cache: u64,
     /// See [`ServeConfig::metrics_listen`].
     pub metrics_listen: Option<SocketAddr>,
     /// See [`ServeConfig::shutdown_timeout`].
@@ -283,6 +295,7 @@ impl ServeConfig {
             plaintext_insecure,
             plaintext_principal,
             max_size,
+            block_cache,
             metrics_listen,
             shutdown_timeout,
             log_format,
@@ -365,6 +378,7 @@ pub fn resolve(cli: ServeConfig, rust_log: Option<String>, file: Option<ServeCon
         plaintext_insecure: plaintext,
         plaintext_principal: c.plaintext_principal.unwrap_or_else(|| "plaintext".to_owned()),
         max_size: c.max_size,
+        block_cache: c.block_cache.unwrap_or(DEFAULT_BLOCK_CACHE),
         metrics_listen: c.metrics_listen,
         shutdown_timeout: c.shutdown_timeout.unwrap_or(Duration::from_secs(30)),
         log_format: c.log_format.unwrap_or(LogFormat::Text),
