@@ -243,6 +243,10 @@ pub struct Params {
     pub duration: Duration,
     /// Working-set size for Action Cache scenarios.
     pub keys: usize,
+    /// ac-hit reads only the first this many of `keys` (None: all).
+    pub working_set: Option<usize>,
+    /// A pause between the prefill and the timed part.
+    pub settle: Duration,
     /// Blob size for write/read scenarios.
     pub size: usize,
     /// ByteStream message size for writes.
@@ -282,7 +286,10 @@ pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<
     let ch = move |w: usize| channels[w % channels.len()].clone();
     match scenario {
         "ac-hit" => {
-            let keys = Arc::new(prefill(&ch(0), &instance, p.keys, run_id).await?);
+            let mut keys = prefill(&ch(0), &instance, p.keys, run_id).await?;
+            keys.truncate(p.working_set.unwrap_or(usize::MAX).max(1));
+            let keys = Arc::new(keys);
+            tokio::time::sleep(p.settle).await;
             Ok(drive("ac-hit", p.concurrency, p.duration, move |w, i| {
                 let mut client = ActionCacheClient::new(ch(w));
                 let key = keys[((w as u64 * 7919 + i) % keys.len() as u64) as usize].clone();

@@ -71,6 +71,14 @@ struct BenchArgs {
     /// Action Cache working set (keys stored through the real write path first).
     #[arg(long, default_value_t = 1000)]
     keys: usize,
+    /// ac-hit reads only the first N of the --keys entries it stored (a hot
+    /// working set inside a larger Action Cache); default: all of them.
+    #[arg(long, value_name = "N")]
+    working_set: Option<usize>,
+    /// Wait this long between storing the --keys entries and the timed part
+    /// (lets the server's background compaction of a large prefill finish).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    settle: std::time::Duration,
     /// Blob size for write, read and big-write (e.g. 1MiB, 1GiB).
     #[arg(long, default_value = "1MiB", value_parser = provcache::units::parse_size)]
     size: u64,
@@ -366,6 +374,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         duration: args.duration,
         keys: args.keys,
+        working_set: args.working_set,
+        settle: args.settle,
         size: args.size as usize,
         chunk: args.chunk as usize,
         connections: args.connections,
@@ -436,7 +446,12 @@ async fn serve(args: Settings) -> anyhow::Result<()> {
     };
     let options = ServerOptions {
         data_dir: args.data_dir.clone(),
-        store: StoreOptions { sync: !args.unsafe_no_sync, max_size: args.max_size, ..Default::default() },
+        store: StoreOptions {
+            sync: !args.unsafe_no_sync,
+            max_size: args.max_size,
+            block_cache_bytes: usize::try_from(args.block_cache).unwrap_or(usize::MAX),
+            ..Default::default()
+        },
         provenance: ProvenanceConfig {
             signing_key,
             trust_policy,

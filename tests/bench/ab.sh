@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# A/B ratio of two server configurations, measured in one run (goals G2, G3,
+# G5 of docs/performance.md). Starts server A and server B side by side (same
+# binary, separate data directories), then runs ROUNDS interleaved rounds of
+# `provcache bench` against A, then B, and prints each round, the medians of
+# req/s and MB/s, and the ratio A/B.
+#
+#   tests/bench/ab.sh 'A server flags' 'B server flags' [bench flags ...]
+#
+# The word `mtls` among a side's flags means: serve mTLS (the default; the
+# development PKI is created in its data directory) and connect with the dev
+# writer certificate; without it that side is plaintext. Environment: ROUNDS
+# (default 5), PROVCACHE_BIN, and PROVCACHE_BIN_B to run server B from
+# another build (before/after a change; the bench client is always
+# PROVCACHE_BIN). Examples:
+#
+#   # G2: verification on vs off (GetActionResult hits)
+#   tests/bench/ab.sh '' '--unsafe-no-verify' --scenario ac-hit --duration 5s
+#   # G3: signing on vs off (UpdateActionResult), fsync off on both
+#   tests/bench/ab.sh '--unsafe-no-sync' '--unsafe-no-sync --unsafe-no-sign --unsafe-no-verify' \
+#       --scenario ac-update --duration 5s
+#   # G5: mTLS vs plaintext
+#   tests/bench/ab.sh 'mtls' '' --scenario ac-hit --duration 5s
+#   tests/bench/ab.sh 'mtls' '' --scenario write --size 1MiB --chunk 64KiB --concurrency 8 --duration 5s
+set -euo pipefail
+[ $# -ge 2 ] || { sed -n '2,24p' "$0" >&2; exit 2; }
+flags_a=$1
+flags_b=$2
+shift 2
+rounds=${ROUNDS:-5}
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+cd "$root"
+
+bin=${PROVCACHE_BIN:-}
+if [ -z "$bin" ]; then
+    cargo build --release
+    bin="${CARGO_TARGET_DIR:-$root/target}/release/provcache"
+fi
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# start SIDE FLAGS: starts a server, sets client_SIDE to the bench's connection flags.
+start() {
+    local side=$1 flags=$2 mtls=0 args=()
+    for f in $flags; do
+        if [ "$f" = mtls ]; then mtls=1; else args+=("$f"); fi
+    done
+    [ "$mtls" = 1 ] || args+=(--plaintext-insecure)
+    local server_bin=$bin
+    [ "$side" = a ] || server_bin=${PROVCACHE_BIN_B:-$bin}
+    "$server_bin" serve --data-dir "$work/$side" --listen 127.0.0.1:0 "${args[@]}" >"$work/$side.log" 2>&1 &
+    pids+=($!)
+    local url=""
+    for _ in $(seq 150); do
+        url=$(sed -n 's/^provcache listening on \(grpcs*:\/\/.*\)$/\1/p' "$work/$side.log" | head -1)
+        [ -n "$url" ] && break
+        sleep 0.2
+    done
+    [ -n "$url" ] || { echo "server $side did not start:" >&2; cat "$work/$side.log" >&2; exit 1; }
+    local client="--server $url"
+    if [ "$mtls" = 1 ]; then
+        local pki="$work/$side/dev-pki"
+        client="$client --ca $pki/ca.pem --cert $pki/writer.pem --key $pki/writer.key"
+    fi
+    printf -v "client_$side" '%s' "$client"
+}
+start a "$flags_a"
+start b "$flags_b"
+
+# One round: prints "req/s MB/s p50_ms errors" of the bench's summary line.
+round() {
+    local side=$1 client
+    shift
+    client="client_$side"
+    # shellcheck disable=SC2086
+    "$bin" bench ${!client} "$@" | awk '/req\/s/ {
+        for (i = 1; i <= NF; i++) { if ($(i+1) == "req/s") r = $i; if ($(i+1) == "MB/s") m = $i; if ($i == "p50") p = $(i+1); if ($i == "errors") e = $(i+1) }
+        print r, m, p, e; exit }'
+}
+
+printf 'A: %s\nB: %s\nbench: %s\n' "${flags_a:-(defaults)}" "${flags_b:-(defaults)}" "$*"
+ra=()
+rb=()
+for i in $(seq "$rounds"); do
+    a=$(round a "$@")
+    b=$(round b "$@")
+    printf 'round %d  A %-32s B %s\n' "$i" "$a" "$b"
+    for r in "$a" "$b"; do
+        [ "$(echo "$r" | awk '{ print $4 }')" = 0 ] || { echo "ab.sh: a round had errors or no result" >&2; exit 1; }
+    done
+    ra+=("$a")
+    rb+=("$b")
+done
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+col() { printf '%s\n' "${@:2}" | awk -v c="$1" '{ print $c }'; }
+a_rps=$(col 1 "${ra[@]}" | median)
+b_rps=$(col 1 "${rb[@]}" | median)
+a_mbs=$(col 2 "${ra[@]}" | median)
+b_mbs=$(col 2 "${rb[@]}" | median)
+awk -v a="$a_rps" -v b="$b_rps" -v am="$a_mbs" -v bm="$b_mbs" 'BEGIN {
+    printf "median req/s  A %.0f  B %.0f  A/B %.2f\n", a, b, (b > 0 ? a / b : 0)
+    if (bm > 0) printf "median MB/s   A %.1f  B %.1f  A/B %.2f\n", am, bm, am / bm }'
