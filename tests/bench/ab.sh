@@ -28,23 +28,8 @@ flags_a=$1
 flags_b=$2
 shift 2
 rounds=${ROUNDS:-5}
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-cd "$root"
-
-bin=${PROVCACHE_BIN:-}
-if [ -z "$bin" ]; then
-    cargo build --release
-    bin="${CARGO_TARGET_DIR:-$root/target}/release/provcache"
-fi
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=tests/bench/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # start SIDE FLAGS: starts a server, sets client_SIDE to the bench's connection flags.
 start() {
@@ -55,15 +40,7 @@ start() {
     [ "$mtls" = 1 ] || args+=(--plaintext-insecure)
     local server_bin=$bin
     [ "$side" = a ] || server_bin=${PROVCACHE_BIN_B:-$bin}
-    "$server_bin" serve --data-dir "$work/$side" --listen 127.0.0.1:0 "${args[@]}" >"$work/$side.log" 2>&1 &
-    pids+=($!)
-    local url=""
-    for _ in $(seq 150); do
-        url=$(sed -n 's/^provcache listening on \(grpcs*:\/\/.*\)$/\1/p' "$work/$side.log" | head -1)
-        [ -n "$url" ] && break
-        sleep 0.2
-    done
-    [ -n "$url" ] || { echo "server $side did not start:" >&2; cat "$work/$side.log" >&2; exit 1; }
+    start_provcache "$side" "${args[@]}"
     local client="--server $url"
     if [ "$mtls" = 1 ]; then
         local pki="$work/$side/dev-pki"

@@ -17,30 +17,10 @@
 # takes about 1.7 KB of disk per entry.
 set -euo pipefail
 [ $# -gt 0 ] || set -- 10000 1000000
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-cd "$root"
-
-bin=${PROVCACHE_BIN:-}
-if [ -z "$bin" ]; then
-    cargo build --release
-    bin="${CARGO_TARGET_DIR:-$root/target}/release/provcache"
-fi
-work=$(mktemp -d)
-pid=""
-cleanup() { [ -z "$pid" ] || kill "$pid" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-"$bin" serve --data-dir "$work/data" --listen 127.0.0.1:0 --plaintext-insecure --unsafe-no-sync \
-    >"$work/log" 2>&1 &
-pid=$!
-url=""
-for _ in $(seq 100); do
-    url=$(sed -n 's/^provcache listening on grpc:\/\/\(.*\)$/\1/p' "$work/log" | head -1)
-    [ -n "$url" ] && break
-    sleep 0.2
-done
-[ -n "$url" ] || { echo "the server did not start:" >&2; cat "$work/log" >&2; exit 1; }
+# shellcheck source=tests/bench/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+start_provcache data --plaintext-insecure --unsafe-no-sync
+url=${url#grpc://}
 
 total=0
 run() {

@@ -11,29 +11,10 @@
 # Needs about 2x the largest SIZE free under $TMPDIR (the data directory).
 set -euo pipefail
 [ $# -gt 0 ] || set -- 256MiB 4GiB
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-cd "$root"
-
-bin=${PROVCACHE_BIN:-}
-if [ -z "$bin" ]; then
-    cargo build --release
-    bin="${CARGO_TARGET_DIR:-$root/target}/release/provcache"
-fi
-work=$(mktemp -d)
-pid=""
-cleanup() { [ -z "$pid" ] || kill "$pid" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-"$bin" serve --data-dir "$work/data" --listen 127.0.0.1:0 --plaintext-insecure >"$work/log" 2>&1 &
-pid=$!
-url=""
-for _ in $(seq 100); do
-    url=$(sed -n 's/^provcache listening on grpc:\/\/\(.*\)$/\1/p' "$work/log" | head -1)
-    [ -n "$url" ] && break
-    sleep 0.2
-done
-[ -n "$url" ] || { echo "the server did not start:" >&2; cat "$work/log" >&2; exit 1; }
+# shellcheck source=tests/bench/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+start_provcache data --plaintext-insecure
+url=${url#grpc://}
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"; }
 sleep 1
