@@ -167,6 +167,11 @@ pub struct ServeConfig {
     #[arg(long, hide = true, env = "PROVCACHE_UNSAFE_NO_SIGN", num_args = 0..=1, require_equals = true,
           default_missing_value = "true")]
     pub unsafe_no_sign: Option<bool>,
+
+    /// The limits that bound what one caller can cost (the file's `[limits]` table).
+    #[command(flatten)]
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
 }
 
 /// The complete settings of `serve`, defaults applied. Printed by
@@ -228,6 +233,8 @@ pub struct Settings {
     pub unsafe_no_verify: bool,
     /// See [`ServeConfig::unsafe_no_sign`].
     pub unsafe_no_sign: bool,
+    /// See [`ServeConfig::limits`] (last: a TOML table follows the plain values).
+    pub limits: crate::limits::Limits,
 }
 
 /// A configuration that cannot be used.
@@ -303,6 +310,7 @@ impl ServeConfig {
             unsafe_no_sync,
             unsafe_no_verify,
             unsafe_no_sign,
+            limits,
         )
     }
 }
@@ -312,6 +320,12 @@ trait Merge {
 }
 
 impl<T> Merge for Option<T> {
+    fn merge(self, lower: Self) -> Self {
+        self.or(lower)
+    }
+}
+
+impl Merge for crate::limits::LimitsConfig {
     fn merge(self, lower: Self) -> Self {
         self.or(lower)
     }
@@ -386,6 +400,7 @@ pub fn resolve(cli: ServeConfig, rust_log: Option<String>, file: Option<ServeCon
         unsafe_no_sync: c.unsafe_no_sync.unwrap_or(false),
         unsafe_no_verify: c.unsafe_no_verify.unwrap_or(false),
         unsafe_no_sign: c.unsafe_no_sign.unwrap_or(false),
+        limits: c.limits.resolve()?,
     })
 }
 

@@ -27,6 +27,7 @@ pub mod digest;
 pub mod error;
 pub mod failpoint;
 pub mod identity;
+pub mod limits;
 #[cfg(feature = "server")]
 pub mod metrics;
 pub mod pki;

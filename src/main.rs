@@ -466,6 +466,7 @@ async fn serve(args: Settings) -> anyhow::Result<()> {
         history_retention: args.history_retention,
         metrics: args.metrics_listen.is_some(),
         shutdown_timeout: args.shutdown_timeout,
+        limits: args.limits.clone(),
     };
     if args.unsafe_no_sign {
         tracing::warn!("signing of Action Cache entries is OFF (--unsafe-no-sign): for measurements only");

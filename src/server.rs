@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use crate::action_cache::ActionCache;
 use crate::auth::SharedGate;
 use crate::cas::Cas;
+use crate::limits::{LimitHits, Limits};
 use crate::metrics::{Metrics, MetricsLayer};
 use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
 use crate::proto::prov::audit_server::AuditServer;
@@ -52,6 +53,8 @@ pub struct ServerOptions {
     pub metrics: bool,
     /// How long calls in flight may take to complete after shutdown begins.
     pub shutdown_timeout: Duration,
+    /// What one caller may cost (docs/operations.md, "Limits").
+    pub limits: Limits,
 }
 
 /// Background tasks of a serving cache; stopped with [`Background::abort`].
@@ -122,13 +125,17 @@ impl Cache {
         let cas = Arc::new(Cas::new(store.clone()));
         let ac = Arc::new(ActionCache::new(cas.clone()));
         let uploads = Arc::new(Uploads::default());
-        let metrics = options.metrics.then(|| Metrics::new(store.clone(), provenance.clone(), uploads.clone()));
+        let limit_hits = Arc::new(LimitHits::default());
+        let metrics = options
+            .metrics
+            .then(|| Metrics::new(store.clone(), provenance.clone(), uploads.clone(), limit_hits.clone()));
         let gate = match &metrics {
             Some(m) => m.gate(gate),
             None => gate,
         };
         let gate = crate::request_log::LoggingGate::wrap(gate);
-        let ctx = Context { gate, cas, ac, uploads, provenance };
+        let limits = Arc::new(options.limits.clone());
+        let ctx = Context { gate, cas, ac, uploads, provenance, limits, limit_hits };
         Ok(Cache {
             ctx,
             store,

@@ -23,6 +23,9 @@ pub const STATEMENT_TYPE: &str = "provcache/action-result/v1";
 /// The DSSE payload type of an encoded [`ActionResultStatement`].
 pub const PAYLOAD_TYPE: &str = "application/vnd.provcache.action-result-statement.v1+proto";
 /// Type URL of the `Any` that carries the encoded [`Envelope`].
+/// DSSE payload type of a signed hit record (proto/provcache/v1/audit.proto).
+pub const HIT_RECORD_PAYLOAD_TYPE: &str = "application/vnd.provcache.hit-record.v1+proto";
+/// Type URL of the DSSE envelope in `auxiliary_metadata`.
 pub const ENVELOPE_TYPE_URL: &str = "type.googleapis.com/io.intoto.Envelope";
 /// Type URL of the `Any` that carries a [`VerificationStatus`] (flag mode).
 pub const STATUS_TYPE_URL: &str = "type.googleapis.com/provcache.v1.VerificationStatus";

@@ -170,7 +170,12 @@ impl GrpcMetrics {
 impl Metrics {
     /// A registry with the request metrics and the state of `store`,
     /// `provenance` and `uploads`.
-    pub fn new(store: Arc<Store>, provenance: Arc<Provenance>, uploads: Arc<Uploads>) -> Arc<Self> {
+    pub fn new(
+        store: Arc<Store>,
+        provenance: Arc<Provenance>,
+        uploads: Arc<Uploads>,
+        limit_hits: Arc<crate::limits::LimitHits>,
+    ) -> Arc<Self> {
         let mut registry = Registry::with_prefix("provcache");
         let grpc = Arc::new(GrpcMetrics::new());
         registry.register("grpc_requests", "gRPC calls answered, by method and status code", grpc.requests.clone());
@@ -192,6 +197,11 @@ impl Metrics {
             "denied_calls",
             "Calls refused by the authorization gate, by permission asked and reason",
             denied.clone(),
+        );
+        registry.register(
+            "limit_hits",
+            "Work refused or cut off by a limit (docs/operations.md, Limits), by limit and principal",
+            limit_hits.family(),
         );
         registry.register_collector(Box::new(StateCollector { store, provenance, uploads }));
         Arc::new(Metrics { registry, grpc, denied, serving: true.into() })

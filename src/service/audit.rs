@@ -83,8 +83,19 @@ impl Audit for AuditService {
                 return Err(e.into());
             }
         }
+        // Transitional: records are wrapped unsigned; signing and chaining come next.
+        let records = hits
+            .iter()
+            .map(|h| prov::SignedHitRecord {
+                envelope: Some(prov::Envelope {
+                    payload: h.encode_to_vec().into(),
+                    payload_type: signing::HIT_RECORD_PAYLOAD_TYPE.to_string(),
+                    signatures: vec![],
+                }),
+            })
+            .collect();
         Ok(tonic::Response::new(prov::ListInvocationHitsResponse {
-            hits,
+            records,
             next_page_token: next_page_token.unwrap_or_default(),
         }))
     }
@@ -105,6 +116,7 @@ impl Audit for AuditService {
         Ok(tonic::Response::new(prov::GetStoredEntryResponse {
             current: current.as_deref().and_then(decode),
             history: history.iter().filter_map(|(_, v)| decode(v)).collect(),
+            next_history_page_token: String::new(),
         }))
     }
 }

@@ -34,6 +34,10 @@ pub struct Context {
     pub uploads: Arc<Uploads>,
     /// Signing and verification of Action Cache entries.
     pub provenance: Arc<crate::provenance::Provenance>,
+    /// What one caller may cost.
+    pub limits: Arc<crate::limits::Limits>,
+    /// Counts (and logs) every refusal by a limit.
+    pub limit_hits: Arc<crate::limits::LimitHits>,
 }
 
 impl std::fmt::Debug for Context {

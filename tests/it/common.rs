@@ -43,6 +43,8 @@ pub struct TestOptions {
     pub touch_interval: Option<std::time::Duration>,
     /// Serve metrics on a second listener ([`TestServer::metrics_addr`]).
     pub metrics: bool,
+    /// Limits (default: the server's defaults).
+    pub limits: Option<provcache::limits::Limits>,
 }
 
 /// A server running in this process on a real socket.
@@ -93,6 +95,7 @@ impl TestServer {
             history_retention: std::time::Duration::from_secs(3600),
             metrics: opts.metrics,
             shutdown_timeout: std::time::Duration::from_secs(10),
+            limits: opts.limits.clone().unwrap_or_default(),
         };
         let clock = opts.clock.clone().unwrap_or_else(|| Arc::new(std::time::SystemTime::now));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
