@@ -103,6 +103,16 @@ pub trait Gate: Send + Sync + 'static {
     fn allows(&self, peer: &Peer, instance: &InstanceName, permission: Permission) -> bool {
         self.authorize(peer, instance, permission).is_ok()
     }
+
+    /// Authenticates the caller and checks that some rule grants them
+    /// `permission` on at least one instance. Lets the transport refuse a
+    /// call before reading its body when the caller could never be allowed
+    /// it, whatever instance the body names, and lets the audit service
+    /// refuse consistently whatever the data. The default asks about the
+    /// default instance only; gates with a policy answer for every instance.
+    fn authorize_anywhere(&self, peer: &Peer, permission: Permission) -> Result<Caller, Error> {
+        self.authorize(peer, &InstanceName::default(), permission)
+    }
 }
 
 /// Records the caller's principal on the current request span (see

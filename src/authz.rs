@@ -237,6 +237,16 @@ impl Policy {
             })
     }
 
+    /// The name of the first rule granting `permission` to `principal` on
+    /// any instance at all; otherwise [`Denied`] (naming the instance `*`).
+    pub fn check_anywhere(&self, principal: &str, permission: Permission) -> Result<&str, Denied> {
+        self.rules
+            .iter()
+            .find(|r| r.permissions.contains(&permission) && r.principals.iter().any(|p| p.matches(principal)))
+            .map(|r| r.name.as_str())
+            .ok_or_else(|| Denied { principal: principal.to_owned(), instance: "*".to_owned(), permission })
+    }
+
     /// Number of rules.
     pub fn len(&self) -> usize {
         self.rules.len()
@@ -358,6 +368,13 @@ impl Gate for MtlsGate {
         let rule = self.policy.check(&identity.principal, instance, permission).map_err(denied)?;
         Ok(Caller { rule: rule.to_owned(), principal: identity.principal, cert: Some(identity.cert) })
     }
+
+    fn authorize_anywhere(&self, peer: &Peer, permission: Permission) -> Result<Caller, Error> {
+        let identity = self.authenticate(peer)?;
+        crate::auth::record_principal(&identity.principal);
+        let rule = self.policy.check_anywhere(&identity.principal, permission).map_err(denied)?;
+        Ok(Caller { rule: rule.to_owned(), principal: identity.principal, cert: Some(identity.cert) })
+    }
 }
 
 fn denied(d: Denied) -> Error {
@@ -383,6 +400,12 @@ impl Gate for PlaintextGate {
     fn authorize(&self, _: &Peer, instance: &InstanceName, permission: Permission) -> Result<Caller, Error> {
         crate::auth::record_principal(&self.principal);
         let rule = self.policy.check(&self.principal, instance, permission).map_err(denied)?;
+        Ok(Caller { principal: self.principal.clone(), rule: rule.to_owned(), cert: None })
+    }
+
+    fn authorize_anywhere(&self, _: &Peer, permission: Permission) -> Result<Caller, Error> {
+        crate::auth::record_principal(&self.principal);
+        let rule = self.policy.check_anywhere(&self.principal, permission).map_err(denied)?;
         Ok(Caller { principal: self.principal.clone(), rule: rule.to_owned(), cert: None })
     }
 }

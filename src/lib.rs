@@ -16,6 +16,7 @@
 
 #[cfg(feature = "server")]
 pub mod action_cache;
+pub mod attack;
 pub mod auth;
 pub mod authz;
 pub mod bench;

@@ -95,6 +95,14 @@ impl Gate for LoggingGate {
     fn allows(&self, peer: &Peer, instance: &InstanceName, permission: Permission) -> bool {
         self.0.allows(peer, instance, permission)
     }
+
+    fn authorize_anywhere(&self, peer: &Peer, permission: Permission) -> Result<Caller, Error> {
+        let result = self.0.authorize_anywhere(peer, permission);
+        if let Err(e) = &result {
+            tracing::info!(instance = "*", %permission, error = %e, "call refused");
+        }
+        result
+    }
 }
 
 #[cfg(test)]

@@ -238,7 +238,21 @@ struct CountingGate {
 
 impl Gate for CountingGate {
     fn authorize(&self, peer: &Peer, instance: &InstanceName, permission: Permission) -> Result<Caller, Error> {
-        let result = self.inner.authorize(peer, instance, permission);
+        self.count(permission, self.inner.authorize(peer, instance, permission))
+    }
+
+    fn authorize_anywhere(&self, peer: &Peer, permission: Permission) -> Result<Caller, Error> {
+        self.count(permission, self.inner.authorize_anywhere(peer, permission))
+    }
+
+    fn allows(&self, peer: &Peer, instance: &InstanceName, permission: Permission) -> bool {
+        // A probe (Capabilities' update_enabled), not a refused call.
+        self.inner.allows(peer, instance, permission)
+    }
+}
+
+impl CountingGate {
+    fn count(&self, permission: Permission, result: Result<Caller, Error>) -> Result<Caller, Error> {
         if let Err(e) = &result {
             let reason = match e {
                 Error::Unauthenticated(_) => "unauthenticated",
@@ -249,11 +263,6 @@ impl Gate for CountingGate {
             self.metrics.denied.get_or_create(&labels).inc();
         }
         result
-    }
-
-    fn allows(&self, peer: &Peer, instance: &InstanceName, permission: Permission) -> bool {
-        // A probe (Capabilities' update_enabled), not a refused call.
-        self.inner.allows(peer, instance, permission)
     }
 }
 
