@@ -332,7 +332,12 @@ impl ActionCache {
             let what = format!("tree of output directory {:?}", dir.path);
             let tree_digest = parse(dir.tree_digest.as_ref(), &what)?;
             out.push((tree_digest, what.clone()));
-            limits.at_most("max_referenced_blobs", "the action result references too many blobs", out.len() as u64, max)?;
+            limits.at_most(
+                "max_referenced_blobs",
+                "the action result references too many blobs",
+                out.len() as u64,
+                max,
+            )?;
             let left = max - out.len() as u64;
             let Some(tree) = self.cas.get_tree_message(instance, tree_digest, left, limits).await? else {
                 continue; // reported as missing by the caller

@@ -186,7 +186,12 @@ impl Cas {
         let Some(bytes) = self.get(instance, digest, MAX_DECODED_BLOB).await? else { return Ok(None) };
         let entries = directory_entries(&bytes).ok_or_else(|| malformed::<reapi::Directory>(digest))?;
         let max = limits.limits().max_directory_nodes;
-        limits.at_most("max_directory_nodes", format_args!("Directory {digest} has too many entries"), entries, max as u64)?;
+        limits.at_most(
+            "max_directory_nodes",
+            format_args!("Directory {digest} has too many entries"),
+            entries,
+            max as u64,
+        )?;
         decode(digest, &bytes).map(Some)
     }
 
@@ -208,7 +213,12 @@ impl Cas {
         let what = |of: &str| format!("Tree {digest} has too many {of}");
         limits.at_most("max_tree_nodes", what("directories and entries"), shape.nodes, l.max_tree_nodes as u64)?;
         let largest = shape.largest_directory;
-        limits.at_most("max_directory_nodes", what("entries in one directory"), largest, l.max_directory_nodes as u64)?;
+        limits.at_most(
+            "max_directory_nodes",
+            what("entries in one directory"),
+            largest,
+            l.max_directory_nodes as u64,
+        )?;
         limits.at_most("max_referenced_blobs", what("files for this result"), shape.files, max_files)?;
         decode(digest, &bytes).map(Some)
     }
@@ -422,7 +432,8 @@ impl TreeWalk<'_> {
 }
 
 fn decode<M: Message + Default>(digest: Digest, bytes: &[u8]) -> Result<M> {
-    M::decode(bytes).map_err(|e| Error::InvalidArgument(format!("blob {digest} is not a valid {}: {e}", type_name::<M>())))
+    M::decode(bytes)
+        .map_err(|e| Error::InvalidArgument(format!("blob {digest} is not a valid {}: {e}", type_name::<M>())))
 }
 
 fn malformed<M>(digest: Digest) -> Error {

@@ -155,13 +155,21 @@ impl Enforcer {
     /// Ok when `value` is within `max`; otherwise INVALID_ARGUMENT naming
     /// `what` and the limit, counted as a hit. For requests that can never
     /// succeed as sent, so the client must not retry them.
-    pub fn at_most(&self, limit: &'static str, what: impl std::fmt::Display, value: u64, max: u64) -> crate::error::Result<()> {
+    pub fn at_most(
+        &self,
+        limit: &'static str,
+        what: impl std::fmt::Display,
+        value: u64,
+        max: u64,
+    ) -> crate::error::Result<()> {
         if value <= max {
             return Ok(());
         }
         Err(self.refuse(
             limit,
-            crate::error::Error::InvalidArgument(format!("{what}: {value} is over the limit of {max} (limits.{limit})")),
+            crate::error::Error::InvalidArgument(format!(
+                "{what}: {value} is over the limit of {max} (limits.{limit})"
+            )),
         ))
     }
 

@@ -265,11 +265,14 @@ impl HalfUploads {
     pub async fn once(&self) -> Round {
         let digest = sha(&pseudo_random_bytes(rand_u64(), 16));
         let digest = reapi::Digest { size_bytes: self.size as i64, ..digest };
-        let name = prefixed(&self.instance, &format!("uploads/{}/compressed-blobs/zstd/{}", unique(), resource(&digest)));
+        let name =
+            prefixed(&self.instance, &format!("uploads/{}/compressed-blobs/zstd/{}", unique(), resource(&digest)));
         let msg = WriteRequest { resource_name: name, write_offset: 0, finish_write: false, data: self.frame.clone() };
         match ByteStreamClient::new(self.ch.clone()).write(futures::stream::iter([msg])).await {
             Ok(_) => Ok(()),
-            Err(s) if s.code() == tonic::Code::InvalidArgument && s.message().contains("without finish_write") => Ok(()),
+            Err(s) if s.code() == tonic::Code::InvalidArgument && s.message().contains("without finish_write") => {
+                Ok(())
+            }
             Err(s) => Err(s),
         }
     }

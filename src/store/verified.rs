@@ -101,7 +101,9 @@ impl VerifiedChunks {
                 .entries
                 .get(key)
                 .filter(|e| {
-                    e.blob_id == meta.blob_id && e.chunk_size == meta.chunk_size && e.hashes.len() == meta.chunks() as usize
+                    e.blob_id == meta.blob_id
+                        && e.chunk_size == meta.chunk_size
+                        && e.hashes.len() == meta.chunks() as usize
                 })
                 .map(|e| e.hashes.clone())
         };

@@ -11,7 +11,8 @@
 #   PROVCACHE_BIN=new/provcache SERVER_BIN=old/provcache tests/bench/attack.sh inline-names
 #
 # The bench client is always $bin (it has --attacker); SERVER_BIN picks the
-# server measured (default: $bin too). BENCH_ARGS adds bench flags.
+# server measured (default: $bin too). DURATION (default 5s) is each timed
+# part; BENCH_ARGS adds bench flags.
 set -euo pipefail
 [ $# -gt 0 ] || set -- inline-names directory-amplification half-uploads ranged-reads
 # shellcheck source=tests/bench/common.sh
@@ -47,7 +48,7 @@ for kind in "$@"; do
     # shellcheck disable=SC2086
     "$bin" bench --server "$url" --ca "$pki/ca.pem" --cert "$pki/writer.pem" --key "$pki/writer.key" \
         --attacker-cert "$work/attacker.pem" --attacker-key "$work/attacker.key" \
-        "${honest[@]}" --concurrency 4 --connections 1 --duration 5s \
+        "${honest[@]}" --concurrency 4 --connections 1 --duration "${DURATION:-5s}" \
         --attacker "$kind" --attackers 2 --server-pid "$pid" ${BENCH_ARGS:-}
     kill "$pid"
     wait "$pid" 2>/dev/null || true

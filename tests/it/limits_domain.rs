@@ -121,9 +121,11 @@ fn limits(f: impl FnOnce(&mut Limits)) -> Option<Limits> {
 async fn a_reader_cannot_make_inlining_compare_every_name_with_every_output() {
     let server = TestServer::start_opts(TestOptions { tls: true, metrics: true, ..Default::default() }).await;
     let writer = server.dev_clients("writer").await;
-    let reader_ch = server.tls_channel(Some((server.pki_dir().join("reader.pem"), server.pki_dir().join("reader.key"))));
+    let reader_ch =
+        server.tls_channel(Some((server.pki_dir().join("reader.pem"), server.pki_dir().join("reader.key"))));
     let reader_ch = reader_ch.await.unwrap();
-    let writer_ch = server.tls_channel(Some((server.pki_dir().join("writer.pem"), server.pki_dir().join("writer.key"))));
+    let writer_ch =
+        server.tls_channel(Some((server.pki_dir().join("writer.pem"), server.pki_dir().join("writer.key"))));
     let writer_ch = writer_ch.await.unwrap();
     let attack = InlineNames::prepare(&writer_ch, "", 2_000, 200_000).await.unwrap().via(&reader_ch);
 
@@ -288,8 +290,8 @@ async fn a_writer_filling_its_share_of_uploads_does_not_stop_another_writer() {
         l.max_uploads_per_instance = 24;
         l.upload_idle_timeout = Duration::from_secs(3);
     });
-    let server = TestServer::start_opts(TestOptions { tls: true, policy: Some(policy), limits, ..Default::default() })
-        .await;
+    let server =
+        TestServer::start_opts(TestOptions { tls: true, policy: Some(policy), limits, ..Default::default() }).await;
     let certs = tempfile::tempdir().unwrap();
     let issued = provcache::pki::issue_client_cert(
         &server.pki_dir(),
@@ -341,7 +343,8 @@ async fn a_writer_filling_its_share_of_uploads_does_not_stop_another_writer() {
     assert!(growth < 128.0, "memory grew by {growth:.0} MiB during the attack");
 
     // The instance's cap: another identity may add only what is left of it.
-    let writer_ch = server.tls_channel(Some((server.pki_dir().join("writer.pem"), server.pki_dir().join("writer.key"))));
+    let writer_ch =
+        server.tls_channel(Some((server.pki_dir().join("writer.pem"), server.pki_dir().join("writer.key"))));
     let other = HalfUploads::new(&writer_ch.await.unwrap(), "dev/x", 4 << 20, 21, 1 << 10);
     let mut more = Vec::new();
     for _ in 0..10 {
