@@ -4,14 +4,16 @@
 //! result references; inlined bytes are moved into the CAS; the stored value
 //! is the canonical result. Reads never return a result whose blobs are gone.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use prost::Message;
 
-use crate::cas::{blocking, Cas};
+use crate::cas::{blocking, Cas, MAX_ACTION_BLOB};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::limits::Enforcer;
 use crate::proto::prov::storage::StoredActionEntry;
 use crate::proto::reapi;
 use crate::resource::InstanceName;
@@ -23,6 +25,9 @@ pub const MAX_RESULT_BYTES: usize = 3 * 1024 * 1024;
 /// Inlined bytes in a GetActionResult reply stay within this budget.
 pub const INLINE_BUDGET: usize = 3 * 1024 * 1024;
 
+/// Loops over a result's outputs let other calls run this often.
+const YIELD_EVERY: usize = 1024;
+
 /// What GetActionResult asks to inline.
 #[derive(Debug, Default, Clone)]
 pub struct InlineRequest {
@@ -30,8 +35,21 @@ pub struct InlineRequest {
     pub stdout: bool,
     /// Inline stderr.
     pub stderr: bool,
-    /// Output file paths to inline.
-    pub files: Vec<String>,
+    /// Output file paths to inline, as a set: inlining costs one lookup per
+    /// output, never outputs × names.
+    pub files: HashSet<String>,
+}
+
+impl InlineRequest {
+    /// The inlining a GetActionResult asks for, refused (INVALID_ARGUMENT
+    /// naming `limits.max_inline_names`) when it names more output files
+    /// than that: a request can otherwise make the server compare hundreds
+    /// of thousands of names.
+    pub fn new(stdout: bool, stderr: bool, files: Vec<String>, limits: &Enforcer) -> Result<Self> {
+        let max = limits.limits().max_inline_names as u64;
+        limits.at_most("max_inline_names", "inline_output_files names too many files", files.len() as u64, max)?;
+        Ok(InlineRequest { stdout, stderr, files: files.into_iter().collect() })
+    }
 }
 
 /// The Action Cache.
@@ -59,16 +77,26 @@ impl ActionCache {
         ActionCache { cas }
     }
 
-    /// Checks an UpdateActionResult: Action and Command present, inlined bytes
-    /// moved to the CAS, every referenced blob present.
+    /// Checks an UpdateActionResult: within the caller's limits on outputs
+    /// and referenced blobs (checked before any Tree is read), Action and
+    /// Command present, inlined bytes moved to the CAS, every referenced blob
+    /// present.
     pub async fn prepare(
         &self,
         instance: &InstanceName,
         action: Digest,
         mut result: reapi::ActionResult,
+        limits: &Enforcer,
     ) -> Result<PreparedResult> {
         let f = action.function;
-        let Some(action_msg) = self.cas.get_message::<reapi::Action>(instance, action).await? else {
+        let outputs = result.output_files.len()
+            + result.output_file_symlinks.len()
+            + result.output_symlinks.len()
+            + result.output_directories.len()
+            + result.output_directory_symlinks.len();
+        let max = limits.limits().max_result_outputs as u64;
+        limits.at_most("max_result_outputs", "the action result lists too many outputs", outputs as u64, max)?;
+        let Some(action_msg) = self.cas.get_message::<reapi::Action>(instance, action, MAX_ACTION_BLOB).await? else {
             return Err(Error::FailedPrecondition(format!(
                 "missing blob {action} (the Action): upload it to the CAS first"
             )));
@@ -101,7 +129,7 @@ impl ActionCache {
             file.digest = self.de_inline(instance, f, contents, file.digest.take(), &what).await?;
         }
 
-        let referenced = self.referenced_blobs(instance, f, &result).await?;
+        let referenced = self.referenced_blobs(instance, f, &result, limits).await?;
         if let Some(missing) = self.cas.first_missing(instance, referenced.iter().map(|(d, _)| *d).collect()).await? {
             let what = referenced.iter().find(|(d, _)| *d == missing).map(|(_, w)| w.as_str()).unwrap_or("a blob");
             return Err(Error::FailedPrecondition(format!(
@@ -229,7 +257,10 @@ impl ActionCache {
                 }
             }
         }
-        for file in &mut result.output_files {
+        for (i, file) in result.output_files.iter_mut().enumerate() {
+            if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                tokio::task::yield_now().await;
+            }
             if ask.files.contains(&file.path) {
                 if let Some(d) = fits(f, file.digest.as_ref(), &mut budget) {
                     if let Some(data) = self.cas.get(instance, d, d.size).await? {
@@ -272,13 +303,17 @@ impl ActionCache {
 
     /// Every blob a result references, with a description for error messages:
     /// output files, stdout/stderr, each output directory's Tree and every
-    /// file inside it.
+    /// file inside it; at most `limits.max_referenced_blobs` of them, counted
+    /// before each Tree is decoded, because every read of the result checks
+    /// them all.
     async fn referenced_blobs(
         &self,
         instance: &InstanceName,
         f: crate::digest::DigestFunction,
         result: &reapi::ActionResult,
+        limits: &Enforcer,
     ) -> Result<Vec<(Digest, String)>> {
+        let max = limits.limits().max_referenced_blobs as u64;
         let parse = |d: Option<&reapi::Digest>, what: &str| {
             Digest::from_proto(f, d).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))
         };
@@ -297,7 +332,14 @@ impl ActionCache {
             let what = format!("tree of output directory {:?}", dir.path);
             let tree_digest = parse(dir.tree_digest.as_ref(), &what)?;
             out.push((tree_digest, what.clone()));
-            let Some(tree) = self.cas.get_message::<reapi::Tree>(instance, tree_digest).await? else {
+            limits.at_most(
+                "max_referenced_blobs",
+                "the action result references too many blobs",
+                out.len() as u64,
+                max,
+            )?;
+            let left = max - out.len() as u64;
+            let Some(tree) = self.cas.get_tree_message(instance, tree_digest, left, limits).await? else {
                 continue; // reported as missing by the caller
             };
             for d in tree.root.iter().chain(tree.children.iter()) {
@@ -307,6 +349,7 @@ impl ActionCache {
                 }
             }
         }
+        limits.at_most("max_referenced_blobs", "the action result references too many blobs", out.len() as u64, max)?;
         Ok(out)
     }
 }

@@ -558,3 +558,104 @@ async fn big_read(ch: &Channel, instance: &str, digest: &reapi::Digest) -> anyho
     }
     Ok(single("big-read", n, secs, cpu_seconds() - cpu0))
 }
+
+/// A process's resident and peak resident memory in MiB (VmRSS, VmHWM),
+/// from /proc (Linux); `None` elsewhere or when it cannot be read.
+pub fn process_memory_mib(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// How the attacker's rounds ended, by gRPC code.
+#[derive(Debug, Default)]
+struct Rounds(std::sync::Mutex<std::collections::BTreeMap<String, u64>>);
+
+impl Rounds {
+    fn add(&self, outcome: &crate::attack::domain::Round) {
+        let code = match outcome {
+            Ok(()) => "done".to_string(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()).entry(code).or_default() += 1;
+    }
+}
+
+impl std::fmt::Display for Rounds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rounds = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let parts: Vec<String> = rounds.iter().map(|(code, n)| format!("{code} {n}")).collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// Who attacks in `provcache bench --attacker`, and how.
+#[derive(Debug, Clone, Copy)]
+pub struct Attacker<'a> {
+    /// The attacker's server and identity (its own client certificate, so
+    /// that per-identity limits tell it from the honest client).
+    pub target: &'a Target,
+    /// One of [`crate::attack::domain::KINDS`].
+    pub kind: &'a str,
+    /// Concurrent attack loops.
+    pub loops: usize,
+}
+
+/// `provcache bench --attacker KIND`: runs the honest `scenario` alone, then
+/// again while the attacker's loops repeat the attack `kind`
+/// ([`crate::attack::domain::KINDS`]), and prints the honest figures of both
+/// runs, how the attacker's rounds ended and, given the server's pid, its
+/// memory after each run. The attacker runs on its own connection; an
+/// attack whose harm accumulates stops after its rounds (see
+/// [`crate::attack::domain::Attack::max_rounds`]).
+#[cfg(feature = "server")]
+pub async fn run_under_attack(
+    target: &Target,
+    scenario: &str,
+    p: &Params,
+    attacker: &Attacker<'_>,
+    server_pid: Option<u32>,
+) -> anyhow::Result<()> {
+    let (kind, attackers) = (attacker.kind, attacker.loops);
+    let memory = || match server_pid.and_then(process_memory_mib) {
+        Some((rss, hwm)) => format!("server RSS {rss:.0} MiB, peak {hwm:.0} MiB"),
+        None => String::new(),
+    };
+    let quiet = run(target, scenario, p).await?;
+    println!("without attacker: {quiet}  {}", memory());
+    let ch = connect(attacker.target).await?;
+    let attack = crate::attack::domain::Attack::prepare(kind, &ch, &attacker.target.instance).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(Rounds::default());
+    let loops: Vec<_> = (0..attackers.max(1))
+        .map(|_| {
+            let (attack, stop, rounds) = (attack.clone(), stop.clone(), rounds.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) && attack.max_rounds().is_none_or(|max| n < max) {
+                    rounds.add(&attack.once().await);
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    // Let the attack take hold before measuring.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let loud = run(target, scenario, p).await?;
+    println!("with {kind} x{attackers}: {loud}  {}", memory());
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        // A round an unfixed server takes long over is not waited for.
+        if tokio::time::timeout(Duration::from_secs(30), l).await.is_err() {
+            eprintln!("an attacker round was still running after 30 s; abandoned");
+        }
+    }
+    println!("attacker rounds: {rounds}");
+    Ok(())
+}

@@ -33,6 +33,46 @@ pub struct LimitsConfig {
     /// Output file names one GetActionResult may ask to inline. Default: 10000.
     #[arg(long, env = "PROVCACHE_MAX_INLINE_NAMES")]
     pub max_inline_names: Option<usize>,
+    /// Entries (files, directories, symlinks) in one Directory read from the
+    /// CAS (GetTree, Trees of UpdateActionResult), counted before decoding. Default: 100000.
+    #[arg(long, env = "PROVCACHE_MAX_DIRECTORY_NODES")]
+    pub max_directory_nodes: Option<usize>,
+    /// Directories and entries in one output directory's Tree read by
+    /// UpdateActionResult, counted before decoding. Default: 500000.
+    #[arg(long, env = "PROVCACHE_MAX_TREE_NODES")]
+    pub max_tree_nodes: Option<usize>,
+    /// Memory one GetTree call may use for the directories it tracks and
+    /// buffers, e.g. 64MiB. Default: 64MiB.
+    #[arg(long, env = "PROVCACHE_MAX_GET_TREE_MEMORY", value_parser = crate::units::parse_size)]
+    #[serde(default, deserialize_with = "crate::config::de_size")]
+    pub max_get_tree_memory: Option<u64>,
+    /// Outputs (files, directories, symlinks) one UpdateActionResult may list. Default: 50000.
+    #[arg(long, env = "PROVCACHE_MAX_RESULT_OUTPUTS")]
+    pub max_result_outputs: Option<usize>,
+    /// CAS blobs one Action Cache result may reference, files inside its
+    /// output directories included (each read checks them all). Default: 250000.
+    #[arg(long, env = "PROVCACHE_MAX_REFERENCED_BLOBS")]
+    pub max_referenced_blobs: Option<usize>,
+    /// Unfinished ByteStream uploads one identity may hold at once. Default: 256.
+    #[arg(long, env = "PROVCACHE_MAX_UPLOADS_PER_IDENTITY")]
+    pub max_uploads_per_identity: Option<usize>,
+    /// Unfinished ByteStream uploads into one instance at once. Default: 1024.
+    #[arg(long, env = "PROVCACHE_MAX_UPLOADS_PER_INSTANCE")]
+    pub max_uploads_per_instance: Option<usize>,
+    /// How long an unfinished upload nobody writes is kept for resumption,
+    /// e.g. 5m. Default: 5m.
+    #[arg(long, env = "PROVCACHE_UPLOAD_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "crate::config::de_duration")]
+    pub upload_idle_timeout: Option<Duration>,
+    /// Largest zstd window (log2 of bytes) a compressed upload may need; a
+    /// frame that needs more is refused. Default: 23 (8 MiB).
+    #[arg(long, env = "PROVCACHE_ZSTD_WINDOW_LOG_MAX")]
+    pub zstd_window_log_max: Option<u32>,
+    /// Memory for the per-chunk hashes of verified blobs that let a ranged
+    /// read check only the chunks it touches, e.g. 32MiB. Default: 32MiB.
+    #[arg(long, env = "PROVCACHE_VERIFIED_CHUNK_CACHE", value_parser = crate::units::parse_size)]
+    #[serde(default, deserialize_with = "crate::config::de_size")]
+    pub verified_chunk_cache: Option<u64>,
 }
 
 /// The resolved limits, defaults applied. Printed by `--check-config` as the
@@ -45,11 +85,99 @@ pub struct Limits {
     // ------------------------------------------------------------ domain
     /// See [`LimitsConfig::max_inline_names`].
     pub max_inline_names: usize,
+    /// See [`LimitsConfig::max_directory_nodes`].
+    pub max_directory_nodes: usize,
+    /// See [`LimitsConfig::max_tree_nodes`].
+    pub max_tree_nodes: usize,
+    /// See [`LimitsConfig::max_get_tree_memory`] (bytes).
+    pub max_get_tree_memory: u64,
+    /// See [`LimitsConfig::max_result_outputs`].
+    pub max_result_outputs: usize,
+    /// See [`LimitsConfig::max_referenced_blobs`].
+    pub max_referenced_blobs: usize,
+    /// See [`LimitsConfig::max_uploads_per_identity`].
+    pub max_uploads_per_identity: usize,
+    /// See [`LimitsConfig::max_uploads_per_instance`].
+    pub max_uploads_per_instance: usize,
+    /// See [`LimitsConfig::upload_idle_timeout`].
+    #[serde(serialize_with = "crate::config::ser_duration")]
+    pub upload_idle_timeout: Duration,
+    /// See [`LimitsConfig::zstd_window_log_max`].
+    pub zstd_window_log_max: u32,
+    /// See [`LimitsConfig::verified_chunk_cache`] (bytes).
+    pub verified_chunk_cache: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         LimitsConfig::default().resolve().expect("the defaults are valid")
+    }
+}
+
+/// zstd's smallest window (log2 of bytes): every frame may use this much.
+pub const ZSTD_WINDOW_LOG_MIN: u32 = 10;
+/// zstd's largest window on 64-bit machines.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 31;
+
+/// The limits as they apply to one caller: the domain checks a value against
+/// a limit through it, and a refusal is counted for that caller's principal
+/// ([`LimitHits`]) at the one place that decides it. Cheap to clone, so a
+/// call's background work (a streamed GetTree) can carry it.
+#[derive(Clone, Debug)]
+pub struct Enforcer {
+    limits: std::sync::Arc<Limits>,
+    hits: std::sync::Arc<LimitHits>,
+    principal: std::sync::Arc<str>,
+}
+
+impl Enforcer {
+    /// The limits of `limits`, recorded in `hits`, for calls of `principal`.
+    pub fn new(limits: std::sync::Arc<Limits>, hits: std::sync::Arc<LimitHits>, principal: &str) -> Self {
+        Enforcer { limits, hits, principal: principal.into() }
+    }
+
+    /// Default limits and a private hit counter: for tools and unit tests
+    /// that call the domain without a server.
+    pub fn unlimited_for_tests(principal: &str) -> Self {
+        Self::new(Default::default(), Default::default(), principal)
+    }
+
+    /// The limit values.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Whose calls these are.
+    pub fn principal(&self) -> &str {
+        &self.principal
+    }
+
+    /// Ok when `value` is within `max`; otherwise INVALID_ARGUMENT naming
+    /// `what` and the limit, counted as a hit. For requests that can never
+    /// succeed as sent, so the client must not retry them.
+    pub fn at_most(
+        &self,
+        limit: &'static str,
+        what: impl std::fmt::Display,
+        value: u64,
+        max: u64,
+    ) -> crate::error::Result<()> {
+        if value <= max {
+            return Ok(());
+        }
+        Err(self.refuse(
+            limit,
+            crate::error::Error::InvalidArgument(format!(
+                "{what}: {value} is over the limit of {max} (limits.{limit})"
+            )),
+        ))
+    }
+
+    /// Counts a refusal by `limit` and returns `error` (whose message must
+    /// name the limit) for the caller.
+    pub fn refuse(&self, limit: &'static str, error: crate::error::Error) -> crate::error::Error {
+        self.hits.hit(limit, &self.principal, &error);
+        error
     }
 }
 
@@ -66,6 +194,16 @@ impl LimitsConfig {
             max_concurrent_streams,
             // domain
             max_inline_names,
+            max_directory_nodes,
+            max_tree_nodes,
+            max_get_tree_memory,
+            max_result_outputs,
+            max_referenced_blobs,
+            max_uploads_per_identity,
+            max_uploads_per_instance,
+            upload_idle_timeout,
+            zstd_window_log_max,
+            verified_chunk_cache,
         )
     }
 
@@ -83,9 +221,33 @@ impl LimitsConfig {
             max_concurrent_streams: self.max_concurrent_streams.unwrap_or(64),
             // domain
             max_inline_names: self.max_inline_names.unwrap_or(10_000),
+            max_directory_nodes: self.max_directory_nodes.unwrap_or(100_000),
+            max_tree_nodes: self.max_tree_nodes.unwrap_or(500_000),
+            max_get_tree_memory: self.max_get_tree_memory.unwrap_or(64 << 20),
+            max_result_outputs: self.max_result_outputs.unwrap_or(50_000),
+            max_referenced_blobs: self.max_referenced_blobs.unwrap_or(250_000),
+            max_uploads_per_identity: self.max_uploads_per_identity.unwrap_or(256),
+            max_uploads_per_instance: self.max_uploads_per_instance.unwrap_or(1024),
+            upload_idle_timeout: self.upload_idle_timeout.unwrap_or(Duration::from_secs(300)),
+            zstd_window_log_max: self.zstd_window_log_max.unwrap_or(23),
+            verified_chunk_cache: self.verified_chunk_cache.unwrap_or(32 << 20),
         };
         positive("max_concurrent_streams", limits.max_concurrent_streams.into())?;
         positive("max_inline_names", limits.max_inline_names as u64)?;
+        positive("max_directory_nodes", limits.max_directory_nodes as u64)?;
+        positive("max_tree_nodes", limits.max_tree_nodes as u64)?;
+        positive("max_get_tree_memory", limits.max_get_tree_memory)?;
+        positive("max_result_outputs", limits.max_result_outputs as u64)?;
+        positive("max_referenced_blobs", limits.max_referenced_blobs as u64)?;
+        positive("max_uploads_per_identity", limits.max_uploads_per_identity as u64)?;
+        positive("max_uploads_per_instance", limits.max_uploads_per_instance as u64)?;
+        positive("upload_idle_timeout", limits.upload_idle_timeout.as_millis() as u64)?;
+        if !(ZSTD_WINDOW_LOG_MIN..=ZSTD_WINDOW_LOG_MAX).contains(&limits.zstd_window_log_max) {
+            return Err(ConfigError::Invalid(format!(
+                "limits.zstd_window_log_max must be between {ZSTD_WINDOW_LOG_MIN} and {ZSTD_WINDOW_LOG_MAX}"
+            )));
+        }
+        positive("verified_chunk_cache", limits.verified_chunk_cache)?;
         Ok(limits)
     }
 }

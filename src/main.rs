@@ -19,6 +19,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the cache server.
@@ -105,6 +107,23 @@ struct BenchArgs {
     /// to FILE (a request body for `h2load -d FILE`).
     #[arg(long, value_name = "FILE")]
     write_request: Option<PathBuf>,
+    /// Run each scenario alone and then again while an attacker loop runs:
+    /// inline-names, directory-amplification, half-uploads, ranged-reads.
+    #[arg(long, value_name = "KIND")]
+    attacker: Option<String>,
+    /// Attacker loops for --attacker.
+    #[arg(long, default_value_t = 2)]
+    attackers: usize,
+    /// The server's process id: --attacker then reports its memory (Linux).
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+    /// The attacker's own client certificate (same CA as --ca), so that its
+    /// share of per-identity limits is not the honest client's.
+    #[arg(long, requires = "attacker_key")]
+    attacker_cert: Option<PathBuf>,
+    /// The key of --attacker-cert.
+    #[arg(long, requires = "attacker_cert")]
+    attacker_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -367,6 +386,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         return soak(&args, duration).await;
     }
     let target = args.client.target()?;
+    let mut attacker_target = target.clone();
+    if let (Some((ca, _, _)), Some(cert), Some(key)) = (&target.tls, &args.attacker_cert, &args.attacker_key) {
+        attacker_target.tls = Some((ca.clone(), cert.clone(), key.clone()));
+    }
     if let Some(path) = &args.write_request {
         return provcache::bench::write_get_request(&target, path).await;
     }
@@ -381,6 +404,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         connections: args.connections,
     };
     for scenario in &args.scenario {
+        if let Some(kind) = &args.attacker {
+            let attacker = provcache::bench::Attacker { target: &attacker_target, kind, loops: args.attackers };
+            provcache::bench::run_under_attack(&target, scenario, &params, &attacker, args.server_pid).await?;
+            continue;
+        }
         let report = provcache::bench::run(&target, scenario, &params).await?;
         println!("{report}");
     }

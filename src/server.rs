@@ -29,7 +29,7 @@ use crate::service::cas::CasService;
 use crate::service::execution::ExecutionService;
 use crate::service::Context;
 use crate::store::{Store, StoreOptions};
-use crate::upload::{Uploads, UPLOAD_IDLE_TIMEOUT};
+use crate::upload::Uploads;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
@@ -124,7 +124,8 @@ impl Cache {
         let store = Arc::new(Store::open(&db_path(&options.data_dir), &options.store)?);
         let cas = Arc::new(Cas::new(store.clone()));
         let ac = Arc::new(ActionCache::new(cas.clone()));
-        let uploads = Arc::new(Uploads::default());
+        let uploads = Arc::new(Uploads::new(&options.limits));
+        store.verified_chunks().set_capacity(options.limits.verified_chunk_cache);
         let limit_hits = Arc::new(LimitHits::default());
         let metrics = options
             .metrics
@@ -239,7 +240,7 @@ impl Cache {
             let mut n: u64 = 0;
             loop {
                 tick.tick().await;
-                uploads.expire(&store, UPLOAD_IDLE_TIMEOUT).await;
+                uploads.expire(&store).await;
                 if n % 60 == 0 {
                     let cutoff = std::time::SystemTime::now()
                         .checked_sub(retention)

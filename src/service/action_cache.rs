@@ -33,6 +33,8 @@ impl ActionCache for ActionCacheService {
         let instance = InstanceName::parse(&req.instance_name).map_err(Error::from)?;
         let action = parse_digest(req.digest_function, req.action_digest.as_ref())?;
         let caller = self.0.gate.authorize(&peer, &instance, Permission::AcRead)?;
+        let limits = self.0.enforcer(&caller.principal);
+        let ask = InlineRequest::new(req.inline_stdout, req.inline_stderr, req.inline_output_files, &limits)?;
 
         let (ac, prov) = (&self.0.ac, &self.0.provenance);
         let Some((raw, entry)) = ac.load(&instance, action).await? else {
@@ -68,8 +70,6 @@ impl ActionCache for ActionCacheService {
         log.record(flagged.map(|r| r.as_str()).unwrap_or("hit"), origin.as_deref(), true);
         let mut result = reapi::ActionResult::decode(entry.canonical_result.clone())
             .map_err(|_| Error::NotFound(format!("action {action} has an undecodable stored result")))?;
-        let ask =
-            InlineRequest { stdout: req.inline_stdout, stderr: req.inline_stderr, files: req.inline_output_files };
         match ac.inline(&instance, action, &mut result, &ask).await {
             Ok(()) => {}
             // A referenced blob found corrupt while inlining was just removed
@@ -107,7 +107,7 @@ impl ActionCache for ActionCacheService {
             .action_result
             .ok_or_else(|| Error::InvalidArgument("UpdateActionResult without an action_result".into()))?;
         let ac = &self.0.ac;
-        let prepared = ac.prepare(&instance, action, result).await?;
+        let prepared = ac.prepare(&instance, action, result, &self.0.enforcer(&caller.principal)).await?;
         crate::failpoint::crash_point("ac-after-prepare");
         let canonical = prepared.result.encode_to_vec();
         let function = signing::effective_digest_function(req.digest_function);

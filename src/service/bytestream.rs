@@ -73,21 +73,24 @@ impl ByteStream for ByteStreamService {
         };
         let name = msg.resource_name.clone();
         let res = parse_write(&name).map_err(Error::from)?;
-        self.0.gate.authorize(&peer, &res.instance, Permission::CasWrite)?;
+        let caller = self.0.gate.authorize(&peer, &res.instance, Permission::CasWrite)?;
+        let limits = self.0.enforcer(&caller.principal);
         let compressed = res.compressor.is_some();
         self.0.cas.store().check_fits(res.digest.size)?;
 
         // Already stored: end the write early, as the spec allows.
-        if self.blob_exists(&res.instance, res.digest).await? && self.0.uploads.existing(&res).is_none() {
+        if self.blob_exists(&res.instance, res.digest).await?
+            && self.0.uploads.existing(&res, &caller.principal).is_none()
+        {
             let committed = if compressed { -1 } else { res.digest.size as i64 };
             return Ok(tonic::Response::new(bytestream::WriteResponse { committed_size: committed }));
         }
 
-        let session = self.0.uploads.session(&res)?;
+        let store = self.0.cas.store().clone();
+        let session = self.0.uploads.session(&store, &res, &limits)?;
         let Ok(mut session) = session.try_lock_owned() else {
             return Err(Error::Aborted(format!("upload {name} is already being written by another stream")).into());
         };
-        let store = self.0.cas.store().clone();
         loop {
             if !msg.resource_name.is_empty() && msg.resource_name != name {
                 return Err(Error::InvalidArgument(format!(
@@ -96,8 +99,11 @@ impl ByteStream for ByteStreamService {
                 ))
                 .into());
             }
-            let outcome =
-                self.0.uploads.feed(&store, &mut session, msg.write_offset, msg.data, msg.finish_write).await?;
+            let outcome = self
+                .0
+                .uploads
+                .feed(&store, &mut session, msg.write_offset, msg.data, msg.finish_write, &limits)
+                .await?;
             if let Some(WriteOutcome::Complete(committed)) = outcome {
                 return Ok(tonic::Response::new(bytestream::WriteResponse { committed_size: committed }));
             }
@@ -122,8 +128,8 @@ impl ByteStream for ByteStreamService {
         let peer = Peer::of(&request);
         let req = request.into_inner();
         let res = parse_write(&req.resource_name).map_err(Error::from)?;
-        self.0.gate.authorize(&peer, &res.instance, Permission::CasWrite)?;
-        if let Some(committed) = self.0.uploads.progress(&res) {
+        let caller = self.0.gate.authorize(&peer, &res.instance, Permission::CasWrite)?;
+        if let Some(committed) = self.0.uploads.progress(&res, &caller.principal) {
             return Ok(tonic::Response::new(bytestream::QueryWriteStatusResponse {
                 committed_size: committed,
                 complete: false,

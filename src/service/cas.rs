@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 
 use crate::auth::{Peer, Permission};
 use crate::cas::{parse_digest, BatchBlob};
@@ -66,7 +66,8 @@ impl ContentAddressableStorage for CasService {
         let req = request.into_inner();
         let instance = InstanceName::parse(&req.instance_name).map_err(Error::from)?;
         let function = DigestFunction::from_proto(req.digest_function).map_err(Error::from)?;
-        self.0.gate.authorize(&peer, &instance, Permission::CasWrite)?;
+        let caller = self.0.gate.authorize(&peer, &instance, Permission::CasWrite)?;
+        let limits = self.0.enforcer(&caller.principal);
         let echo: Vec<Option<reapi::Digest>> = req.requests.iter().map(|r| r.digest.clone()).collect();
         let blobs = req
             .requests
@@ -79,7 +80,7 @@ impl ContentAddressableStorage for CasService {
                 }
             })
             .collect();
-        let results = self.0.cas.batch_update(&instance, blobs).await?;
+        let results = self.0.cas.batch_update(&instance, blobs, &limits).await?;
         Ok(tonic::Response::new(reapi::BatchUpdateBlobsResponse {
             responses: echo
                 .into_iter()
@@ -140,13 +141,14 @@ impl ContentAddressableStorage for CasService {
         if req.page_size < 0 {
             return Err(Error::InvalidArgument(format!("page_size {} is negative", req.page_size)).into());
         }
-        self.0.gate.authorize(&peer, &instance, Permission::CasRead)?;
-        let pages = self.0.cas.get_tree(&instance, root, req.page_size as usize, &req.page_token).await?;
-        let stream = futures::stream::iter(
-            pages
-                .into_iter()
-                .map(|(directories, next_page_token)| Ok(reapi::GetTreeResponse { directories, next_page_token })),
-        );
+        let caller = self.0.gate.authorize(&peer, &instance, Permission::CasRead)?;
+        let limits = self.0.enforcer(&caller.principal);
+        let pages =
+            self.0.cas.clone().get_tree(instance, root, req.page_size as usize, &req.page_token, limits).await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(pages).map(|page| {
+            page.map(|(directories, next_page_token)| reapi::GetTreeResponse { directories, next_page_token })
+                .map_err(tonic::Status::from)
+        });
         Ok(tonic::Response::new(Box::pin(stream)))
     }
 }

@@ -46,6 +46,14 @@ impl std::fmt::Debug for Context {
     }
 }
 
+impl Context {
+    /// The limits as they apply to `principal`'s call: the domain checks
+    /// through it, and every refusal is counted for that principal.
+    pub fn enforcer(&self, principal: &str) -> crate::limits::Enforcer {
+        crate::limits::Enforcer::new(self.limits.clone(), self.limit_hits.clone(), principal)
+    }
+}
+
 /// A `RequestMetadata` header already decoded in front of the services (by
 /// [`crate::request_log::RequestSpan`]), carried in the request's extensions
 /// so the handler does not decode it a second time.

@@ -22,8 +22,10 @@
 //! Every method blocks; async callers run them on the blocking pool.
 
 mod lru;
+mod verified;
 
 pub use lru::{Evictions, Kind, Usage};
+pub use verified::{chunk_hash, ChunkHash, VerifiedChunks, VerifiedStats};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +49,9 @@ pub const CHUNK_SIZE: usize = 1024 * 1024;
 /// Chunk values at least this large go to RocksDB blob files; smaller ones
 /// stay in the table files (and the block cache).
 pub const MIN_BLOB_FILE_VALUE: usize = 4096;
+
+/// Memory for remembered chunk hashes until the server sets its limit.
+const DEFAULT_VERIFIED_CHUNK_CACHE: u64 = 32 << 20;
 
 /// On-disk format version, checked at open.
 const FORMAT_VERSION: u32 = 1;
@@ -188,6 +193,8 @@ pub struct Store {
     /// The last history time handed out (ns): history times are strictly
     /// increasing across the whole store, and above every stored one.
     history_clock: AtomicU64,
+    /// Chunk hashes of blobs verified whole (see [`VerifiedChunks`]).
+    verified: VerifiedChunks,
 }
 
 impl std::fmt::Debug for Store {
@@ -359,6 +366,7 @@ impl Store {
             sync: options.sync,
             lru: Lru::new(options.touch_interval, options.max_size),
             history_clock: AtomicU64::new(0),
+            verified: VerifiedChunks::new(DEFAULT_VERIFIED_CHUNK_CACHE),
         };
         store.check_format()?;
         store.history_clock = AtomicU64::new(store.load_history_high_water()?);
@@ -593,8 +601,14 @@ impl Store {
         Ok(())
     }
 
+    /// The chunk hashes of blobs verified whole, for ranged reads.
+    pub fn verified_chunks(&self) -> &VerifiedChunks {
+        &self.verified
+    }
+
     /// Removes a stored blob (for example one found corrupt).
     pub fn delete_blob(&self, key: &Key) -> Result<()> {
+        self.verified.remove(key);
         let _guard = self.lock(key);
         if let Some(meta) = self.blob_meta(key)? {
             let mut batch = WriteBatch::default();
