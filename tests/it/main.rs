@@ -12,6 +12,7 @@ mod capabilities;
 mod cas;
 mod config;
 mod eviction;
+mod limits_transport;
 mod metrics;
 mod mtls;
 mod provenance;
