@@ -537,7 +537,10 @@ async fn accept_loop(
             Err(_) => {
                 options.hit(
                     "max_handshakes",
-                    format_args!("{} TLS handshakes in progress; new connections wait", options.max_concurrent_handshakes),
+                    format_args!(
+                        "{} TLS handshakes in progress; new connections wait",
+                        options.max_concurrent_handshakes
+                    ),
                 );
                 tokio::select! {
                     _ = tx.closed() => return,

@@ -128,7 +128,11 @@ pub struct StalledReport {
 }
 
 /// Runs a [`StalledStreams`] attack on `addr` with the identity of `tls`.
-pub async fn stalled_streams(addr: SocketAddr, tls: &ClientTls, attack: &StalledStreams) -> anyhow::Result<StalledReport> {
+pub async fn stalled_streams(
+    addr: SocketAddr,
+    tls: &ClientTls,
+    attack: &StalledStreams,
+) -> anyhow::Result<StalledReport> {
     let until = tokio::time::Instant::now() + attack.duration;
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from(SERVER_NAME)?;

@@ -60,8 +60,7 @@ fn identity(server: &TestServer, dir: &std::path::Path, who: &str) -> ClientTls 
         return ClientTls::dev(&server.pki_dir(), who).unwrap();
     }
     let prefix = dir.join(who.rsplit('/').next().unwrap());
-    let issued =
-        provcache::pki::issue_client_cert(&server.pki_dir(), who, &prefix, Duration::from_secs(3600)).unwrap();
+    let issued = provcache::pki::issue_client_cert(&server.pki_dir(), who, &prefix, Duration::from_secs(3600)).unwrap();
     ClientTls::from_files(&server.pki_dir().join("ca.pem"), Some((&issued.cert, &issued.key))).unwrap()
 }
 
@@ -195,7 +194,8 @@ async fn a_writer_stalling_many_streams_is_held_to_its_share_while_another_write
 
     let before = rss();
     let sampler = RssSampler::start();
-    let attack = attack::stalled_streams(server.addr, &attacker, &stalled(BATCH_UPDATE, 48, Duration::from_secs(6)));
+    let shape = stalled(BATCH_UPDATE, 48, Duration::from_secs(6));
+    let attack = attack::stalled_streams(server.addr, &attacker, &shape);
     let in_flight = async {
         // The most calls of the attacked method the server had open at once.
         let mut most = 0.0f64;
@@ -221,7 +221,8 @@ async fn a_writer_stalling_many_streams_is_held_to_its_share_while_another_write
     // The honest writer's call may be in flight too, on its own connection.
     let allowed = f64::from(max_streams) + 1.0;
     assert!((1.0..=allowed).contains(&most_in_flight), "{most_in_flight} calls at once");
-    let cut = report.answered.get("ResourceExhausted").unwrap_or(&0) + report.answered.get("DeadlineExceeded").unwrap_or(&0);
+    let cut =
+        report.answered.get("ResourceExhausted").unwrap_or(&0) + report.answered.get("DeadlineExceeded").unwrap_or(&0);
     assert!(cut > 0, "the server cut streams it could not budget or that stalled: {report:?}");
     // The budget, plus one connection's HTTP/2 window of unread data, plus slack.
     let bound = budget + 16 * MIB + 48 * MIB;
@@ -284,7 +285,8 @@ async fn a_unary_call_that_never_finishes_its_request_is_cut_at_the_request_time
     .await;
     let certs = tempfile::tempdir().unwrap();
     let reader = identity(&server, certs.path(), "reader");
-    let attack = StalledStreams { path: GET_ACTION_RESULT.into(), streams: 4, declared: 200, duration: Duration::from_secs(15) };
+    let attack =
+        StalledStreams { path: GET_ACTION_RESULT.into(), streams: 4, declared: 200, duration: Duration::from_secs(15) };
     let report = attack::stalled_streams(server.addr, &reader, &attack).await.unwrap();
     assert_eq!(report.answered.get("DeadlineExceeded"), Some(&4), "{report:?}");
     assert_eq!(limit_hits(&scrape(&server).await, "request_timeout"), 4.0);
@@ -403,9 +405,10 @@ async fn measure_transport_attacks() {
     let (_, hwm_idle) = server.memory();
     let attacks = async {
         let hold = Duration::from_secs(12);
+        let (no_permission, reader_on_write) = (stalled(BATCH_UPDATE, 60, hold), stalled(BYTESTREAM_WRITE, 100, hold));
         let (a, b) = tokio::join!(
-            attack::stalled_streams(server.addr, &nobody, &stalled(BATCH_UPDATE, 60, hold)),
-            attack::stalled_streams(server.addr, &reader, &stalled(BYTESTREAM_WRITE, 100, hold)),
+            attack::stalled_streams(server.addr, &nobody, &no_permission),
+            attack::stalled_streams(server.addr, &reader, &reader_on_write),
         );
         (a.unwrap(), b.unwrap())
     };
