@@ -47,6 +47,7 @@ pub mod soak;
 #[cfg(feature = "server")]
 pub mod store;
 pub mod tls;
+pub mod transport;
 pub mod trust;
 pub mod units;
 #[cfg(feature = "server")]

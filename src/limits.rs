@@ -26,9 +26,61 @@ use crate::config::ConfigError;
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     // ------------------------------------------------------------ transport
-    /// HTTP/2 streams (concurrent calls) one connection may have open. Default: 64.
+    /// HTTP/2 streams (concurrent calls) one connection may have open. Default: 128.
     #[arg(long, env = "PROVCACHE_MAX_CONCURRENT_STREAMS")]
     pub max_concurrent_streams: Option<u32>,
+    /// Bytes of HTTP/2 request headers one call may send. Default: 16KiB.
+    #[arg(long, env = "PROVCACHE_MAX_HEADER_LIST_SIZE", value_parser = crate::transport::units::parse_u32_size)]
+    #[serde(default, deserialize_with = "crate::transport::units::de_u32_size")]
+    pub max_header_list_size: Option<u32>,
+    /// How often the server pings an HTTP/2 connection to find a dead peer. Default: 60s.
+    #[arg(long, env = "PROVCACHE_HTTP2_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "crate::transport::units::de_duration")]
+    pub http2_keepalive_interval: Option<Duration>,
+    /// How long a ping may go unanswered before the connection is closed. Default: 20s.
+    #[arg(long, env = "PROVCACHE_HTTP2_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "crate::transport::units::de_duration")]
+    pub http2_keepalive_timeout: Option<Duration>,
+    /// Idle time before the kernel probes a TCP connection (SO_KEEPALIVE). Default: 60s.
+    #[arg(long, env = "PROVCACHE_TCP_KEEPALIVE", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "crate::transport::units::de_duration")]
+    pub tcp_keepalive: Option<Duration>,
+    /// Longest a call with a single response (all but ByteStream Write, Read and
+    /// GetTree's streams) may take before DEADLINE_EXCEEDED. Default: 120s.
+    #[arg(long, env = "PROVCACHE_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "crate::transport::units::de_duration")]
+    pub request_timeout: Option<Duration>,
+    /// A call whose request stream sends nothing for this long is cut off
+    /// (DEADLINE_EXCEEDED); uploads of any size work as long as bytes flow. Default: 60s.
+    #[arg(long, env = "PROVCACHE_STREAM_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "crate::transport::units::de_duration")]
+    pub stream_idle_timeout: Option<Duration>,
+    /// Request bytes buffered in flight for all callers together (messages
+    /// being received, before decoding). Default: 1GiB.
+    #[arg(long, env = "PROVCACHE_MAX_REQUEST_BYTES", value_parser = crate::units::parse_size)]
+    #[serde(default, deserialize_with = "crate::transport::units::de_size")]
+    pub max_request_bytes: Option<u64>,
+    /// The share of `max_request_bytes` one identity may hold. Default: 256MiB.
+    #[arg(long, env = "PROVCACHE_MAX_REQUEST_BYTES_PER_IDENTITY", value_parser = crate::units::parse_size)]
+    #[serde(default, deserialize_with = "crate::transport::units::de_size")]
+    pub max_request_bytes_per_identity: Option<u64>,
+    /// The share all callers without any permission hold together (health
+    /// checks and the like). Default: 1MiB.
+    #[arg(long, env = "PROVCACHE_MAX_REQUEST_BYTES_UNIDENTIFIED", value_parser = crate::units::parse_size)]
+    #[serde(default, deserialize_with = "crate::transport::units::de_size")]
+    pub max_request_bytes_unidentified: Option<u64>,
+    /// A TLS handshake not finished in this time is dropped. Default: 5s.
+    #[arg(long, env = "PROVCACHE_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "crate::transport::units::de_duration")]
+    pub handshake_timeout: Option<Duration>,
+    /// TLS handshakes in progress at once; further connections wait in the
+    /// listen backlog. Default: 256.
+    #[arg(long, env = "PROVCACHE_MAX_HANDSHAKES")]
+    pub max_handshakes: Option<usize>,
+    /// TLS handshakes in progress at once from one remote IP address; a
+    /// further connection from it is closed at once. Default: 32.
+    #[arg(long, env = "PROVCACHE_MAX_HANDSHAKES_PER_ADDRESS")]
+    pub max_handshakes_per_address: Option<usize>,
     // ------------------------------------------------------------ domain
     /// Output file names one GetActionResult may ask to inline. Default: 10000.
     #[arg(long, env = "PROVCACHE_MAX_INLINE_NAMES")]
@@ -82,6 +134,36 @@ pub struct Limits {
     // ------------------------------------------------------------ transport
     /// See [`LimitsConfig::max_concurrent_streams`].
     pub max_concurrent_streams: u32,
+    /// See [`LimitsConfig::max_header_list_size`].
+    pub max_header_list_size: u32,
+    /// See [`LimitsConfig::http2_keepalive_interval`].
+    #[serde(serialize_with = "crate::transport::units::ser_duration")]
+    pub http2_keepalive_interval: Duration,
+    /// See [`LimitsConfig::http2_keepalive_timeout`].
+    #[serde(serialize_with = "crate::transport::units::ser_duration")]
+    pub http2_keepalive_timeout: Duration,
+    /// See [`LimitsConfig::tcp_keepalive`].
+    #[serde(serialize_with = "crate::transport::units::ser_duration")]
+    pub tcp_keepalive: Duration,
+    /// See [`LimitsConfig::request_timeout`].
+    #[serde(serialize_with = "crate::transport::units::ser_duration")]
+    pub request_timeout: Duration,
+    /// See [`LimitsConfig::stream_idle_timeout`].
+    #[serde(serialize_with = "crate::transport::units::ser_duration")]
+    pub stream_idle_timeout: Duration,
+    /// See [`LimitsConfig::max_request_bytes`].
+    pub max_request_bytes: u64,
+    /// See [`LimitsConfig::max_request_bytes_per_identity`].
+    pub max_request_bytes_per_identity: u64,
+    /// See [`LimitsConfig::max_request_bytes_unidentified`].
+    pub max_request_bytes_unidentified: u64,
+    /// See [`LimitsConfig::handshake_timeout`].
+    #[serde(serialize_with = "crate::transport::units::ser_duration")]
+    pub handshake_timeout: Duration,
+    /// See [`LimitsConfig::max_handshakes`].
+    pub max_handshakes: usize,
+    /// See [`LimitsConfig::max_handshakes_per_address`].
+    pub max_handshakes_per_address: usize,
     // ------------------------------------------------------------ domain
     /// See [`LimitsConfig::max_inline_names`].
     pub max_inline_names: usize,
@@ -192,6 +274,18 @@ impl LimitsConfig {
         merge!(
             // transport
             max_concurrent_streams,
+            max_header_list_size,
+            http2_keepalive_interval,
+            http2_keepalive_timeout,
+            tcp_keepalive,
+            request_timeout,
+            stream_idle_timeout,
+            max_request_bytes,
+            max_request_bytes_per_identity,
+            max_request_bytes_unidentified,
+            handshake_timeout,
+            max_handshakes,
+            max_handshakes_per_address,
             // domain
             max_inline_names,
             max_directory_nodes,
@@ -218,7 +312,19 @@ impl LimitsConfig {
         };
         let limits = Limits {
             // transport
-            max_concurrent_streams: self.max_concurrent_streams.unwrap_or(64),
+            max_concurrent_streams: self.max_concurrent_streams.unwrap_or(128),
+            max_header_list_size: self.max_header_list_size.unwrap_or(16 << 10),
+            http2_keepalive_interval: self.http2_keepalive_interval.unwrap_or(Duration::from_secs(60)),
+            http2_keepalive_timeout: self.http2_keepalive_timeout.unwrap_or(Duration::from_secs(20)),
+            tcp_keepalive: self.tcp_keepalive.unwrap_or(Duration::from_secs(60)),
+            request_timeout: self.request_timeout.unwrap_or(Duration::from_secs(120)),
+            stream_idle_timeout: self.stream_idle_timeout.unwrap_or(Duration::from_secs(60)),
+            max_request_bytes: self.max_request_bytes.unwrap_or(1 << 30),
+            max_request_bytes_per_identity: self.max_request_bytes_per_identity.unwrap_or(256 << 20),
+            max_request_bytes_unidentified: self.max_request_bytes_unidentified.unwrap_or(1 << 20),
+            handshake_timeout: self.handshake_timeout.unwrap_or(Duration::from_secs(5)),
+            max_handshakes: self.max_handshakes.unwrap_or(256),
+            max_handshakes_per_address: self.max_handshakes_per_address.unwrap_or(32),
             // domain
             max_inline_names: self.max_inline_names.unwrap_or(10_000),
             max_directory_nodes: self.max_directory_nodes.unwrap_or(100_000),
@@ -233,6 +339,22 @@ impl LimitsConfig {
             verified_chunk_cache: self.verified_chunk_cache.unwrap_or(32 << 20),
         };
         positive("max_concurrent_streams", limits.max_concurrent_streams.into())?;
+        positive("max_header_list_size", limits.max_header_list_size.into())?;
+        for (name, d) in [
+            ("http2_keepalive_interval", limits.http2_keepalive_interval),
+            ("http2_keepalive_timeout", limits.http2_keepalive_timeout),
+            ("tcp_keepalive", limits.tcp_keepalive),
+            ("request_timeout", limits.request_timeout),
+            ("stream_idle_timeout", limits.stream_idle_timeout),
+            ("handshake_timeout", limits.handshake_timeout),
+        ] {
+            positive(name, d.as_millis() as u64)?;
+        }
+        positive("max_request_bytes", limits.max_request_bytes)?;
+        positive("max_request_bytes_per_identity", limits.max_request_bytes_per_identity)?;
+        positive("max_request_bytes_unidentified", limits.max_request_bytes_unidentified)?;
+        positive("max_handshakes", limits.max_handshakes as u64)?;
+        positive("max_handshakes_per_address", limits.max_handshakes_per_address as u64)?;
         positive("max_inline_names", limits.max_inline_names as u64)?;
         positive("max_directory_nodes", limits.max_directory_nodes as u64)?;
         positive("max_tree_nodes", limits.max_tree_nodes as u64)?;

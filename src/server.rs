@@ -29,6 +29,7 @@ use crate::service::cas::CasService;
 use crate::service::execution::ExecutionService;
 use crate::service::Context;
 use crate::store::{Store, StoreOptions};
+use crate::transport::{RequestBudget, TransportLayer};
 use crate::upload::Uploads;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
@@ -104,6 +105,10 @@ pub struct Cache {
     metrics: Option<Arc<Metrics>>,
     health: HealthReporter,
     metrics_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The transport limits in front of the services.
+    transport: TransportLayer,
+    /// Request bytes in flight (docs/operations.md, "Limits").
+    budget: Arc<RequestBudget>,
 }
 
 /// The RocksDB directory inside a data directory.
@@ -130,12 +135,20 @@ impl Cache {
         let metrics = options
             .metrics
             .then(|| Metrics::new(store.clone(), provenance.clone(), uploads.clone(), limit_hits.clone()));
+        let bare_gate = gate.clone();
         let gate = match &metrics {
             Some(m) => m.gate(gate),
             None => gate,
         };
         let gate = crate::request_log::LoggingGate::wrap(gate);
         let limits = Arc::new(options.limits.clone());
+        let budget = Arc::new(RequestBudget::new(
+            limits.max_request_bytes,
+            limits.max_request_bytes_per_identity,
+            limits.max_request_bytes_unidentified,
+        ));
+        // The bare gate (before logging and metrics) is asked quietly who a caller is.
+        let transport = TransportLayer::new(gate.clone(), bare_gate, budget.clone(), limit_hits.clone(), &limits);
         let ctx = Context { gate, cas, ac, uploads, provenance, limits, limit_hits };
         Ok(Cache {
             ctx,
@@ -145,6 +158,8 @@ impl Cache {
             metrics,
             health: HealthReporter::new(),
             metrics_task: Default::default(),
+            transport,
+            budget,
         })
     }
 
@@ -186,20 +201,37 @@ impl Cache {
         &self.ctx
     }
 
-    /// The tonic router with every service.
+    /// The request-bytes budget (tests and diagnostics read what is held).
+    pub fn budget(&self) -> &Arc<RequestBudget> {
+        &self.budget
+    }
+
+    /// The tonic router with every service, behind the request span, the
+    /// metrics and the transport limits (in that order, outermost first, so
+    /// a call refused by a limit is logged and measured too).
     pub fn router(
         &self,
     ) -> tonic::transport::server::Router<
-        tower_layer::Stack<MetricsLayer, tower_layer::Stack<RequestSpanLayer, tower_layer::Identity>>,
+        tower_layer::Stack<
+            TransportLayer,
+            tower_layer::Stack<MetricsLayer, tower_layer::Stack<RequestSpanLayer, tower_layer::Identity>>,
+        >,
     > {
         let ctx = self.ctx.clone();
         let layer = self.metrics.as_ref().map(|m| m.layer()).unwrap_or_default();
+        let limits = &ctx.limits;
         tonic::transport::Server::builder()
             .layer(RequestSpanLayer)
             .layer(layer)
+            .layer(self.transport.clone())
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(16 << 20))
+            // tonic's default (None) would lift hyper's limit altogether.
+            .max_concurrent_streams(Some(limits.max_concurrent_streams))
+            .http2_max_header_list_size(Some(limits.max_header_list_size))
+            .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
             .add_service(
                 CapabilitiesServer::new(CapabilitiesService(ctx.clone()))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -272,7 +304,8 @@ impl Cache {
         tls: Arc<rustls::ServerConfig>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        self.serve(crate::tls::tls_incoming(listener, tls), shutdown).await
+        let options = crate::tls::IncomingOptions::from_limits(&self.ctx.limits, Some(self.ctx.limit_hits.clone()));
+        self.serve(crate::tls::tls_incoming_with(listener, tls, options), shutdown).await
     }
 
     /// Serves plaintext gRPC on `listener` until `shutdown` resolves, then
@@ -282,11 +315,13 @@ impl Cache {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let keepalive = self.ctx.limits.tcp_keepalive;
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |conn| {
             let conn = conn?;
             // Without this, replies larger than one segment wait for the
             // client's delayed ACK (40 ms).
             conn.set_nodelay(true)?;
+            crate::tls::set_tcp_keepalive(&conn, keepalive)?;
             Ok::<_, std::io::Error>(conn)
         });
         self.serve(incoming, shutdown).await

@@ -16,6 +16,7 @@
 
 use std::fmt;
 use std::io;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
@@ -34,6 +35,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+
+use crate::limits::{LimitHits, Limits};
 
 /// Default interval between checks of the CRL files.
 pub const DEFAULT_CRL_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
@@ -415,19 +418,47 @@ fn read_crls(
     Ok((fingerprint, crls))
 }
 
-/// Limits of the acceptor.
-#[derive(Clone, Copy, Debug)]
+/// Limits of the acceptor (docs/operations.md, "Limits").
+#[derive(Clone, Debug)]
 pub struct IncomingOptions {
     /// A handshake not done in this time is dropped.
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once; further connections wait in the
     /// listen backlog.
     pub max_concurrent_handshakes: usize,
+    /// Handshakes in progress at once from one remote IP address; a further
+    /// connection from that address is closed at once, so idle sockets from
+    /// one address cannot take every handshake slot.
+    pub max_handshakes_per_address: usize,
+    /// TCP keepalive idle time set on every accepted socket.
+    pub tcp_keepalive: Option<Duration>,
+    /// Where refusals by these limits are counted.
+    pub hits: Option<Arc<LimitHits>>,
 }
 
 impl Default for IncomingOptions {
     fn default() -> Self {
-        IncomingOptions { handshake_timeout: Duration::from_secs(10), max_concurrent_handshakes: 256 }
+        IncomingOptions::from_limits(&Limits::default(), None)
+    }
+}
+
+impl IncomingOptions {
+    /// The acceptor limits of `limits`, counting refusals in `hits`.
+    pub fn from_limits(limits: &Limits, hits: Option<Arc<LimitHits>>) -> Self {
+        IncomingOptions {
+            handshake_timeout: limits.handshake_timeout,
+            max_concurrent_handshakes: limits.max_handshakes,
+            max_handshakes_per_address: limits.max_handshakes_per_address,
+            tcp_keepalive: Some(limits.tcp_keepalive),
+            hits,
+        }
+    }
+
+    fn hit(&self, limit: &'static str, detail: impl fmt::Display) {
+        match &self.hits {
+            Some(hits) => hits.hit(limit, "", detail),
+            None => tracing::debug!(limit, "limit reached: {detail}"),
+        }
     }
 }
 
@@ -453,6 +484,44 @@ pub fn tls_incoming_with(
     ReceiverStream::new(rx)
 }
 
+/// Sets TCP keepalive on an accepted socket, so the kernel finds a peer that
+/// vanished without a FIN (HTTP/2 pings do the same one level up).
+pub fn set_tcp_keepalive(tcp: &TcpStream, idle: Duration) -> io::Result<()> {
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle))
+}
+
+/// Handshakes in progress per remote address.
+#[derive(Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+/// One handshake counted against its address until dropped.
+struct AddressSlot(Arc<PerAddress>, IpAddr);
+
+impl PerAddress {
+    /// A slot for `ip`, or the number already in progress when it is at `max`.
+    fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Result<AddressSlot, usize> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(AddressSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -460,10 +529,24 @@ async fn accept_loop(
     tx: mpsc::Sender<Result<TlsStream<TcpStream>, io::Error>>,
 ) {
     let limit = Arc::new(Semaphore::new(options.max_concurrent_handshakes.max(1)));
+    let per_address = Arc::new(PerAddress::default());
+    let options = Arc::new(options);
     loop {
-        let permit = tokio::select! {
-            _ = tx.closed() => return,
-            permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                options.hit(
+                    "max_handshakes",
+                    format_args!(
+                        "{} TLS handshakes in progress; new connections wait",
+                        options.max_concurrent_handshakes
+                    ),
+                );
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                }
+            }
         };
         let (tcp, addr) = tokio::select! {
             _ = tx.closed() => return,
@@ -477,20 +560,42 @@ async fn accept_loop(
                 }
             },
         };
+        let ip = addr.ip().to_canonical();
+        let slot = match per_address.try_take(ip, options.max_handshakes_per_address.max(1)) {
+            Ok(slot) => slot,
+            Err(n) => {
+                // Closed at once: its permit goes to the next connection.
+                options.hit(
+                    "max_handshakes_per_address",
+                    format_args!("{ip} already has {n} TLS handshakes in progress; connection closed"),
+                );
+                continue;
+            }
+        };
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%addr, error = %e, "cannot set TCP_NODELAY");
         }
+        if let Some(idle) = options.tcp_keepalive {
+            if let Err(e) = set_tcp_keepalive(&tcp, idle) {
+                tracing::debug!(%addr, error = %e, "cannot set TCP keepalive");
+            }
+        }
         let acceptor = acceptor.clone();
         let tx = tx.clone();
+        let options = options.clone();
         tokio::spawn(async move {
             let result = tokio::time::timeout(options.handshake_timeout, acceptor.accept(tcp)).await;
+            drop(slot);
             drop(permit);
             match result {
                 Ok(Ok(tls)) => {
                     let _ = tx.send(Ok(tls)).await;
                 }
                 Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                Err(_) => options.hit(
+                    "handshake_timeout",
+                    format_args!("{addr} did not finish its TLS handshake in {:?}", options.handshake_timeout),
+                ),
             }
         });
     }

@@ -13,6 +13,7 @@ mod cas;
 mod config;
 mod eviction;
 mod limits_domain;
+mod limits_transport;
 mod metrics;
 mod mtls;
 mod provenance;
