@@ -95,6 +95,13 @@ fn spawn_eviction(store: Arc<Store>) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// The layers in front of every service, outermost first: request span,
+/// metrics, transport limits.
+pub type Layers = tower_layer::Stack<
+    TransportLayer,
+    tower_layer::Stack<MetricsLayer, tower_layer::Stack<RequestSpanLayer, tower_layer::Identity>>,
+>;
+
 /// An opened cache, ready to serve.
 #[derive(Debug)]
 pub struct Cache {
@@ -209,14 +216,7 @@ impl Cache {
     /// The tonic router with every service, behind the request span, the
     /// metrics and the transport limits (in that order, outermost first, so
     /// a call refused by a limit is logged and measured too).
-    pub fn router(
-        &self,
-    ) -> tonic::transport::server::Router<
-        tower_layer::Stack<
-            TransportLayer,
-            tower_layer::Stack<MetricsLayer, tower_layer::Stack<RequestSpanLayer, tower_layer::Identity>>,
-        >,
-    > {
+    pub fn router(&self) -> tonic::transport::server::Router<Layers> {
         let ctx = self.ctx.clone();
         let layer = self.metrics.as_ref().map(|m| m.layer()).unwrap_or_default();
         let limits = &ctx.limits;

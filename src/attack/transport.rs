@@ -180,11 +180,8 @@ pub async fn stalled_streams(
         });
     }
     drop(tx);
-    loop {
-        match tokio::time::timeout_at(until, rx.recv()).await {
-            Ok(Some(code)) => *report.answered.entry(code).or_default() += 1,
-            Ok(None) | Err(_) => break,
-        }
+    while let Ok(Some(code)) = tokio::time::timeout_at(until, rx.recv()).await {
+        *report.answered.entry(code).or_default() += 1;
     }
     drop(open);
     drop(send);
