@@ -1019,18 +1019,18 @@ impl Store {
         let mut n = 0;
         let mut purged = Vec::new();
         // The chained run being scanned: (prefix, first key, last key, newest time, records).
-        let mut run: Option<(Vec<u8>, Vec<u8>, Vec<u8>, u64, usize)> = None;
-        let mut close =
-            |run: Option<(Vec<u8>, Vec<u8>, Vec<u8>, u64, usize)>, batch: &mut WriteBatch, n: &mut usize| {
-                if let Some((prefix, first, mut last, newest, count)) = run {
-                    if newest < before_nanos {
-                        last.push(0);
-                        batch.delete_range_cf(cf, first, last);
-                        *n += count;
-                        purged.push(prefix);
-                    }
+        type Run = (Vec<u8>, Vec<u8>, Vec<u8>, u64, usize);
+        let mut run: Option<Run> = None;
+        let mut close = |run: Option<Run>, batch: &mut WriteBatch, n: &mut usize| {
+            if let Some((prefix, first, mut last, newest, count)) = run {
+                if newest < before_nanos {
+                    last.push(0);
+                    batch.delete_range_cf(cf, first, last);
+                    *n += count;
+                    purged.push(prefix);
                 }
-            };
+            }
+        };
         for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
             let (k, _) = item?;
             let Some(len) = k.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize) else { continue };
@@ -1053,11 +1053,9 @@ impl Store {
                         }
                     }
                 }
-                AUDIT_LEGACY_SUFFIX => {
-                    if at_of(12) < before_nanos {
-                        batch.delete_cf(cf, &k);
-                        n += 1;
-                    }
+                AUDIT_LEGACY_SUFFIX if at_of(12) < before_nanos => {
+                    batch.delete_cf(cf, &k);
+                    n += 1;
                 }
                 _ => {}
             }
@@ -1175,7 +1173,7 @@ mod tests {
     fn hit_log_pages_are_bounded_by_count_and_bytes_and_keep_chain_order() {
         let (_d, s) = store();
         for seq in 1..=5u64 {
-            s.audit_append("inv", seq, 1_000 + seq, &vec![seq as u8; 100]).unwrap();
+            s.audit_append("inv", seq, 1_000 + seq, &[seq as u8; 100]).unwrap();
         }
         s.audit_append("inv-other", 1, 1_000, b"other").unwrap();
         s.audit_put_legacy("inv", 500, b"legacy").unwrap();
@@ -1212,7 +1210,7 @@ mod tests {
         let (_d, s) = store();
         let a = key(b"a", "");
         for (i, at) in [10u64, 20, 30].into_iter().enumerate() {
-            s.ac_put(&a, &vec![i as u8; 100], at).unwrap();
+            s.ac_put(&a, &[i as u8; 100], at).unwrap();
         }
         let page = s.ac_history_page(&a, 0, 10, 150, false).unwrap();
         assert_eq!(page.rows.len(), 1);
