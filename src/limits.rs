@@ -125,6 +125,11 @@ pub struct LimitsConfig {
     #[arg(long, env = "PROVCACHE_VERIFIED_CHUNK_CACHE", value_parser = crate::units::parse_size)]
     #[serde(default, deserialize_with = "crate::config::de_size")]
     pub verified_chunk_cache: Option<u64>,
+    /// Hit-log records one reader principal may add to one invocation; the
+    /// last one says `record_limit_reached`, later lookups are not recorded.
+    /// Default: 1000000.
+    #[arg(long, env = "PROVCACHE_MAX_HIT_RECORDS_PER_PRINCIPAL")]
+    pub max_hit_records_per_principal: Option<u64>,
 }
 
 /// The resolved limits, defaults applied. Printed by `--check-config` as the
@@ -188,6 +193,8 @@ pub struct Limits {
     pub zstd_window_log_max: u32,
     /// See [`LimitsConfig::verified_chunk_cache`] (bytes).
     pub verified_chunk_cache: u64,
+    /// See [`LimitsConfig::max_hit_records_per_principal`].
+    pub max_hit_records_per_principal: u64,
 }
 
 impl Default for Limits {
@@ -298,6 +305,7 @@ impl LimitsConfig {
             upload_idle_timeout,
             zstd_window_log_max,
             verified_chunk_cache,
+            max_hit_records_per_principal,
         )
     }
 
@@ -337,6 +345,7 @@ impl LimitsConfig {
             upload_idle_timeout: self.upload_idle_timeout.unwrap_or(Duration::from_secs(300)),
             zstd_window_log_max: self.zstd_window_log_max.unwrap_or(23),
             verified_chunk_cache: self.verified_chunk_cache.unwrap_or(32 << 20),
+            max_hit_records_per_principal: self.max_hit_records_per_principal.unwrap_or(1_000_000),
         };
         positive("max_concurrent_streams", limits.max_concurrent_streams.into())?;
         positive("max_header_list_size", limits.max_header_list_size.into())?;
@@ -370,6 +379,7 @@ impl LimitsConfig {
             )));
         }
         positive("verified_chunk_cache", limits.verified_chunk_cache)?;
+        positive("max_hit_records_per_principal", limits.max_hit_records_per_principal)?;
         Ok(limits)
     }
 }
