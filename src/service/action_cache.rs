@@ -149,6 +149,7 @@ impl HitLog<'_> {
             action_mnemonic: claims.action_mnemonic.clone(),
             target_id: claims.target_id.clone(),
             served,
+            ..Default::default()
         };
         let nanos = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
         let store = self.ctx.cas.store().clone();

@@ -850,6 +850,13 @@ impl Store {
         Ok(out)
     }
 
+    /// Deletes one hit-log row by its raw key (as [`Store::audit_list`]
+    /// returns it), for tests that simulate tampering at rest.
+    pub fn audit_delete_raw(&self, key: &[u8]) -> Result<()> {
+        self.db.delete_cf(self.cf(CF_AUDIT), key)?;
+        Ok(())
+    }
+
     /// Deletes hit records answered before `before_nanos`; returns how many.
     pub fn purge_audit(&self, before_nanos: u64) -> Result<usize> {
         // Key: invocation + answered-at (u64 ns) + u32 random.
