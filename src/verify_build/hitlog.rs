@@ -292,7 +292,10 @@ mod tests {
             envelope: Some(Envelope {
                 payload: payload.into(),
                 payload_type: HIT_RECORD_PAYLOAD_TYPE.into(),
-                signatures: vec![Signature { sig: sig.to_bytes().to_vec().into(), keyid: String::new() }],
+                signatures: vec![Signature {
+                    sig: sig.to_bytes().to_vec().into(),
+                    keyid: crate::signing::key_id(&key().verifying_key()),
+                }],
             }),
         }
     }
