@@ -108,10 +108,8 @@ impl ActionCache {
                 "missing blob {missing} ({what}): upload every output to the CAS before UpdateActionResult"
             )));
         }
-        // A writer cannot smuggle in signatures or verification marks.
-        if let Some(meta) = &mut result.execution_metadata {
-            meta.auxiliary_metadata.retain(|a| a.type_url != crate::signing::STATUS_TYPE_URL);
-        }
+        // A writer cannot smuggle in signatures or verification marks, whatever the host of their type URL.
+        crate::signing::strip_writer_marks(&mut result);
         let result = crate::signing::canonicalize(&result);
         if result.encoded_len() > MAX_RESULT_BYTES {
             return Err(Error::InvalidArgument(format!(
@@ -136,6 +134,7 @@ impl ActionCache {
         prepared: &PreparedResult,
         canonical: Vec<u8>,
         envelope: Vec<u8>,
+        references_envelope: Vec<u8>,
     ) -> Result<StoredActionEntry> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let entry = StoredActionEntry {
@@ -143,6 +142,7 @@ impl ActionCache {
             envelope: Bytes::from(envelope),
             stored_at_unix: now.as_secs() as i64,
             referenced_blobs: prepared.referenced.iter().map(Digest::to_proto).collect(),
+            references_envelope: Bytes::from(references_envelope),
         };
         let key = Key::new(instance, &action);
         let store = self.cas.store().clone();
@@ -186,18 +186,40 @@ impl ActionCache {
 
     /// Checks that every blob a stored entry references is still present.
     /// A complete entry (and each of its blobs) counts as used.
+    ///
+    /// The stored `referenced_blobs` list is used only when
+    /// `references_signed` (its signature verified with the entry's, see
+    /// [`crate::provenance::Origin::references_signed`]); otherwise the list
+    /// is derived from the canonical result about to be served (outputs,
+    /// stdout/stderr, each output directory's Tree and the files it names),
+    /// so a list cleared or altered at rest never makes an incomplete result
+    /// a hit.
     pub async fn check_complete(
         &self,
         instance: &InstanceName,
         action: Digest,
         entry: &StoredActionEntry,
+        references_signed: bool,
     ) -> Result<()> {
-        let mut digests = Vec::with_capacity(entry.referenced_blobs.len());
-        for d in &entry.referenced_blobs {
-            digests.push(Digest::from_proto(action.function, Some(d)).map_err(|_| {
-                Error::NotFound(format!("action result {action} has a corrupt blob list; treating as a miss"))
-            })?);
-        }
+        let digests = if references_signed {
+            let mut digests = Vec::with_capacity(entry.referenced_blobs.len());
+            for d in &entry.referenced_blobs {
+                digests.push(Digest::from_proto(action.function, Some(d)).map_err(|_| {
+                    Error::NotFound(format!("action result {action} has a corrupt blob list; treating as a miss"))
+                })?);
+            }
+            digests
+        } else {
+            let result = reapi::ActionResult::decode(entry.canonical_result.clone())
+                .map_err(|_| Error::NotFound(format!("action {action} has an undecodable stored result")))?;
+            let derived = self.referenced_blobs(instance, action.function, &result).await.map_err(|e| match e {
+                Error::InvalidArgument(e) | Error::DataLoss(e) => {
+                    Error::NotFound(format!("action result {action} names an unusable blob ({e}); treating as a miss"))
+                }
+                other => other,
+            })?;
+            dedup(derived.into_iter().map(|(d, _)| d).collect())
+        };
         if let Some(missing) = self.cas.first_missing(instance, digests).await? {
             return Err(Error::NotFound(format!("action result {action} references missing blob {missing}")));
         }

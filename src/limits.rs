@@ -33,6 +33,11 @@ pub struct LimitsConfig {
     /// Output file names one GetActionResult may ask to inline. Default: 10000.
     #[arg(long, env = "PROVCACHE_MAX_INLINE_NAMES")]
     pub max_inline_names: Option<usize>,
+    /// Hit-log records one reader principal may add to one invocation; the
+    /// last one says `record_limit_reached`, later lookups are not recorded.
+    /// Default: 1000000.
+    #[arg(long, env = "PROVCACHE_MAX_HIT_RECORDS_PER_PRINCIPAL")]
+    pub max_hit_records_per_principal: Option<u64>,
 }
 
 /// The resolved limits, defaults applied. Printed by `--check-config` as the
@@ -45,6 +50,8 @@ pub struct Limits {
     // ------------------------------------------------------------ domain
     /// See [`LimitsConfig::max_inline_names`].
     pub max_inline_names: usize,
+    /// See [`LimitsConfig::max_hit_records_per_principal`].
+    pub max_hit_records_per_principal: u64,
 }
 
 impl Default for Limits {
@@ -66,6 +73,7 @@ impl LimitsConfig {
             max_concurrent_streams,
             // domain
             max_inline_names,
+            max_hit_records_per_principal,
         )
     }
 
@@ -83,9 +91,11 @@ impl LimitsConfig {
             max_concurrent_streams: self.max_concurrent_streams.unwrap_or(64),
             // domain
             max_inline_names: self.max_inline_names.unwrap_or(10_000),
+            max_hit_records_per_principal: self.max_hit_records_per_principal.unwrap_or(1_000_000),
         };
         positive("max_concurrent_streams", limits.max_concurrent_streams.into())?;
         positive("max_inline_names", limits.max_inline_names as u64)?;
+        positive("max_hit_records_per_principal", limits.max_hit_records_per_principal)?;
         Ok(limits)
     }
 }

@@ -2,8 +2,13 @@
 //! verify it on every read (docs/signing.md), count the outcomes.
 //!
 //! The signing key and the trust policy are reloaded from disk without a
-//! restart: a bad trust-policy file keeps the last good policy; an unreadable
-//! signing key means no Action Cache writes (fail closed) until it is fixed.
+//! restart: a bad trust-policy file, or one with a lower `policy_version`
+//! (a rollback), keeps the last good policy; an unreadable signing key means
+//! no Action Cache writes (fail closed) until it is fixed.
+//!
+//! The same key signs the per-invocation hit log ([`hit_log`]).
+
+pub mod hit_log;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,17 +16,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 
 use crate::action_cache::PreparedResult;
 use crate::auth::Caller;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::proto::prov::storage::{ReferencedBlobs, ReferencesStatement, StoredActionEntry};
 use crate::proto::prov::{ClientClaims, OriginMetadata, Writer};
 use crate::proto::reapi;
 use crate::resource::InstanceName;
 use crate::signing::{self, SigningKey, StatementParams};
-use crate::trust::verify::{verify_stored, Expected, Reason, Verified};
+use crate::trust::verify::{verify_references, verify_stored, Expected, Reason, Verified};
 use crate::trust::TrustPolicy;
 
 /// What the server does with an entry that fails verification.
@@ -44,6 +51,7 @@ pub struct VerificationCounters {
     failed: [AtomicU64; Reason::ALL.len()],
     signed: AtomicU64,
     sign_refused: AtomicU64,
+    policy_rollbacks_refused: AtomicU64,
 }
 
 impl VerificationCounters {
@@ -66,6 +74,11 @@ impl VerificationCounters {
     /// Writes refused because no signing key was usable.
     pub fn sign_refused(&self) -> u64 {
         self.sign_refused.load(Ordering::Relaxed)
+    }
+    /// Trust-policy reloads refused because the file's `policy_version` was
+    /// lower than the loaded one's (a rollback, say to before a revocation).
+    pub fn policy_rollbacks_refused(&self) -> u64 {
+        self.policy_rollbacks_refused.load(Ordering::Relaxed)
     }
     /// Records a failed verification.
     pub fn record_failure(&self, reason: Reason) {
@@ -121,6 +134,10 @@ pub struct Origin {
     pub signed_at: Option<SystemTime>,
     /// The verifying key's id.
     pub key_id: String,
+    /// The entry's list of referenced blobs is signed with the statement's
+    /// key and matches it (the completeness check may use the stored list;
+    /// otherwise it derives the list from the result).
+    pub references_signed: bool,
 }
 
 impl Origin {
@@ -131,6 +148,7 @@ impl Origin {
             origin_invocation_id: origin.claims.map(|c| c.tool_invocation_id).unwrap_or_default(),
             signed_at: Some(v.signed_at),
             key_id: v.key_id.clone(),
+            references_signed: false,
         }
     }
 }
@@ -213,7 +231,18 @@ impl Provenance {
         let now_stamp = stamp(&self.config.trust_policy);
         let changed = self.trust.read().unwrap_or_else(|p| p.into_inner()).stamp != now_stamp;
         if changed {
+            let loaded = self.trust_policy().policy_version;
             match TrustPolicy::load(&self.config.trust_policy) {
+                // A rollback: an older policy may trust what a newer one
+                // revoked. Equal versions are accepted (an edit that forgot
+                // to bump the version must still take effect).
+                Ok(policy) if policy.policy_version < loaded => {
+                    self.trust.write().unwrap_or_else(|p| p.into_inner()).stamp = now_stamp;
+                    self.counters.policy_rollbacks_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(path = %self.config.trust_policy.display(), file_version = policy.policy_version,
+                        loaded_version = loaded, "trust policy not reloaded: its policy_version is lower than the \
+                        loaded one's (a rollback); keeping the loaded policy");
+                }
                 Ok(policy) => {
                     let mut t = self.trust.write().unwrap_or_else(|p| p.into_inner());
                     t.value = Arc::new(policy);
@@ -263,6 +292,41 @@ impl Provenance {
                 Err(Error::Unavailable(format!("this server cannot sign Action Cache entries right now ({e})")))
             }
         }
+    }
+
+    /// The key that signs hit records, if one is usable (never counted as a
+    /// refused write: the hit log then records unsigned).
+    pub fn hit_signer(&self) -> Option<Arc<SigningKey>> {
+        if self.config.signing_disabled {
+            return None;
+        }
+        self.signer.read().unwrap_or_else(|p| p.into_inner()).value.as_ref().ok().cloned()
+    }
+
+    /// Signs the list of blobs an entry references (as it will be stored in
+    /// `StoredActionEntry.referenced_blobs`), bound to the action and the
+    /// canonical result, so the read path's completeness check never relies
+    /// on an unsigned list. Returns the encoded envelope.
+    pub fn sign_references(
+        &self,
+        signer: &SigningKey,
+        subject: &Subject<'_>,
+        canonical: &[u8],
+        referenced_blobs: &[reapi::Digest],
+    ) -> Vec<u8> {
+        if self.config.signing_disabled {
+            return Vec::new();
+        }
+        let list = ReferencedBlobs { blobs: referenced_blobs.to_vec() }.encode_to_vec();
+        let statement = ReferencesStatement {
+            instance_name: subject.instance.as_str().to_string(),
+            digest_function: signing::effective_digest_function(subject.digest_function),
+            action_digest: Some(subject.action.to_proto()),
+            action_result_sha256: Sha256::digest(canonical).to_vec().into(),
+            referenced_blobs_sha256: Sha256::digest(&list).to_vec().into(),
+        };
+        let envelope = signer.sign_payload(signing::REFERENCES_PAYLOAD_TYPE, statement.encode_to_vec().into());
+        envelope.encode_to_vec()
     }
 
     /// Builds and signs the statement for a prepared result; returns the
@@ -317,17 +381,19 @@ impl Provenance {
         prost::Message::encode_to_vec(&signer.sign(&statement))
     }
 
-    /// Read-path checks 1-8 for a stored entry. `raw_key` and `raw_value`
-    /// key the cache of verified entries, so a value copied elsewhere is
-    /// verified afresh.
+    /// Read-path checks 1-8 for a stored entry, and whether its list of
+    /// referenced blobs is signed ([`Origin::references_signed`]).
+    /// `raw_key` and `raw_value` key the cache of verified entries, so a
+    /// value copied elsewhere (or altered in any byte, its list included) is
+    /// verified afresh, and hot reads pay for neither check.
     pub fn verify(
         &self,
         subject: &Subject<'_>,
         raw_key: &[u8],
         raw_value: &[u8],
-        canonical: &[u8],
-        envelope: &[u8],
+        entry: &StoredActionEntry,
     ) -> std::result::Result<Arc<Origin>, Reason> {
+        let (canonical, envelope) = (&entry.canonical_result[..], &entry.envelope[..]);
         if self.config.verification_disabled {
             return Ok(Arc::default());
         }
@@ -356,7 +422,20 @@ impl Provenance {
             Ok(v) => {
                 self.counters.verified.fetch_add(1, Ordering::Relaxed);
                 let until = valid_until(&policy, &v);
-                let origin = Arc::new(Origin::of(&v));
+                let mut origin = Origin::of(&v);
+                let references =
+                    verify_references(&policy, &entry.references_envelope, &expected, &v, &entry.referenced_blobs);
+                origin.references_signed = match references {
+                    Ok(()) => true,
+                    // Data written before the list was signed.
+                    Err(Reason::Unsigned) if entry.references_envelope.is_empty() => false,
+                    Err(reason) => {
+                        tracing::warn!(action = %subject.action, instance = %subject.instance, reason = reason.as_str(),
+                            "the stored list of referenced blobs does not verify; deriving it from the signed result");
+                        false
+                    }
+                };
+                let origin = Arc::new(origin);
                 let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
                 if cache.len() >= VERIFIED_CACHE_MAX {
                     cache.clear();

@@ -22,9 +22,13 @@ use crate::proto::reapi::{self, ActionResult};
 pub const STATEMENT_TYPE: &str = "provcache/action-result/v1";
 /// The DSSE payload type of an encoded [`ActionResultStatement`].
 pub const PAYLOAD_TYPE: &str = "application/vnd.provcache.action-result-statement.v1+proto";
-/// Type URL of the `Any` that carries the encoded [`Envelope`].
-/// DSSE payload type of a signed hit record (proto/provcache/v1/audit.proto).
+/// DSSE payload type of a signed hit record (proto/provcache/v1/audit.proto):
+/// distinct from the statement's, so neither can be passed off as the other.
 pub const HIT_RECORD_PAYLOAD_TYPE: &str = "application/vnd.provcache.hit-record.v1+proto";
+/// DSSE payload type of the signed list of blobs an entry references
+/// (`ReferencesStatement` in proto/provcache/v1/storage.proto), so the
+/// completeness check never trusts an unsigned list.
+pub const REFERENCES_PAYLOAD_TYPE: &str = "application/vnd.provcache.referenced-blobs.v1+proto";
 /// Type URL of the DSSE envelope in `auxiliary_metadata`.
 pub const ENVELOPE_TYPE_URL: &str = "type.googleapis.com/io.intoto.Envelope";
 /// Type URL of the `Any` that carries a [`VerificationStatus`] (flag mode).
@@ -161,11 +165,16 @@ impl SigningKey {
     /// Encodes the statement once and signs its PAE: the envelope holds those
     /// exact payload bytes, which are never re-encoded afterwards.
     pub fn sign(&self, statement: &ActionResultStatement) -> Envelope {
-        let payload = Bytes::from(statement.encode_to_vec());
-        let sig = self.inner.sign(&pae(PAYLOAD_TYPE, &payload));
+        self.sign_payload(PAYLOAD_TYPE, Bytes::from(statement.encode_to_vec()))
+    }
+
+    /// Signs the PAE of any payload (hit records, reference lists): one key,
+    /// several payload types, each bound into the signature by DSSE.
+    pub fn sign_payload(&self, payload_type: &str, payload: Bytes) -> Envelope {
+        let sig = self.inner.sign(&pae(payload_type, &payload));
         Envelope {
             payload,
-            payload_type: PAYLOAD_TYPE.to_string(),
+            payload_type: payload_type.to_string(),
             signatures: vec![prov::Signature {
                 sig: Bytes::copy_from_slice(&sig.to_bytes()),
                 keyid: self.key_id.clone(),
@@ -262,6 +271,32 @@ pub fn strip_envelopes(result: &mut ActionResult) -> usize {
     remove_any(result, ENVELOPE_TYPE_URL)
 }
 
+/// The type name of an `Any`'s type URL: what follows its last `/` (the
+/// host part is free text anyone can choose).
+fn type_name(type_url: &str) -> &str {
+    type_url.rsplit('/').next().unwrap_or(type_url)
+}
+
+/// Removes, from a result a writer sent, every `Any` that could pass for the
+/// server's own marks whatever the host part of its URL: DSSE envelopes
+/// (`io.intoto.Envelope`) and every provcache message (`provcache.v1.*`,
+/// such as a `VerificationStatus`). A copied envelope under
+/// `example.com/io.intoto.Envelope` would otherwise be stored and served
+/// beside the real one. Returns how many were removed.
+pub fn strip_writer_marks(result: &mut ActionResult) -> usize {
+    let Some(meta) = result.execution_metadata.as_mut() else { return 0 };
+    let before = meta.auxiliary_metadata.len();
+    meta.auxiliary_metadata.retain(|any| {
+        let name = type_name(&any.type_url);
+        name != "io.intoto.Envelope" && !name.starts_with("provcache.v1.")
+    });
+    let removed = before - meta.auxiliary_metadata.len();
+    if *meta == reapi::ExecutedActionMetadata::default() {
+        result.execution_metadata = None;
+    }
+    removed
+}
+
 /// Flag mode: marks a served result with why it failed verification,
 /// replacing any status already present.
 pub fn attach_status(result: &mut ActionResult, status: &VerificationStatus) {
@@ -320,7 +355,7 @@ pub fn build_statement(params: StatementParams<'_>) -> ActionResultStatement {
             &mut claims.target_id,
             &mut claims.configuration_id,
         ] {
-            truncate_utf8(field, MAX_CLAIM_BYTES);
+            let _ = truncate_utf8(field, MAX_CLAIM_BYTES);
         }
     }
     ActionResultStatement {
@@ -339,14 +374,18 @@ pub fn build_statement(params: StatementParams<'_>) -> ActionResultStatement {
     }
 }
 
-fn truncate_utf8(s: &mut String, max: usize) {
+/// Cuts `s` to at most `max` bytes at a character boundary; returns whether
+/// anything was cut.
+pub(crate) fn truncate_utf8(s: &mut String, max: usize) -> bool {
     if s.len() > max {
         let mut end = max;
         while !s.is_char_boundary(end) {
             end -= 1;
         }
         s.truncate(end);
+        return true;
     }
+    false
 }
 
 #[cfg(test)]
@@ -487,6 +526,39 @@ mod tests {
         inlined.output_files[0].contents = Bytes::from_static(b"hello\n");
         assert_ne!(inlined.encode_to_vec(), plain.encode_to_vec());
         assert_eq!(canonical_bytes(&inlined), canonical_bytes(&plain));
+    }
+
+    #[test]
+    fn writer_marks_are_stripped_whatever_the_host_of_their_type_url() {
+        let mut result = sample_result();
+        let any = |url: &str| prost_types::Any { type_url: url.into(), value: vec![1, 2, 3] };
+        result.execution_metadata = Some(reapi::ExecutedActionMetadata {
+            auxiliary_metadata: vec![
+                any("type.googleapis.com/io.intoto.Envelope"),
+                any("example.com/io.intoto.Envelope"),
+                any("io.intoto.Envelope"),
+                any("x.y/provcache.v1.VerificationStatus"),
+                any("type.googleapis.com/provcache.v1.ActionResultStatement"),
+                any("example.com/build.tool.Stats"),
+                any("example.com/io.intoto.EnvelopeStats"),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(strip_writer_marks(&mut result), 5);
+        let kept: Vec<&str> = result
+            .execution_metadata
+            .as_ref()
+            .unwrap()
+            .auxiliary_metadata
+            .iter()
+            .map(|a| a.type_url.as_str())
+            .collect();
+        assert_eq!(kept, ["example.com/build.tool.Stats", "example.com/io.intoto.EnvelopeStats"]);
+
+        let mut only_marks = sample_result();
+        attach_envelope(&mut only_marks, &Envelope::default());
+        assert_eq!(strip_writer_marks(&mut only_marks), 1);
+        assert_eq!(only_marks, sample_result(), "empty metadata is removed, as canonicalisation does");
     }
 
     #[test]

@@ -7,8 +7,8 @@ use crate::action_cache::InlineRequest;
 use crate::auth::{Peer, Permission};
 use crate::cas::parse_digest;
 use crate::error::Error;
-use crate::proto::prov::HitRecord;
 use crate::proto::reapi::{self, action_cache_server::ActionCache};
+use crate::provenance::hit_log::{self, Answer};
 use crate::provenance::{Mode, Origin, Subject};
 use crate::resource::InstanceName;
 use crate::signing;
@@ -43,7 +43,7 @@ impl ActionCache for ActionCacheService {
         let mut flagged = None;
         let subject = Subject { instance: &instance, digest_function: function, action };
         let log = HitLog { ctx: &self.0, claims: &claims, subject: &subject, reader: &caller.principal };
-        let origin = match prov.verify(&subject, key.as_bytes(), &raw, &entry.canonical_result, &entry.envelope) {
+        let origin = match prov.verify(&subject, key.as_bytes(), &raw, &entry) {
             Ok(origin) => Some(origin),
             Err(reason) => {
                 tracing::warn!(%action, instance = %instance, reason = reason.as_str(), "stored result failed verification");
@@ -60,7 +60,8 @@ impl ActionCache for ActionCacheService {
                 None
             }
         };
-        if let Err(e) = ac.check_complete(&instance, action, &entry).await {
+        let references_signed = origin.as_ref().is_some_and(|o| o.references_signed);
+        if let Err(e) = ac.check_complete(&instance, action, &entry, references_signed).await {
             prov.counters().record_failure(Reason::MissingBlob);
             log.record(Reason::MissingBlob.as_str(), origin.as_deref(), false);
             return Err(e.into());
@@ -113,15 +114,18 @@ impl ActionCache for ActionCacheService {
         let function = signing::effective_digest_function(req.digest_function);
         let subject = Subject { instance: &instance, digest_function: function, action };
         let envelope = self.0.provenance.sign(&signer, &subject, &prepared, &canonical, &caller, claims);
+        let referenced: Vec<reapi::Digest> = prepared.referenced.iter().map(|d| d.to_proto()).collect();
+        let references = self.0.provenance.sign_references(&signer, &subject, &canonical, &referenced);
         crate::failpoint::crash_point("ac-after-sign");
-        ac.store(&instance, action, &prepared, canonical, envelope.clone()).await?;
+        ac.store(&instance, action, &prepared, canonical, envelope.clone(), references).await?;
         let mut reply = prepared.result;
         signing::attach_envelope_bytes(&mut reply, envelope);
         Ok(tonic::Response::new(reply))
     }
 }
 
-/// Records answered GetActionResult calls in the per-invocation hit log.
+/// Records answered GetActionResult calls in the per-invocation hit log
+/// (the rules are in [`hit_log`]).
 struct HitLog<'a> {
     ctx: &'a Context,
     claims: &'a Option<reapi::RequestMetadata>,
@@ -131,33 +135,18 @@ struct HitLog<'a> {
 
 impl HitLog<'_> {
     fn record(&self, verdict: &str, origin: Option<&Origin>, served: bool) {
-        let Some(claims) = self.claims.as_ref().filter(|c| !c.tool_invocation_id.is_empty()) else { return };
-        let now = std::time::SystemTime::now();
-        let origin = origin.cloned().unwrap_or_default();
-        let record = HitRecord {
-            tool_invocation_id: claims.tool_invocation_id.clone(),
-            instance_name: self.subject.instance.as_str().to_string(),
-            digest_function: self.subject.digest_function,
-            action_digest: Some(self.subject.action.to_proto()),
-            verdict: verdict.to_string(),
-            writer_principal: origin.writer_principal,
-            origin_invocation_id: origin.origin_invocation_id,
-            signed_at: origin.signed_at.map(prost_types::Timestamp::from),
-            key_id: origin.key_id,
-            reader_principal: self.reader.to_string(),
-            answered_at: Some(prost_types::Timestamp::from(now)),
-            action_mnemonic: claims.action_mnemonic.clone(),
-            target_id: claims.target_id.clone(),
-            served,
-            ..Default::default()
+        let answer = Answer { subject: self.subject, verdict, origin, served, reader: self.reader };
+        let Some(record) = hit_log::record_of(&answer, self.claims.as_ref(), std::time::SystemTime::now()) else {
+            return;
         };
-        let nanos = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
         let store = self.ctx.cas.store().clone();
-        let invocation = record.tool_invocation_id.clone();
-        let bytes = record.encode_to_vec();
-        // Off the request path: the hit log must not add latency to hits.
+        let signer = self.ctx.provenance.hit_signer();
+        let max = self.ctx.limits.max_hit_records_per_principal;
+        let limit_hits = self.ctx.limit_hits.clone();
+        // Off the request path: chaining, signing and storing must not add
+        // latency to hits.
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.audit_put(&invocation, nanos, &bytes) {
+            if let Err(e) = hit_log::append(&store, signer.as_deref(), max, &limit_hits, record) {
                 tracing::warn!(error = %e, "could not record a hit in the audit log");
             }
         });

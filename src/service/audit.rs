@@ -1,23 +1,32 @@
 //! Audit: the per-invocation hit log and the stored entries behind it, for
 //! `provcache verify-build`. Every call needs `audit:read`.
 
+use std::collections::BTreeSet;
+
 use prost::Message;
 
 use crate::auth::{Peer, Permission};
 use crate::cas::{blocking, parse_digest};
 use crate::error::Error;
+use crate::proto::prov;
 use crate::proto::prov::audit_server::Audit;
 use crate::proto::prov::storage::StoredActionEntry;
-use crate::proto::prov::{self, HitRecord};
 use crate::proto::reapi;
+use crate::provenance::hit_log;
 use crate::resource::InstanceName;
 use crate::signing;
 use crate::store::Key;
 
 use super::Context;
 
-const PAGE_DEFAULT: usize = 1000;
-const PAGE_MAX: usize = 10_000;
+/// History versions per GetStoredEntry page when the caller does not say.
+const HISTORY_PAGE_DEFAULT: usize = 100;
+/// Most history versions per page.
+const HISTORY_PAGE_MAX: usize = 1000;
+/// Most stored bytes per GetStoredEntry page, `current` included; a single
+/// version (at most a 3 MiB result and its envelope) always fits, so every
+/// reply stays under a 4 MiB client receive limit.
+const HISTORY_PAGE_MAX_BYTES: usize = 3 << 20;
 
 /// The Audit service.
 #[derive(Debug, Clone)]
@@ -38,6 +47,10 @@ fn served_form(entry: &StoredActionEntry) -> Option<prov::StoredEntry> {
     })
 }
 
+fn decode_served(bytes: &[u8]) -> Option<prov::StoredEntry> {
+    StoredActionEntry::decode(bytes).ok().and_then(|e| served_form(&e))
+}
+
 #[tonic::async_trait]
 impl Audit for AuditService {
     async fn list_invocation_hits(
@@ -46,61 +59,23 @@ impl Audit for AuditService {
     ) -> Result<tonic::Response<prov::ListInvocationHitsResponse>, tonic::Status> {
         let peer = Peer::of(&request);
         let req = request.into_inner();
-        if req.tool_invocation_id.is_empty() {
-            return Err(Error::InvalidArgument("tool_invocation_id is required".into()).into());
-        }
-        if req.page_size < 0 {
-            return Err(Error::InvalidArgument(format!("page_size {} is negative", req.page_size)).into());
-        }
         let gate = &self.0.gate;
-        // Surfaces UNAUTHENTICATED at once; permission is then checked per record's instance.
-        if let Err(e) = gate.authorize(&peer, &InstanceName::default(), Permission::AuditRead) {
-            if matches!(e, Error::Unauthenticated(_)) {
-                return Err(e.into());
-            }
-        }
-        let limit = if req.page_size == 0 { PAGE_DEFAULT } else { (req.page_size as usize).min(PAGE_MAX) };
-        let after = if req.page_token.is_empty() {
-            None
-        } else {
-            Some(
-                hex::decode(&req.page_token)
-                    .map_err(|_| Error::InvalidArgument("page_token was not issued by this server".into()))?,
-            )
-        };
+        // Before any read: a caller who may audit nothing is refused alike
+        // for an unknown invocation and a known one.
+        gate.authorize_anywhere(&peer, Permission::AuditRead)?;
         let store = self.0.cas.store().clone();
-        let invocation = req.tool_invocation_id.clone();
-        let rows = blocking(move || store.audit_list(&invocation, after.as_deref(), limit)).await?;
-        let next_page_token = if rows.len() == limit { rows.last().map(|(k, _)| hex::encode(k)) } else { None };
-        let mut hits = Vec::with_capacity(rows.len());
-        let mut denied = None;
-        for (_, value) in &rows {
-            let Ok(record) = HitRecord::decode(&value[..]) else { continue };
-            let instance = InstanceName::parse(&record.instance_name).unwrap_or_default();
-            match gate.authorize(&peer, &instance, Permission::AuditRead) {
-                Ok(_) => hits.push(record),
-                Err(e) => denied = Some(e),
-            }
+        let page =
+            blocking(move || hit_log::list(&store, &req.tool_invocation_id, req.page_size, &req.page_token)).await?;
+        // Every record's instance must be auditable by the caller: a chain
+        // with records silently left out would read as tampering (or hide it).
+        let instances: BTreeSet<&str> = page.records.iter().map(|r| r.instance_name.as_str()).collect();
+        for name in instances {
+            let instance = InstanceName::parse(name).unwrap_or_default();
+            gate.authorize(&peer, &instance, Permission::AuditRead)?;
         }
-        if hits.is_empty() {
-            if let Some(e) = denied {
-                return Err(e.into());
-            }
-        }
-        // Transitional: records are wrapped unsigned; signing and chaining come next.
-        let records = hits
-            .iter()
-            .map(|h| prov::SignedHitRecord {
-                envelope: Some(prov::Envelope {
-                    payload: h.encode_to_vec().into(),
-                    payload_type: signing::HIT_RECORD_PAYLOAD_TYPE.to_string(),
-                    signatures: vec![],
-                }),
-            })
-            .collect();
         Ok(tonic::Response::new(prov::ListInvocationHitsResponse {
-            records,
-            next_page_token: next_page_token.unwrap_or_default(),
+            records: page.records.into_iter().map(|r| r.record).collect(),
+            next_page_token: page.next_page_token,
         }))
     }
 
@@ -113,14 +88,35 @@ impl Audit for AuditService {
         let instance = InstanceName::parse(&req.instance_name).map_err(Error::from)?;
         let action = parse_digest(req.digest_function, req.action_digest.as_ref())?;
         self.0.gate.authorize(&peer, &instance, Permission::AuditRead)?;
+        let count = match req.history_page_size {
+            n if n < 0 => return Err(Error::InvalidArgument(format!("history_page_size {n} is negative")).into()),
+            0 => HISTORY_PAGE_DEFAULT,
+            n => (n as usize).min(HISTORY_PAGE_MAX),
+        };
+        // The token is the history time (u64 BE, hex) the page starts at.
+        let from = if req.history_page_token.is_empty() {
+            None
+        } else {
+            let raw = hex::decode(&req.history_page_token).ok().and_then(|b| <[u8; 8]>::try_from(b).ok());
+            Some(u64::from_be_bytes(
+                raw.ok_or_else(|| Error::InvalidArgument("history_page_token was not issued by this server".into()))?,
+            ))
+        };
         let key = Key::new(&instance, &action);
         let store = self.0.cas.store().clone();
-        let (current, history) = blocking(move || Ok((store.ac_get(&key)?, store.ac_history(&key)?))).await?;
-        let decode = |bytes: &[u8]| StoredActionEntry::decode(bytes).ok().and_then(|e| served_form(&e));
+        let (current, page) = blocking(move || {
+            // Only the first page carries the current entry, and it counts
+            // against the page's bytes (the page may then hold no history).
+            let current = if from.is_none() { store.ac_get(&key)? } else { None };
+            let budget = HISTORY_PAGE_MAX_BYTES.saturating_sub(current.as_ref().map_or(0, Vec::len));
+            let page = store.ac_history_page(&key, from.unwrap_or(0), count, budget, current.is_none())?;
+            Ok((current, page))
+        })
+        .await?;
         Ok(tonic::Response::new(prov::GetStoredEntryResponse {
-            current: current.as_deref().and_then(decode),
-            history: history.iter().filter_map(|(_, v)| decode(v)).collect(),
-            next_history_page_token: String::new(),
+            current: current.as_deref().and_then(decode_served),
+            history: page.rows.iter().filter_map(|(_, v)| decode_served(v)).collect(),
+            next_history_page_token: page.next.map(hex::encode).unwrap_or_default(),
         }))
     }
 }

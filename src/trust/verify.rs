@@ -13,9 +13,10 @@ use prost::Message;
 use sha2::{Digest as _, Sha256};
 
 use super::{KeyState, TrustPolicy, TrustedKey};
-use crate::proto::prov::{ActionResultStatement, Envelope, VerificationStatus};
+use crate::proto::prov::storage::{ReferencedBlobs, ReferencesStatement};
+use crate::proto::prov::{ActionResultStatement, Envelope, HitRecord, VerificationStatus};
 use crate::proto::reapi::{self, ActionResult};
-use crate::signing::{self, PAYLOAD_TYPE, STATEMENT_TYPE};
+use crate::signing::{self, HIT_RECORD_PAYLOAD_TYPE, PAYLOAD_TYPE, REFERENCES_PAYLOAD_TYPE, STATEMENT_TYPE};
 
 /// Largest encoded envelope that is decoded at all.
 pub const MAX_ENVELOPE_BYTES: usize = 64 * 1024;
@@ -224,7 +225,7 @@ pub fn verify_stored(
     }
 
     // 3. A trusted key verifies a signature.
-    let key = find_signer(policy, &envelope, &expected.instance)?;
+    let key = find_signer(policy, PAYLOAD_TYPE, &envelope, &expected.instance)?;
 
     // 4. The statement, from the verified payload bytes only.
     let statement =
@@ -284,11 +285,96 @@ pub fn verify_served(
     verify_stored(policy, &envelopes, &signing::canonical_bytes(result), expected, now)
 }
 
+/// The encoded envelope decoded, within the size caps, with `payload_type`
+/// and at least one signature (checks 1-2 for any payload type).
+fn decode_envelope(raw: &[u8], payload_type: &str) -> Result<Envelope, Reason> {
+    if raw.is_empty() {
+        return Err(Reason::Unsigned);
+    }
+    if raw.len() > MAX_ENVELOPE_BYTES {
+        return Err(Reason::TooLarge);
+    }
+    let envelope = Envelope::decode(raw).map_err(|_| Reason::UndecodableEnvelope)?;
+    if envelope.payload_type != payload_type {
+        return Err(Reason::WrongPayloadType);
+    }
+    if envelope.signatures.len() > MAX_SIGNATURES {
+        return Err(Reason::TooLarge);
+    }
+    if envelope.signatures.is_empty() {
+        return Err(Reason::Unsigned);
+    }
+    Ok(envelope)
+}
+
+/// Checks an entry's signed list of referenced blobs
+/// (`StoredActionEntry.references_envelope`) against its already verified
+/// statement: signed by the key that signed the statement, naming the same
+/// instance, digest function, action and result bytes, and hashing to
+/// exactly `referenced_blobs`. Only then may the completeness check trust
+/// the stored list; otherwise it derives the list from the result itself.
+pub fn verify_references(
+    policy: &TrustPolicy,
+    envelope: &[u8],
+    expected: &Expected,
+    verified: &Verified,
+    referenced_blobs: &[reapi::Digest],
+) -> Result<(), Reason> {
+    let envelope = decode_envelope(envelope, REFERENCES_PAYLOAD_TYPE)?;
+    let key = find_signer(policy, REFERENCES_PAYLOAD_TYPE, &envelope, &expected.instance)?;
+    if key.key_id != verified.key_id {
+        return Err(Reason::KeyIdMismatch);
+    }
+    let statement = ReferencesStatement::decode(envelope.payload.as_ref()).map_err(|_| Reason::UndecodableStatement)?;
+    if statement.instance_name != expected.instance {
+        return Err(Reason::InstanceMismatch);
+    }
+    if statement.digest_function != signing::effective_digest_function(expected.digest_function) {
+        return Err(Reason::DigestFunctionMismatch);
+    }
+    if statement.action_digest.as_ref() != Some(&expected.action_digest) {
+        return Err(Reason::ActionDigestMismatch);
+    }
+    let list = ReferencedBlobs { blobs: referenced_blobs.to_vec() }.encode_to_vec();
+    if statement.action_result_sha256 != verified.statement.action_result_sha256
+        || statement.referenced_blobs_sha256.as_ref() != Sha256::digest(&list).as_slice()
+    {
+        return Err(Reason::ResultMismatch);
+    }
+    Ok(())
+}
+
+/// Checks a signed hit record (ListInvocationHits) and decodes it from the
+/// verified payload: signed by a key the policy trusts for the record's
+/// instance. The chain (sequence, previous hash) is the caller's to check
+/// across records.
+pub fn verify_hit_record(policy: &TrustPolicy, envelope: &Envelope) -> Result<(HitRecord, String), Reason> {
+    if envelope.payload_type != HIT_RECORD_PAYLOAD_TYPE {
+        return Err(Reason::WrongPayloadType);
+    }
+    if envelope.signatures.is_empty() {
+        return Err(Reason::Unsigned);
+    }
+    if envelope.payload.len() > MAX_ENVELOPE_BYTES || envelope.signatures.len() > MAX_SIGNATURES {
+        return Err(Reason::TooLarge);
+    }
+    // The instance only narrows which keys may vouch; the record is trusted
+    // once a key in scope for the instance it names has signed it.
+    let claimed = HitRecord::decode(envelope.payload.as_ref()).map_err(|_| Reason::UndecodableStatement)?;
+    let key = find_signer(policy, HIT_RECORD_PAYLOAD_TYPE, envelope, &claimed.instance_name)?;
+    Ok((claimed, key.key_id.clone()))
+}
+
 /// Check 3. Only keys that are active or verify_only and in scope for the
 /// instance are trusted. Signature key ids only decide which keys are tried
 /// first; a failure is then classified for the metric.
-fn find_signer<'p>(policy: &'p TrustPolicy, envelope: &Envelope, instance: &str) -> Result<&'p TrustedKey, Reason> {
-    let message = signing::pae(PAYLOAD_TYPE, &envelope.payload);
+fn find_signer<'p>(
+    policy: &'p TrustPolicy,
+    payload_type: &str,
+    envelope: &Envelope,
+    instance: &str,
+) -> Result<&'p TrustedKey, Reason> {
+    let message = signing::pae(payload_type, &envelope.payload);
     let signatures: Vec<ed25519_dalek::Signature> =
         envelope.signatures.iter().filter_map(|s| ed25519_dalek::Signature::from_slice(&s.sig).ok()).collect();
     let verifies = |key: &TrustedKey| signatures.iter().any(|sig| key.public_key.verify_strict(&message, sig).is_ok());

@@ -3,6 +3,7 @@
 mod common;
 
 mod action_cache;
+mod audit_trail;
 mod bazel;
 mod bazel_audit;
 mod bazel_provenance;

@@ -441,28 +441,11 @@ async fn the_json_is_versioned_with_reason_codes_policy_server_time_options_and_
 
 // ---------------------------------------------------------------- point 3
 
-/// The sequence number of a stored hit-log row, whatever the row holds (a
-/// signed envelope or a bare record).
-fn row_sequence(value: &[u8]) -> u64 {
-    use provcache::proto::prov::{Envelope, SignedHitRecord};
-    if let Ok(e) = Envelope::decode(value) {
-        if e.payload_type == provcache::signing::HIT_RECORD_PAYLOAD_TYPE {
-            return HitRecord::decode(e.payload).unwrap().sequence;
-        }
-    }
-    if let Ok(SignedHitRecord { envelope: Some(e) }) = SignedHitRecord::decode(value) {
-        if e.payload_type == provcache::signing::HIT_RECORD_PAYLOAD_TYPE {
-            return HitRecord::decode(e.payload).unwrap().sequence;
-        }
-    }
-    HitRecord::decode(value).unwrap().sequence
-}
-
 /// Deletes the hit-log row of `invocation` with `sequence` from the live store.
 fn delete_hit_record(server: &TestServer, invocation: &str, sequence: u64) {
-    let rows = server.store.audit_list(invocation, None, 100_000).unwrap();
-    let (key, _) = rows.iter().find(|(_, v)| row_sequence(v) == sequence).expect("the row to delete");
-    server.store.audit_delete_raw(key).unwrap();
+    let page = server.store.audit_list(invocation, None, usize::MAX, usize::MAX).unwrap();
+    let row = page.rows.iter().find(|r| r.sequence == Some(sequence)).expect("the row to delete");
+    server.store.audit_delete_raw(&row.key).unwrap();
 }
 
 /// Three lookups of a build, recorded: the actions and their outputs. With

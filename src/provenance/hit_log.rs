@@ -1,0 +1,231 @@
+//! The per-invocation hit log (docs/signing.md, "The hit log"): what the
+//! server answered to each GetActionResult of a build, for `verify-build`.
+//!
+//! Readers cause these records, so nothing a reader sends may decide what an
+//! auditor concludes: the reader principal is the server-attested one, the
+//! reader's claims (mnemonic, target) are capped and marked, the records one
+//! principal can add to an invocation are bounded, and every record is
+//! signed with the server's key and chained to its predecessor (sequence
+//! without gaps, hash of the previous payload), so deleting, reordering or
+//! altering one at rest is a finding, not a silent pass.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use prost::Message;
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, Result};
+use crate::limits::LimitHits;
+use crate::proto::prov::{Envelope, HitRecord, SignedHitRecord};
+use crate::proto::reapi;
+use crate::signing::{self, SigningKey, HIT_RECORD_PAYLOAD_TYPE};
+use crate::store::{AuditChainHead, Store};
+
+use super::{Origin, Subject};
+
+/// The verdict of the last record a principal gets in an invocation once it
+/// reached `limits.max_hit_records_per_principal`.
+pub const VERDICT_RECORD_LIMIT: &str = "record_limit_reached";
+/// The name of the limit, as counted by [`LimitHits`].
+pub const RECORD_LIMIT: &str = "max_hit_records_per_principal";
+/// Longest reader claim (mnemonic, target) kept in a record; longer ones are
+/// cut and the record says so (`claims_truncated`).
+pub const MAX_CLAIM_BYTES: usize = 256;
+/// Records per listing page when the caller does not say.
+pub const PAGE_DEFAULT: usize = 1000;
+/// Most records per listing page.
+pub const PAGE_MAX: usize = 10_000;
+/// Most stored bytes per listing page (one record always fits), so a page
+/// stays far below a 4 MiB client receive limit whatever the records hold.
+pub const PAGE_MAX_BYTES: usize = 2 << 20;
+
+/// What the server answered to one GetActionResult.
+#[derive(Debug)]
+pub struct Answer<'a> {
+    /// The lookup.
+    pub subject: &'a Subject<'a>,
+    /// "hit", or the failure reason label.
+    pub verdict: &'a str,
+    /// From the verified statement (none when verification failed).
+    pub origin: Option<&'a Origin>,
+    /// Whether the result was served.
+    pub served: bool,
+    /// The reader's certificate identity.
+    pub reader: &'a str,
+}
+
+/// The record of an answer, before it is placed in its chain: `None` when
+/// the reader named no invocation (nothing to audit it under).
+pub fn record_of(answer: &Answer<'_>, claims: Option<&reapi::RequestMetadata>, at: SystemTime) -> Option<HitRecord> {
+    let claims = claims.filter(|c| !c.tool_invocation_id.is_empty())?;
+    let origin = answer.origin.cloned().unwrap_or_default();
+    let mut action_mnemonic = claims.action_mnemonic.clone();
+    let mut target_id = claims.target_id.clone();
+    let cut_mnemonic = signing::truncate_utf8(&mut action_mnemonic, MAX_CLAIM_BYTES);
+    let cut_target = signing::truncate_utf8(&mut target_id, MAX_CLAIM_BYTES);
+    Some(HitRecord {
+        tool_invocation_id: claims.tool_invocation_id.clone(),
+        instance_name: answer.subject.instance.as_str().to_string(),
+        digest_function: answer.subject.digest_function,
+        action_digest: Some(answer.subject.action.to_proto()),
+        verdict: answer.verdict.to_string(),
+        writer_principal: origin.writer_principal,
+        origin_invocation_id: origin.origin_invocation_id,
+        signed_at: origin.signed_at.map(prost_types::Timestamp::from),
+        key_id: origin.key_id,
+        reader_principal: answer.reader.to_string(),
+        answered_at: Some(prost_types::Timestamp::from(at)),
+        action_mnemonic,
+        target_id,
+        served: answer.served,
+        sequence: 0,
+        previous_sha256: Bytes::new(),
+        claims_truncated: cut_mnemonic || cut_target,
+    })
+}
+
+/// Appends a record to its invocation's chain: under the invocation's chain
+/// lock, gives it the next sequence and its predecessor's hash, signs it
+/// (unsigned when the server has no usable key: listed, and flagged by
+/// verify-build) and stores it. A principal's `max_per_principal`-th record
+/// in an invocation is replaced by one with verdict
+/// [`VERDICT_RECORD_LIMIT`]; later ones are dropped; both are counted.
+/// Blocks (store reads and writes): run it on the blocking pool.
+pub fn append(
+    store: &Store,
+    signer: Option<&SigningKey>,
+    max_per_principal: u64,
+    limit_hits: &LimitHits,
+    mut record: HitRecord,
+) -> Result<()> {
+    let invocation = record.tool_invocation_id.clone();
+    let chain = store.audit_chain(&invocation);
+    let mut guard = chain.lock().unwrap_or_else(|p| p.into_inner());
+    if guard.is_none() {
+        *guard = Some(load_head(store, &invocation)?);
+    }
+    let head = guard.as_mut().expect("loaded above");
+    let principal = record.reader_principal.clone();
+    let written = head.records_by_principal.get(&principal).copied().unwrap_or(0);
+    if written >= max_per_principal {
+        limit_hits.hit(RECORD_LIMIT, &principal, format_args!("hit record dropped for invocation {invocation:?}"));
+        return Ok(());
+    }
+    if written + 1 == max_per_principal {
+        limit_hits.hit(
+            RECORD_LIMIT,
+            &principal,
+            format_args!("{max_per_principal} hit records in invocation {invocation:?}; recording no more"),
+        );
+        record.verdict = VERDICT_RECORD_LIMIT.to_string();
+    }
+    record.sequence = head.next_sequence;
+    record.previous_sha256 = Bytes::from(head.previous_sha256.clone());
+    let payload = Bytes::from(record.encode_to_vec());
+    let payload_sha256 = Sha256::digest(&payload).to_vec();
+    let envelope = match signer {
+        Some(key) => key.sign_payload(HIT_RECORD_PAYLOAD_TYPE, payload),
+        None => Envelope { payload, payload_type: HIT_RECORD_PAYLOAD_TYPE.to_string(), signatures: vec![] },
+    };
+    store.audit_append(&invocation, record.sequence, answered_nanos(&record), &envelope.encode_to_vec())?;
+    head.next_sequence += 1;
+    head.previous_sha256 = payload_sha256;
+    *head.records_by_principal.entry(principal).or_default() += 1;
+    Ok(())
+}
+
+fn answered_nanos(record: &HitRecord) -> u64 {
+    record.answered_at.as_ref().map(|t| (t.seconds.max(0) as u64) * 1_000_000_000 + t.nanos.max(0) as u64).unwrap_or(0)
+}
+
+/// Reads where an invocation's chain stands from its stored records (a head
+/// not in memory: a new invocation, a restart, or one dropped from the
+/// bounded map). Records written before chaining do not count.
+fn load_head(store: &Store, invocation: &str) -> Result<AuditChainHead> {
+    let mut head = AuditChainHead { next_sequence: 1, ..Default::default() };
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store.audit_list(invocation, after.as_deref(), PAGE_MAX, usize::MAX)?;
+        for row in &page.rows {
+            let Some(sequence) = row.sequence else { continue };
+            let payload = Envelope::decode(&row.value[..]).map(|e| e.payload).unwrap_or_default();
+            if let Ok(record) = HitRecord::decode(payload.as_ref()) {
+                *head.records_by_principal.entry(record.reader_principal).or_default() += 1;
+            }
+            if sequence >= head.next_sequence {
+                head.next_sequence = sequence + 1;
+                head.previous_sha256 = Sha256::digest(&payload).to_vec();
+            }
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(head),
+        }
+    }
+}
+
+/// One listed record, with the instance it is about (for authorization).
+#[derive(Debug)]
+pub struct Listed {
+    /// The record's instance, read from its (not yet verified) payload.
+    pub instance_name: String,
+    /// The record as stored: a signed envelope, or a record from before
+    /// signing wrapped in an envelope without signatures.
+    pub record: SignedHitRecord,
+}
+
+/// One page of an invocation's hit log.
+#[derive(Debug, Default)]
+pub struct ListPage {
+    /// The records, in chain order.
+    pub records: Vec<Listed>,
+    /// Empty on the last page.
+    pub next_page_token: String,
+}
+
+/// Lists an invocation's records in chain order, one page bounded by
+/// `page_size` (0: [`PAGE_DEFAULT`], at most [`PAGE_MAX`]) and by
+/// [`PAGE_MAX_BYTES`]. `page_token` is empty or a previous page's token.
+/// Blocks: run it on the blocking pool.
+pub fn list(store: &Store, invocation: &str, page_size: i32, page_token: &str) -> Result<ListPage> {
+    if invocation.is_empty() {
+        return Err(Error::InvalidArgument("tool_invocation_id is required".into()));
+    }
+    let limit = match page_size {
+        n if n < 0 => return Err(Error::InvalidArgument(format!("page_size {n} is negative"))),
+        0 => PAGE_DEFAULT,
+        n => (n as usize).min(PAGE_MAX),
+    };
+    let after = if page_token.is_empty() {
+        None
+    } else {
+        let bad = || Error::InvalidArgument("page_token was not issued by this server for this invocation".into());
+        let raw = hex::decode(page_token).map_err(|_| bad())?;
+        if !raw.starts_with(&crate::store::audit_prefix(invocation)) {
+            return Err(bad());
+        }
+        Some(raw)
+    };
+    let page = store.audit_list(invocation, after.as_deref(), limit, PAGE_MAX_BYTES)?;
+    let records = page
+        .rows
+        .into_iter()
+        .map(|row| {
+            let envelope = match row.sequence {
+                Some(_) => Envelope::decode(&row.value[..]).unwrap_or_else(|_| unsigned(Bytes::from(row.value))),
+                None => unsigned(Bytes::from(row.value)),
+            };
+            let instance_name =
+                HitRecord::decode(envelope.payload.as_ref()).map(|r| r.instance_name).unwrap_or_default();
+            Listed { instance_name, record: SignedHitRecord { envelope: Some(envelope) } }
+        })
+        .collect();
+    Ok(ListPage { records, next_page_token: page.next.map(hex::encode).unwrap_or_default() })
+}
+
+/// A stored value listed as an envelope without signatures (records from
+/// before signing, or damaged ones): verify-build reports it as unsigned.
+fn unsigned(payload: Bytes) -> Envelope {
+    Envelope { payload, payload_type: HIT_RECORD_PAYLOAD_TYPE.to_string(), signatures: vec![] }
+}
