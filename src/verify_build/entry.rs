@@ -222,7 +222,9 @@ impl EntryAuditor {
                     v.unverified_statement()
                         .is_some_and(|s| ts(&s.signed_at) == ts(&record.signed_at) && s.key_id == record.key_id)
                 };
-                versions.current.iter().find(named).or_else(|| versions.history.iter().rev().find(named))
+                // History first: it keeps the bytes as written, while the
+                // current entry under the same envelope may be altered since.
+                versions.history.iter().rev().find(named).or_else(|| versions.current.iter().find(named))
             }
             Source::HitLog => None,
             Source::ExecLog(outputs) => all()
