@@ -201,7 +201,11 @@ struct VerifyBuildArgs {
     /// Download and re-hash every referenced blob and the Action.
     #[arg(long)]
     deep: bool,
-    /// Print JSON instead of a table.
+    /// Audit only the hits of this reader principal (e.g. the CI runner's SPIFFE ID); the hit log's
+    /// chain is still checked in full. Use it when another identity injected lookups under the id.
+    #[arg(long, value_name = "PRINCIPAL")]
+    reader: Option<String>,
+    /// Print the stable JSON document of docs/audit.md instead of a table.
     #[arg(long)]
     json: bool,
 }
@@ -262,10 +266,19 @@ fn main() -> anyhow::Result<()> {
                     } else {
                         print!("{}", provcache::verify_build::to_text(&report));
                     }
-                    std::process::exit(if report.clean() { 0 } else { 1 });
+                    std::process::exit(report.exit_code());
                 }
                 Err(e) => {
-                    eprintln!("verify-build: the audit could not run: {e:#}");
+                    let empty = e.downcast_ref::<provcache::verify_build::NothingToAudit>().is_some();
+                    if json {
+                        let doc = provcache::verify_build::error_json(empty, &format!("{e:#}"));
+                        println!("{}", serde_json::to_string_pretty(&doc)?);
+                    }
+                    if empty {
+                        eprintln!("verify-build: {e:#}");
+                    } else {
+                        eprintln!("verify-build: the audit could not run: {e:#}");
+                    }
                     std::process::exit(2);
                 }
             }
@@ -377,6 +390,7 @@ async fn verify_build(args: VerifyBuildArgs) -> anyhow::Result<provcache::verify
         invocation: args.invocation,
         exec_log: args.exec_log,
         deep: args.deep,
+        reader: args.reader,
     };
     provcache::verify_build::run(&opts).await
 }

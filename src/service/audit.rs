@@ -34,12 +34,16 @@ pub struct AuditService(pub Context);
 
 fn served_form(entry: &StoredActionEntry) -> Option<prov::StoredEntry> {
     let mut result = reapi::ActionResult::decode(entry.canonical_result.clone()).ok()?;
+    // verify-build checks the stored bytes when a re-encoding would hide a difference.
+    let reencoded = signing::canonical_bytes(&result) == entry.canonical_result[..];
+    let stored_canonical_result = if reencoded { Default::default() } else { entry.canonical_result.clone() };
     if !entry.envelope.is_empty() {
         signing::attach_envelope_bytes(&mut result, entry.envelope.to_vec());
     }
     Some(prov::StoredEntry {
         result: Some(result),
         stored_at: Some(prost_types::Timestamp { seconds: entry.stored_at_unix, nanos: 0 }),
+        stored_canonical_result,
     })
 }
 

@@ -1,15 +1,23 @@
 //! verify-build against real Bazel builds: a writer build W fills the cache,
 //! a reader build R gets every action from it, and an auditor with only the
-//! trust policy checks R's hits and their lineage.
+//! trust policy checks R's hits and their lineage; over mTLS, lookups another
+//! identity injects under R's invocation id are named, and `--reader` audits
+//! R's own.
 
 use std::path::Path;
 use std::process::Command;
 
 use prost::Message;
+use provcache::proto::prov::audit_client::AuditClient;
 use provcache::proto::prov::storage::StoredActionEntry;
+use provcache::proto::prov::{HitRecord, ListInvocationHitsRequest};
+use provcache::proto::reapi::{self, action_cache_client::ActionCacheClient};
+use provcache::service::REQUEST_METADATA_HEADER;
 use provcache::store::{Key, Store};
+use tonic::metadata::BinaryMetadataValue;
 
 use crate::bazel::{BazelWorkspace, ServerProcess};
+use crate::bazel_tls::{netty_tcnative_startup_flags, refs, DevPkiFlags};
 
 struct Audit {
     code: i32,
@@ -64,7 +72,7 @@ fn verify_build_audits_a_real_build_and_names_what_fails() {
     let entries = json_hits(&j);
     assert_eq!(entries.len(), hits);
     for h in &entries {
-        assert_eq!(h["origin_invocation"], w_id.as_str(), "{h}");
+        assert_eq!(h["claims"]["origin_invocation_id"], w_id.as_str(), "the writer's claim, marked as one: {h}");
         assert_eq!(h["writer"], "plaintext", "the plaintext server's principal signs as writer: {h}");
         assert!(h["findings"].as_array().unwrap().is_empty(), "{h}");
     }
@@ -83,7 +91,15 @@ fn verify_build_audits_a_real_build_and_names_what_fails() {
     std::fs::write(revoked.path(), text).unwrap();
     let a = verify_build(&server, revoked.path(), &["--invocation", &r_id, "--json"]);
     assert_eq!(a.code, 1, "{}", a.stderr);
-    assert!(json_hits(&a).iter().all(|h| !h["findings"].as_array().unwrap().is_empty()));
+    for h in json_hits(&a) {
+        let codes: Vec<(&str, &str)> = h["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["code"].as_str().unwrap(), f["reason"].as_str().unwrap_or("")))
+            .collect();
+        assert_eq!(codes, vec![("served_entry_invalid", "key_revoked")], "the revocation, not a vanished entry: {h}");
+    }
 
     // Alter one stored entry at rest (server stopped): exactly that action is named.
     server.stop();
@@ -128,5 +144,129 @@ fn verify_build_audits_a_real_build_and_names_what_fails() {
         .collect();
     assert_eq!(named.len(), 1, "{named:?}");
     assert!(named[0].starts_with(&altered));
+    ws.shutdown();
+}
+
+/// The dev PKI's principals (certificate URI SANs).
+const READER: &str = "spiffe://provcache.dev/reader";
+const WRITER: &str = "spiffe://provcache.dev/writer";
+
+/// A gRPC channel to the mTLS server as one of the dev PKI's clients.
+async fn dev_channel(server: &ServerProcess, pki: &Path, client: &str) -> tonic::transport::Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(pki.join("ca.pem")).unwrap()))
+        .identity(Identity::from_pem(
+            std::fs::read(pki.join(format!("{client}.pem"))).unwrap(),
+            std::fs::read(pki.join(format!("{client}.key"))).unwrap(),
+        ))
+        .domain_name("localhost");
+    let url = format!("https://{}", server.addr());
+    tonic::transport::Channel::from_shared(url).unwrap().tls_config(tls).unwrap().connect().await.unwrap()
+}
+
+/// Every record of the invocation's hit log, read as the auditor.
+async fn hit_records(server: &ServerProcess, pki: &Path, invocation: &str) -> Vec<HitRecord> {
+    let mut audit = AuditClient::new(dev_channel(server, pki, "auditor").await).max_decoding_message_size(8 << 20);
+    let (mut records, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = audit
+            .list_invocation_hits(ListInvocationHitsRequest {
+                tool_invocation_id: invocation.into(),
+                page_size: 0,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        records.extend(page.records.into_iter().map(|r| HitRecord::decode(r.envelope.unwrap().payload).unwrap()));
+        token = page.next_page_token;
+        if token.is_empty() {
+            return records;
+        }
+    }
+}
+
+/// `verify-build` as the dev PKI's auditor.
+fn verify_build_mtls(server: &ServerProcess, pki: &Path, args: &[&str]) -> Audit {
+    let mut all: Vec<String> = ["--ca", "ca.pem", "--cert", "auditor.pem", "--key", "auditor.key"]
+        .chunks(2)
+        .flat_map(|p| [p[0].to_string(), pki.join(p[1]).to_string_lossy().into_owned()])
+        .collect();
+    all.extend(args.iter().map(|a| a.to_string()));
+    verify_build(server, &pki.join("trust-policy.toml"), &all.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+#[ignore = "needs Bazel: run tests/setup.sh, then cargo test --release -- --include-ignored"]
+fn lookups_injected_under_a_real_builds_invocation_are_named_and_reader_keeps_the_honest_result() {
+    let server = ServerProcess::start(Vec::<String>::new());
+    let pki = DevPkiFlags::of(&server);
+    let jni = tempfile::tempdir().unwrap();
+    let mut ws = BazelWorkspace::new();
+    ws.set_startup_flags(netty_tcnative_startup_flags(jni.path()));
+    let writer = ws.build(&refs(&pki.client("writer", false)));
+    assert_eq!(writer.remote_cache_hits(), 0, "the writer builds cold");
+    ws.fresh_output_base();
+    let reader = ws.build(&refs(&pki.client("reader", true)));
+    let (hits, spawns) = reader.hits();
+    assert_eq!(hits, spawns, "the developer build gets every action from the cache");
+    let r_id = reader.run.invocation_id.clone();
+
+    // A second client (the CI writer's identity) looks up two of the build's
+    // actions under the build's invocation id, with forged claims.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let records = hit_records(&server, &pki.dir, &r_id).await;
+        assert_eq!(records.len(), hits);
+        let mut ac = ActionCacheClient::new(dev_channel(&server, &pki.dir, "writer").await);
+        for record in records.iter().take(2) {
+            let claims = reapi::RequestMetadata {
+                tool_invocation_id: r_id.clone(),
+                action_mnemonic: "Forged".into(),
+                target_id: "//evil:backdoor".into(),
+                ..Default::default()
+            };
+            let mut request = tonic::Request::new(reapi::GetActionResultRequest {
+                instance_name: record.instance_name.clone(),
+                action_digest: record.action_digest.clone(),
+                ..Default::default()
+            });
+            request
+                .metadata_mut()
+                .insert_bin(REQUEST_METADATA_HEADER, BinaryMetadataValue::from_bytes(&claims.encode_to_vec()));
+            ac.get_action_result(request).await.expect("the injected lookup is a hit");
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while hit_records(&server, &pki.dir, &r_id).await.len() < hits + 2 {
+            assert!(std::time::Instant::now() < deadline, "the injected lookups are recorded within 10 s");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+
+    // The audit of the whole invocation names the injector and fails.
+    let a = verify_build_mtls(&server, &pki.dir, &["--invocation", &r_id]);
+    println!("verify-build --invocation {r_id} (with injected lookups)\n{}", a.stdout);
+    assert_eq!(a.code, 1, "{}\n{}", a.stdout, a.stderr);
+    assert!(a.stdout.contains(&format!("{WRITER} (2 lookups)")), "the injector is named: {}", a.stdout);
+    assert!(a.stdout.contains(&format!("{READER} ({hits} lookups)")), "{}", a.stdout);
+    let j = verify_build_mtls(&server, &pki.dir, &["--invocation", &r_id, "--json"]);
+    let injected: Vec<serde_json::Value> = json_hits(&j).into_iter().filter(|h| h["reader"] == WRITER).collect();
+    assert_eq!(injected.len(), 2);
+    assert!(injected.iter().all(|h| h["claims"]["target_id"] == "//evil:backdoor"), "{injected:?}");
+
+    // Audited as the build's own identity, the honest result stands.
+    let a = verify_build_mtls(&server, &pki.dir, &["--invocation", &r_id, "--reader", READER]);
+    println!("verify-build --invocation {r_id} --reader {READER}\n{}", a.stdout);
+    assert_eq!(a.code, 0, "{}\n{}", a.stdout, a.stderr);
+    assert!(a.stdout.contains(&format!("{hits} cache hits audited: {hits} verified, 0 failed")), "{}", a.stdout);
+    let j = verify_build_mtls(&server, &pki.dir, &["--invocation", &r_id, "--reader", READER, "--json"]);
+    let entries = json_hits(&j);
+    assert_eq!(entries.len(), hits);
+    for h in &entries {
+        assert_eq!(h["reader"], READER, "{h}");
+        assert_eq!(h["writer"], WRITER, "{h}");
+        assert_eq!(h["claims"]["origin_invocation_id"], writer.run.invocation_id.as_str(), "{h}");
+    }
     ws.shutdown();
 }

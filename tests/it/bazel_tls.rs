@@ -40,7 +40,7 @@ fn netty_so() -> PathBuf {
 
 /// The Bazel startup flags that make `grpcs://` work, with the JNI library
 /// copied (not linked: netty resolves links to the original name) into `dir`.
-fn netty_tcnative_startup_flags(dir: &Path) -> Vec<String> {
+pub(crate) fn netty_tcnative_startup_flags(dir: &Path) -> Vec<String> {
     let jar = netty_jar();
     assert!(jar.is_file(), "{} not found: run tests/setup.sh (or set NETTY_TCNATIVE_JAR)", jar.display());
     std::fs::copy(netty_so(), dir.join("libnetty_tcnative.so")).expect("copying libnetty-tcnative.so");
@@ -51,13 +51,13 @@ fn netty_tcnative_startup_flags(dir: &Path) -> Vec<String> {
 }
 
 /// The dev PKI of a server started without TLS options.
-struct DevPkiFlags {
-    dir: PathBuf,
+pub(crate) struct DevPkiFlags {
+    pub(crate) dir: PathBuf,
     port: u16,
 }
 
 impl DevPkiFlags {
-    fn of(server: &ServerProcess) -> Self {
+    pub(crate) fn of(server: &ServerProcess) -> Self {
         assert_eq!(server.scheme(), "grpcs", "the server must default to mutual TLS");
         let dir = server.data_dir().join("dev-pki");
         assert!(dir.join("ca.pem").is_file(), "no dev PKI in {}", dir.display());
@@ -65,7 +65,7 @@ impl DevPkiFlags {
     }
 
     /// The flags `provcache serve` prints for `client` (writer, reader).
-    fn client(&self, client: &str, read_only: bool) -> Vec<String> {
+    pub(crate) fn client(&self, client: &str, read_only: bool) -> Vec<String> {
         let flags = provcache::pki::bazel_flags(
             &self.dir.join("ca.pem"),
             &self.dir.join(format!("{client}.pem")),
@@ -131,7 +131,7 @@ fn verify_build_as(
         .expect("running verify-build")
 }
 
-fn refs(flags: &[String]) -> Vec<&str> {
+pub(crate) fn refs(flags: &[String]) -> Vec<&str> {
     flags.iter().map(String::as_str).collect()
 }
 
@@ -220,7 +220,7 @@ fn bazel_over_mtls_writer_fills_reader_hits_anonymous_is_refused() {
     assert_eq!(hits.len(), ws.action_count(), "{stdout}");
     for h in hits {
         assert_eq!(h["writer"], "spiffe://provcache.dev/writer", "{h}");
-        assert_eq!(h["origin_invocation"], writer.run.invocation_id.as_str(), "{h}");
+        assert_eq!(h["claims"]["origin_invocation_id"], writer.run.invocation_id.as_str(), "{h}");
     }
     // The reader's certificate has no audit:read: the audit cannot run (exit 2).
     let denied = verify_build_as(&server, &pki, "reader", &reader.run.invocation_id, &[]);

@@ -19,3 +19,4 @@ mod metrics;
 mod mtls;
 mod provenance;
 mod reliability;
+mod verify_build;
