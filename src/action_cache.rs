@@ -228,6 +228,7 @@ impl ActionCache {
         action: Digest,
         entry: &StoredActionEntry,
         references_signed: bool,
+        limits: &Enforcer,
     ) -> Result<()> {
         let digests = if references_signed {
             let mut digests = Vec::with_capacity(entry.referenced_blobs.len());
@@ -240,12 +241,13 @@ impl ActionCache {
         } else {
             let result = reapi::ActionResult::decode(entry.canonical_result.clone())
                 .map_err(|_| Error::NotFound(format!("action {action} has an undecodable stored result")))?;
-            let derived = self.referenced_blobs(instance, action.function, &result).await.map_err(|e| match e {
-                Error::InvalidArgument(e) | Error::DataLoss(e) => {
-                    Error::NotFound(format!("action result {action} names an unusable blob ({e}); treating as a miss"))
-                }
-                other => other,
-            })?;
+            let derived =
+                self.referenced_blobs(instance, action.function, &result, limits).await.map_err(|e| match e {
+                    Error::InvalidArgument(e) | Error::DataLoss(e) => Error::NotFound(format!(
+                        "action result {action} names an unusable blob ({e}); treating as a miss"
+                    )),
+                    other => other,
+                })?;
             dedup(derived.into_iter().map(|(d, _)| d).collect())
         };
         if let Some(missing) = self.cas.first_missing(instance, digests).await? {

@@ -137,8 +137,12 @@ pub async fn stalled_streams(
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from(SERVER_NAME)?;
     let io = tokio_rustls::TlsConnector::from(tls.rustls()?).connect(name, tcp).await?;
-    let (mut send, connection) = h2::client::handshake(io).await?;
+    let (mut send, mut connection) = h2::client::handshake(io).await?;
+    let mut ping = connection.ping_pong().ok_or_else(|| anyhow::anyhow!("HTTP/2 ping unavailable"))?;
     let driver = tokio::spawn(connection);
+    // The server's SETTINGS (its stream limit) precede its answer to a ping:
+    // once the pong is back, the limit applies to the streams opened below.
+    ping.ping(h2::Ping::opaque()).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut report = StalledReport::default();
     let mut open = Vec::new();

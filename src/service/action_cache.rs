@@ -63,7 +63,9 @@ impl ActionCache for ActionCacheService {
             }
         };
         let references_signed = origin.as_ref().is_some_and(|o| o.references_signed);
-        if let Err(e) = ac.check_complete(&instance, action, &entry, references_signed).await {
+        if let Err(e) =
+            ac.check_complete(&instance, action, &entry, references_signed, &self.0.enforcer(&caller.principal)).await
+        {
             prov.counters().record_failure(Reason::MissingBlob);
             log.record(Reason::MissingBlob.as_str(), origin.as_deref(), false);
             return Err(e.into());
