@@ -35,43 +35,43 @@ pub struct LimitsConfig {
     pub max_header_list_size: Option<u32>,
     /// How often the server pings an HTTP/2 connection to find a dead peer. Default: 60s.
     #[arg(long, env = "PROVCACHE_HTTP2_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration)]
-    #[serde(default, deserialize_with = "crate::transport::units::de_duration")]
+    #[serde(default, deserialize_with = "crate::config::de_duration")]
     pub http2_keepalive_interval: Option<Duration>,
     /// How long a ping may go unanswered before the connection is closed. Default: 20s.
     #[arg(long, env = "PROVCACHE_HTTP2_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration)]
-    #[serde(default, deserialize_with = "crate::transport::units::de_duration")]
+    #[serde(default, deserialize_with = "crate::config::de_duration")]
     pub http2_keepalive_timeout: Option<Duration>,
     /// Idle time before the kernel probes a TCP connection (SO_KEEPALIVE). Default: 60s.
     #[arg(long, env = "PROVCACHE_TCP_KEEPALIVE", value_parser = humantime::parse_duration)]
-    #[serde(default, deserialize_with = "crate::transport::units::de_duration")]
+    #[serde(default, deserialize_with = "crate::config::de_duration")]
     pub tcp_keepalive: Option<Duration>,
     /// Longest a call with a single response (all but ByteStream Write, Read and
     /// GetTree's streams) may take before DEADLINE_EXCEEDED. Default: 120s.
     #[arg(long, env = "PROVCACHE_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
-    #[serde(default, deserialize_with = "crate::transport::units::de_duration")]
+    #[serde(default, deserialize_with = "crate::config::de_duration")]
     pub request_timeout: Option<Duration>,
     /// A call whose request stream sends nothing for this long is cut off
     /// (DEADLINE_EXCEEDED); uploads of any size work as long as bytes flow. Default: 60s.
     #[arg(long, env = "PROVCACHE_STREAM_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
-    #[serde(default, deserialize_with = "crate::transport::units::de_duration")]
+    #[serde(default, deserialize_with = "crate::config::de_duration")]
     pub stream_idle_timeout: Option<Duration>,
     /// Request bytes buffered in flight for all callers together (messages
     /// being received, before decoding). Default: 1GiB.
     #[arg(long, env = "PROVCACHE_MAX_REQUEST_BYTES", value_parser = crate::units::parse_size)]
-    #[serde(default, deserialize_with = "crate::transport::units::de_size")]
+    #[serde(default, deserialize_with = "crate::config::de_size")]
     pub max_request_bytes: Option<u64>,
     /// The share of `max_request_bytes` one identity may hold. Default: 256MiB.
     #[arg(long, env = "PROVCACHE_MAX_REQUEST_BYTES_PER_IDENTITY", value_parser = crate::units::parse_size)]
-    #[serde(default, deserialize_with = "crate::transport::units::de_size")]
+    #[serde(default, deserialize_with = "crate::config::de_size")]
     pub max_request_bytes_per_identity: Option<u64>,
     /// The share all callers without any permission hold together (health
     /// checks and the like). Default: 1MiB.
     #[arg(long, env = "PROVCACHE_MAX_REQUEST_BYTES_UNIDENTIFIED", value_parser = crate::units::parse_size)]
-    #[serde(default, deserialize_with = "crate::transport::units::de_size")]
+    #[serde(default, deserialize_with = "crate::config::de_size")]
     pub max_request_bytes_unidentified: Option<u64>,
     /// A TLS handshake not finished in this time is dropped. Default: 5s.
     #[arg(long, env = "PROVCACHE_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
-    #[serde(default, deserialize_with = "crate::transport::units::de_duration")]
+    #[serde(default, deserialize_with = "crate::config::de_duration")]
     pub handshake_timeout: Option<Duration>,
     /// TLS handshakes in progress at once; further connections wait in the
     /// listen backlog. Default: 256.
@@ -142,19 +142,19 @@ pub struct Limits {
     /// See [`LimitsConfig::max_header_list_size`].
     pub max_header_list_size: u32,
     /// See [`LimitsConfig::http2_keepalive_interval`].
-    #[serde(serialize_with = "crate::transport::units::ser_duration")]
+    #[serde(serialize_with = "crate::config::ser_duration")]
     pub http2_keepalive_interval: Duration,
     /// See [`LimitsConfig::http2_keepalive_timeout`].
-    #[serde(serialize_with = "crate::transport::units::ser_duration")]
+    #[serde(serialize_with = "crate::config::ser_duration")]
     pub http2_keepalive_timeout: Duration,
     /// See [`LimitsConfig::tcp_keepalive`].
-    #[serde(serialize_with = "crate::transport::units::ser_duration")]
+    #[serde(serialize_with = "crate::config::ser_duration")]
     pub tcp_keepalive: Duration,
     /// See [`LimitsConfig::request_timeout`].
-    #[serde(serialize_with = "crate::transport::units::ser_duration")]
+    #[serde(serialize_with = "crate::config::ser_duration")]
     pub request_timeout: Duration,
     /// See [`LimitsConfig::stream_idle_timeout`].
-    #[serde(serialize_with = "crate::transport::units::ser_duration")]
+    #[serde(serialize_with = "crate::config::ser_duration")]
     pub stream_idle_timeout: Duration,
     /// See [`LimitsConfig::max_request_bytes`].
     pub max_request_bytes: u64,
@@ -163,7 +163,7 @@ pub struct Limits {
     /// See [`LimitsConfig::max_request_bytes_unidentified`].
     pub max_request_bytes_unidentified: u64,
     /// See [`LimitsConfig::handshake_timeout`].
-    #[serde(serialize_with = "crate::transport::units::ser_duration")]
+    #[serde(serialize_with = "crate::config::ser_duration")]
     pub handshake_timeout: Duration,
     /// See [`LimitsConfig::max_handshakes`].
     pub max_handshakes: usize,
