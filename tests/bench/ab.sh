@@ -96,5 +96,5 @@ summary() {
     printf '  A/B %s\n' "$(ratios "$c" | spread)"
 }
 summary req/s 1 %.0f
-[ "$(col 2 "${rb[@]}" | median)" = 0 ] || summary MB/s 2 %.1f
+awk -v m="$(col 2 "${rb[@]}" | median)" 'BEGIN { exit !(m > 0) }' && summary MB/s 2 %.1f
 summary p50ms 3 %.3f
