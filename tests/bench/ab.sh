@@ -3,14 +3,16 @@
 # G5 of docs/performance.md). Starts server A and server B side by side (same
 # binary, separate data directories), then runs ROUNDS interleaved rounds of
 # `provcache bench` against A, then B, and prints each round, the medians of
-# req/s and MB/s, and the ratio A/B.
+# req/s and MB/s, and the ratio A/B: the median of the per-round ratios (each
+# round's A and B ran back to back, so a slow spell of a noisy machine hits
+# both) with their spread (lowest–highest, and the middle half).
 #
 #   tests/bench/ab.sh 'A server flags' 'B server flags' [bench flags ...]
 #
 # The word `mtls` among a side's flags means: serve mTLS (the default; the
 # development PKI is created in its data directory) and connect with the dev
 # writer certificate; without it that side is plaintext. Environment: ROUNDS
-# (default 5), PROVCACHE_BIN, and PROVCACHE_BIN_B to run server B from
+# (default 7, at least 3), PROVCACHE_BIN, and PROVCACHE_BIN_B to run server B from
 # another build (before/after a change; the bench client is always
 # PROVCACHE_BIN). Examples:
 #
@@ -27,7 +29,8 @@ set -euo pipefail
 flags_a=$1
 flags_b=$2
 shift 2
-rounds=${ROUNDS:-5}
+rounds=${ROUNDS:-7}
+[ "$rounds" -ge 3 ] || { echo "ab.sh: ROUNDS must be at least 3 for a spread" >&2; exit 2; }
 # shellcheck source=tests/bench/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -77,10 +80,21 @@ for i in $(seq "$rounds"); do
 done
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 col() { printf '%s\n' "${@:2}" | awk -v c="$1" '{ print $c }'; }
-a_rps=$(col 1 "${ra[@]}" | median)
-b_rps=$(col 1 "${rb[@]}" | median)
-a_mbs=$(col 2 "${ra[@]}" | median)
-b_mbs=$(col 2 "${rb[@]}" | median)
-awk -v a="$a_rps" -v b="$b_rps" -v am="$a_mbs" -v bm="$b_mbs" 'BEGIN {
-    printf "median req/s  A %.0f  B %.0f  A/B %.2f\n", a, b, (b > 0 ? a / b : 0)
-    if (bm > 0) printf "median MB/s   A %.1f  B %.1f  A/B %.2f\n", am, bm, am / bm }'
+# ratios COLUMN: each round's A/B of that column, one per line.
+ratios() { paste -d' ' <(col "$1" "${ra[@]}") <(col "$1" "${rb[@]}") | awk '$2 > 0 { print $1 / $2 }'; }
+# spread: "median (lowest–highest, middle half q1–q3)" of numbers on stdin.
+spread() {
+    sort -g | awk '{ v[NR] = $1 }
+        function q(p,   x, i) { x = 1 + (NR - 1) * p; i = int(x); return v[i] + (x - i) * (v[i + 1 < NR ? i + 1 : NR] - v[i]) }
+        END { if (NR) printf "%.2f (%.2f-%.2f, middle half %.2f-%.2f)", q(0.5), v[1], v[NR], q(0.25), q(0.75) }'
+}
+summary() {
+    local what=$1 c=$2 fmt=$3 a b
+    a=$(col "$c" "${ra[@]}" | median)
+    b=$(col "$c" "${rb[@]}" | median)
+    awk -v a="$a" -v b="$b" -v w="$what" -v f="$fmt" 'BEGIN { printf "median %-6s A " f "  B " f, w, a, b }'
+    printf '  A/B %s\n' "$(ratios "$c" | spread)"
+}
+summary req/s 1 %.0f
+awk -v m="$(col 2 "${rb[@]}" | median)" 'BEGIN { exit !(m > 0) }' && summary MB/s 2 %.1f
+summary p50ms 3 %.3f
