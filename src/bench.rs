@@ -31,12 +31,21 @@ struct Stats {
 }
 
 fn cpu_seconds() -> f64 {
-    // utime + stime from /proc/self/stat, in clock ticks of 1/100 s.
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    process_cpu_seconds(None).unwrap_or(0.0)
+}
+
+/// CPU seconds (user + system) a process has used: this one, or the server
+/// whose pid `bench --server-pid` was given (Linux; `None` elsewhere). The
+/// server's CPU per call is the figure that holds across machines and load,
+/// where throughput and latency move with whatever else runs.
+fn process_cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    // utime + stime from /proc/PID/stat, in clock ticks of 1/100 s.
+    let path = pid.map_or_else(|| "/proc/self/stat".to_string(), |pid| format!("/proc/{pid}/stat"));
+    let stat = std::fs::read_to_string(path).ok()?;
     let after = stat.rsplit_once(')').map(|(_, s)| s).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (tick(11) + tick(12)) / 100.0
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    Some((tick(11)? + tick(12)?) / 100.0)
 }
 
 /// A bench report.
@@ -60,6 +69,8 @@ pub struct Report {
     pub errors: u64,
     /// The bench client's own CPU seconds.
     pub client_cpu_s: f64,
+    /// The server's CPU seconds over the timed part (with `--server-pid`).
+    pub server_cpu_s: Option<f64>,
     /// Wall time.
     pub elapsed_s: f64,
 }
@@ -80,7 +91,11 @@ impl std::fmt::Display for Report {
             self.errors,
             self.client_cpu_s,
             self.elapsed_s
-        )
+        )?;
+        if let (Some(cpu), true) = (self.server_cpu_s, self.ops > 0) {
+            write!(f, "  server cpu {:.1} us/call", cpu * 1e6 / self.ops as f64)?;
+        }
+        Ok(())
     }
 }
 
@@ -94,7 +109,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 /// Runs `op` from `concurrency` tasks for `duration`; `op(worker, iteration)`
 /// returns the payload bytes it moved.
-async fn drive<F, Fut>(name: &str, concurrency: usize, duration: Duration, op: F) -> Report
+async fn drive<F, Fut>(name: &str, p: &Params, op: F) -> Report
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<u64>> + Send,
@@ -102,7 +117,9 @@ where
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let op = Arc::new(op);
+    let (concurrency, duration) = (p.concurrency, p.duration);
     let cpu0 = cpu_seconds();
+    let server_cpu0 = p.server_pid.and_then(|pid| process_cpu_seconds(Some(pid)));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..concurrency {
@@ -148,6 +165,7 @@ where
         ops,
         errors: stats.errors.load(Ordering::Relaxed),
         client_cpu_s: cpu_seconds() - cpu0,
+        server_cpu_s: server_cpu0.and_then(|c0| Some(process_cpu_seconds(p.server_pid)? - c0)),
         elapsed_s: elapsed,
     }
 }
@@ -253,6 +271,8 @@ pub struct Params {
     pub chunk: usize,
     /// Connections to spread load over.
     pub connections: usize,
+    /// The server's process id, to report its CPU per call (Linux).
+    pub server_pid: Option<u32>,
 }
 
 /// Stores one Action Cache entry through the real write path and writes a
@@ -290,7 +310,7 @@ pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<
             keys.truncate(p.working_set.unwrap_or(usize::MAX).max(1));
             let keys = Arc::new(keys);
             tokio::time::sleep(p.settle).await;
-            Ok(drive("ac-hit", p.concurrency, p.duration, move |w, i| {
+            Ok(drive("ac-hit", p, move |w, i| {
                 let mut client = ActionCacheClient::new(ch(w));
                 let key = keys[((w as u64 * 7919 + i) % keys.len() as u64) as usize].clone();
                 let instance = instance.clone();
@@ -327,7 +347,7 @@ pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<
                 template.push(r);
             }
             let template = Arc::new(template);
-            Ok(drive("ac-update", p.concurrency, p.duration, move |w, i| {
+            Ok(drive("ac-update", p, move |w, i| {
                 let mut client = ActionCacheClient::new(ch(w));
                 let idx = ((w as u64 * 7919 + i) % keys.len() as u64) as usize;
                 let (key, mut result) = (keys[idx].clone(), template[idx].clone());
@@ -350,7 +370,7 @@ pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<
         "find-missing" => {
             let digests: Arc<Vec<reapi::Digest>> =
                 Arc::new((0..100).map(|i| sha(&pseudo_random_bytes(run_id + i, 32))).collect());
-            Ok(drive("find-missing", p.concurrency, p.duration, move |w, _| {
+            Ok(drive("find-missing", p, move |w, _| {
                 let mut client = ContentAddressableStorageClient::new(ch(w));
                 let digests = digests.clone();
                 let instance = instance.clone();
@@ -382,7 +402,7 @@ pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<
             let digests: Arc<Vec<reapi::Digest>> = Arc::new(blobs.iter().map(|b| sha(b)).collect());
             let counter = Arc::new(AtomicU64::new(0));
             let (size, chunk) = (p.size, p.chunk);
-            Ok(drive(&format!("write-{}k", size / 1024), p.concurrency, p.duration, move |w, _| {
+            Ok(drive(&format!("write-{}k", size / 1024), p, move |w, _| {
                 let mut client = ByteStreamClient::new(ch(w));
                 let n = counter.fetch_add(1, Ordering::Relaxed) as usize;
                 // Past the pre-made set, vary one byte per round so each write is unique.
@@ -416,7 +436,7 @@ pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<
             let name = format!("{prefix}uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), digest.hash, p.size);
             bs.write(futures::stream::iter(write_messages(name, data, 1 << 20))).await?;
             let size = p.size;
-            Ok(drive(&format!("read-{}k", size / 1024), p.concurrency, p.duration, move |w, _| {
+            Ok(drive(&format!("read-{}k", size / 1024), p, move |w, _| {
                 let mut client = ByteStreamClient::new(ch(w));
                 let name = format!("{prefix}blobs/{}/{}", digest.hash, size);
                 async move {
@@ -531,6 +551,7 @@ fn single(name: &str, size: usize, secs: f64, cpu: f64) -> Report {
         ops: 1,
         errors: 0,
         client_cpu_s: cpu,
+        server_cpu_s: None,
         elapsed_s: secs,
     }
 }

@@ -114,7 +114,8 @@ struct BenchArgs {
     /// Attacker loops for --attacker.
     #[arg(long, default_value_t = 2)]
     attackers: usize,
-    /// The server's process id: --attacker then reports its memory (Linux).
+    /// The server's process id: each scenario then reports the server's CPU
+    /// per call, and --attacker its memory (Linux).
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
     /// The attacker's own client certificate (same CA as --ca), so that its
@@ -416,6 +417,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         size: args.size as usize,
         chunk: args.chunk as usize,
         connections: args.connections,
+        server_pid: args.server_pid,
     };
     for scenario in &args.scenario {
         if let Some(kind) = &args.attacker {

@@ -3,7 +3,7 @@
 # G5 of docs/performance.md). Starts server A and server B side by side (same
 # binary, separate data directories), then runs ROUNDS interleaved rounds of
 # `provcache bench` against A, then B, and prints each round, the medians of
-# req/s and MB/s, and the ratio A/B: the median of the per-round ratios (each
+# req/s, MB/s, p50 and the server's CPU per call, and the ratio A/B: the median of the per-round ratios (each
 # round's A and B ran back to back, so a slow spell of a noisy machine hits
 # both) with their spread (lowest–highest, and the middle half).
 #
@@ -44,7 +44,7 @@ start() {
     local server_bin=$bin
     [ "$side" = a ] || server_bin=${PROVCACHE_BIN_B:-$bin}
     start_provcache "$side" "${args[@]}"
-    local client="--server $url"
+    local client="--server $url --server-pid $pid"
     if [ "$mtls" = 1 ]; then
         local pki="$work/$side/dev-pki"
         client="$client --ca $pki/ca.pem --cert $pki/writer.pem --key $pki/writer.key"
@@ -54,15 +54,16 @@ start() {
 start a "$flags_a"
 start b "$flags_b"
 
-# One round: prints "req/s MB/s p50_ms errors" of the bench's summary line.
+# One round: prints "req/s MB/s p50_ms errors server_us_per_call" of the
+# bench's summary line (the server's CPU per call, from its /proc counters).
 round() {
     local side=$1 client
     shift
     client="client_$side"
     # shellcheck disable=SC2086
     "$bin" bench ${!client} "$@" | awk '/req\/s/ {
-        for (i = 1; i <= NF; i++) { if ($(i+1) == "req/s") r = $i; if ($(i+1) == "MB/s") m = $i; if ($i == "p50") p = $(i+1); if ($i == "errors") e = $(i+1) }
-        print r, m, p, e; exit }'
+        for (i = 1; i <= NF; i++) { if ($(i+1) == "req/s") r = $i; if ($(i+1) == "MB/s") m = $i; if ($i == "p50") p = $(i+1); if ($i == "errors") e = $(i+1); if ($(i+1) == "us/call") c = $i }
+        print r, m, p, e, c; exit }'
 }
 
 printf 'A: %s\nB: %s\nbench: %s\n' "${flags_a:-(defaults)}" "${flags_b:-(defaults)}" "$*"
@@ -98,3 +99,4 @@ summary() {
 summary req/s 1 %.0f
 awk -v m="$(col 2 "${rb[@]}" | median)" 'BEGIN { exit !(m > 0) }' && summary MB/s 2 %.1f
 summary p50ms 3 %.3f
+awk -v m="$(col 5 "${ra[@]}" | median)" 'BEGIN { exit !(m > 0) }' && summary us/call 5 %.1f
