@@ -181,7 +181,9 @@ impl Plan {
 
     /// Loads what `serve` loads only once it runs — the signing key and the
     /// trust policy — and returns the notes `--check-config` prints about
-    /// what `serve` would create or use.
+    /// what `serve` would create or use. `serve` does not call it (yet): a
+    /// refusal both should make belongs in [`Plan::new`]; one that only
+    /// `--check-config` makes, here.
     pub fn check(&self) -> anyhow::Result<Vec<String>> {
         let mut notes = Vec::new();
         if let Access::Mtls { pki: Pki::Development { dir, policy: None, .. }, .. } = &self.access {
