@@ -159,9 +159,26 @@ impl Policy {
         Self::parse_inner(text, None)
     }
 
+    /// One rule, `name`, granting every permission on every instance to
+    /// `principal` (a pattern, as in a file): the policy of a plaintext
+    /// listener configured without one. Validated like a file's rule.
+    pub fn grant_all(name: &str, principal: &str) -> Result<Self, PolicyError> {
+        let rule = RuleFile {
+            name: name.to_owned(),
+            principals: vec![principal.to_owned()],
+            instances: vec!["*".to_owned()],
+            permissions: Permission::ALL.iter().map(|p| p.as_str().to_owned()).collect(),
+        };
+        Self::validate(PolicyFile { rules: vec![rule] }, None)
+    }
+
     fn parse_inner(text: &str, path: Option<String>) -> Result<Self, PolicyError> {
         let file: PolicyFile = toml::from_str(text)
             .map_err(|e| PolicyError::Syntax { path: path.clone(), message: e.to_string().trim().to_owned() })?;
+        Self::validate(file, path)
+    }
+
+    fn validate(file: PolicyFile, path: Option<String>) -> Result<Self, PolicyError> {
         let mut rules = Vec::with_capacity(file.rules.len());
         for (i, r) in file.rules.into_iter().enumerate() {
             let rule_err = |rule: &str, key, why: String| PolicyError::Rule {

@@ -1,0 +1,482 @@
+//! The validated plan of `provcache serve`: what complete [`Settings`] mean,
+//! decided in one place for `serve` and `serve --check-config` alike.
+//!
+//! [`Plan::new`] makes the decisions (plaintext or mutual TLS, own or
+//! development PKI, which policy, which identity mode, where the signing key
+//! comes from), loading what both commands load (the authorization policy,
+//! an own PKI's TLS files) and refusing settings that cannot work. It
+//! creates nothing: the development PKI and signing key are written by
+//! `serve` when it starts. [`Plan::check`] loads what only `--check-config`
+//! checks today (the signing key and the trust policy).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use super::{IdentityArg, Settings, VerifyModeArg};
+use crate::authz::Policy;
+use crate::identity::IdentityMode;
+use crate::limits::Limits;
+use crate::pki::DEV_TRUST_DOMAIN;
+use crate::provenance::{Mode, ProvenanceConfig};
+use crate::server::ServerOptions;
+use crate::signing::SigningKey;
+use crate::store::StoreOptions;
+use crate::tls::{TlsServer, TlsSettings};
+use crate::trust::TrustPolicy;
+
+/// The rule a plaintext listener without a policy grants everything by.
+const PLAINTEXT_RULE: &str = "plaintext-all";
+
+/// Everything `serve` starts from, validated, so that `serve` and
+/// `--check-config` cannot disagree about what a configuration means.
+#[derive(Debug)]
+pub struct Plan {
+    /// The gRPC listener's address.
+    pub listen: SocketAddr,
+    /// The metrics endpoint's address; `None` turns metrics off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Who may connect and what they may do.
+    pub access: Access,
+    /// How Action Cache entries are signed and verified.
+    pub provenance: ProvenancePlan,
+    /// Where and how data is kept.
+    pub storage: Storage,
+    /// What one caller may cost.
+    pub limits: Limits,
+    /// How long earlier statements and the hit log are kept for audits.
+    pub history_retention: Duration,
+    /// How long calls in flight may take to complete after shutdown begins.
+    pub shutdown_timeout: Duration,
+}
+
+/// How callers connect and are authorized.
+#[derive(Debug)]
+pub enum Access {
+    /// Plaintext gRPC behind a trusted proxy: every caller is `principal`,
+    /// checked against `policy`.
+    Plaintext {
+        /// The one principal of every call.
+        principal: String,
+        /// The configured policy, or one granting `principal` everything.
+        policy: Policy,
+    },
+    /// Mutual TLS: the principal comes from the client certificate.
+    Mtls {
+        /// Whose certificates and which policy.
+        pki: Pki,
+        /// Where in the certificate the principal is.
+        identity: IdentityMode,
+    },
+}
+
+/// The certificates of a mutual-TLS server, with the policy that goes with them.
+#[derive(Debug)]
+pub enum Pki {
+    /// The operator's certificates, loaded and checked.
+    Own {
+        /// The server configuration and client verifier.
+        tls: TlsServer,
+        /// The configured authorization policy (required with an own PKI).
+        policy: Policy,
+    },
+    /// The development PKI in `dir`, created by `serve` when missing.
+    Development {
+        /// Where the PKI lives (`DATA_DIR/dev-pki`).
+        dir: PathBuf,
+        /// CRL files or directories to check client certificates against.
+        crls: Vec<PathBuf>,
+        /// How often the CRLs are checked for changes.
+        crl_reload_interval: Duration,
+        /// The configured policy, or the development PKI's `policy.toml`
+        /// when it exists already; `None`: that file, once `serve` writes it.
+        policy: Option<Policy>,
+    },
+}
+
+/// How Action Cache entries are signed and verified.
+#[derive(Debug)]
+pub struct ProvenancePlan {
+    /// Where the signing key and the trust policy come from.
+    pub signing: Signing,
+    /// What a read does with an entry that fails verification.
+    pub mode: Mode,
+    /// This server's id, recorded in every signed statement.
+    pub server_id: String,
+    /// Reads skip verification (measurements only).
+    pub verification_disabled: bool,
+    /// Writes store entries unsigned (measurements only).
+    pub signing_disabled: bool,
+}
+
+/// Where the signing key and the trust policy come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signing {
+    /// The operator's files.
+    Own {
+        /// The ed25519 signing key.
+        key: PathBuf,
+        /// The trust policy.
+        trust_policy: PathBuf,
+    },
+    /// The development key and trust policy in `dir`, created by `serve`
+    /// when missing.
+    Development {
+        /// Where they live (`DATA_DIR/dev-pki`).
+        dir: PathBuf,
+    },
+}
+
+/// Where and how data is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Storage {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// fsync every commit.
+    pub sync: bool,
+    /// Bound on stored bytes; `None`: unbounded.
+    pub max_size: Option<u64>,
+    /// Memory for the block cache, in bytes.
+    pub block_cache_bytes: usize,
+}
+
+impl Plan {
+    /// Decides what `settings` mean and loads what both `serve` and
+    /// `--check-config` load; refuses settings that cannot work. Creates nothing.
+    pub fn new(settings: &Settings) -> anyhow::Result<Plan> {
+        let s = settings;
+        let dev_dir = s.data_dir.join("dev-pki");
+        let access = if s.plaintext_insecure { plaintext(s)? } else { mtls(s, &dev_dir)? };
+        let signing = match (&s.signing_key, &s.trust_policy) {
+            (Some(key), Some(trust_policy)) => Signing::Own { key: key.clone(), trust_policy: trust_policy.clone() },
+            _ => Signing::Development { dir: dev_dir },
+        };
+        Ok(Plan {
+            listen: s.listen,
+            metrics_listen: s.metrics_listen,
+            access,
+            provenance: ProvenancePlan {
+                signing,
+                mode: match s.verify_mode {
+                    VerifyModeArg::Reject => Mode::Reject,
+                    VerifyModeArg::Flag => Mode::Flag,
+                },
+                server_id: s.server_id.clone(),
+                verification_disabled: s.unsafe_no_verify,
+                signing_disabled: s.unsafe_no_sign,
+            },
+            storage: Storage {
+                data_dir: s.data_dir.clone(),
+                sync: !s.unsafe_no_sync,
+                max_size: s.max_size,
+                block_cache_bytes: usize::try_from(s.block_cache).unwrap_or(usize::MAX),
+            },
+            limits: s.limits.clone(),
+            history_retention: s.history_retention,
+            shutdown_timeout: s.shutdown_timeout,
+        })
+    }
+
+    /// Loads what `serve` loads only once it runs — the signing key and the
+    /// trust policy — and returns the notes `--check-config` prints about
+    /// what `serve` would create or use. `serve` does not call it (yet): a
+    /// refusal both should make belongs in [`Plan::new`]; one that only
+    /// `--check-config` makes, here.
+    pub fn check(&self) -> anyhow::Result<Vec<String>> {
+        let mut notes = Vec::new();
+        if let Access::Mtls { pki: Pki::Development { dir, policy: None, .. }, .. } = &self.access {
+            notes.push(format!("the development PKI will be created in {}", dir.display()));
+        }
+        match &self.provenance.signing {
+            Signing::Own { key, trust_policy } => {
+                let k = SigningKey::load(key).with_context(|| format!("signing key {}", key.display()))?;
+                TrustPolicy::load(trust_policy).with_context(|| format!("trust policy {}", trust_policy.display()))?;
+                notes.push(format!("signing key id {}", k.key_id()));
+            }
+            Signing::Development { dir } => {
+                notes.push(format!("the development signing key and trust policy in {}", dir.display()))
+            }
+        }
+        Ok(notes)
+    }
+
+    /// The warnings `serve` logs at start for settings that weaken provenance.
+    pub fn warnings(&self) -> Vec<&'static str> {
+        let p = &self.provenance;
+        [
+            (p.signing_disabled, "signing of Action Cache entries is OFF (--unsafe-no-sign): for measurements only"),
+            (
+                p.verification_disabled,
+                "verification of Action Cache reads is OFF (--unsafe-no-verify): for measurements only",
+            ),
+            (
+                p.mode == Mode::Flag,
+                "flag mode: results that fail verification are SERVED, marked with a VerificationStatus",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(on, warning)| on.then_some(warning))
+        .collect()
+    }
+
+    /// The server's options, given the signing key and trust policy files
+    /// (the development ones exist only once `serve` created them).
+    pub fn server_options(&self, signing_key: PathBuf, trust_policy: PathBuf) -> ServerOptions {
+        let p = &self.provenance;
+        ServerOptions {
+            data_dir: self.storage.data_dir.clone(),
+            store: StoreOptions {
+                sync: self.storage.sync,
+                max_size: self.storage.max_size,
+                block_cache_bytes: self.storage.block_cache_bytes,
+                ..Default::default()
+            },
+            provenance: ProvenanceConfig {
+                signing_key,
+                trust_policy,
+                mode: p.mode,
+                server_id: p.server_id.clone(),
+                verification_disabled: p.verification_disabled,
+                signing_disabled: p.signing_disabled,
+            },
+            history_retention: self.history_retention,
+            metrics: self.metrics_listen.is_some(),
+            shutdown_timeout: self.shutdown_timeout,
+            limits: self.limits.clone(),
+        }
+    }
+}
+
+/// Plaintext: the configured policy, or one granting the principal everything.
+fn plaintext(s: &Settings) -> anyhow::Result<Access> {
+    let policy = match &s.policy {
+        Some(path) => load_policy(path)?,
+        None => Policy::grant_all(PLAINTEXT_RULE, &s.plaintext_principal)?,
+    };
+    Ok(Access::Plaintext { principal: s.plaintext_principal.clone(), policy })
+}
+
+/// Mutual TLS: an own PKI needs a policy (and, with uri-san, trust domains);
+/// the development PKI brings both.
+fn mtls(s: &Settings, dev_dir: &Path) -> anyhow::Result<Access> {
+    let own = match (&s.tls_cert, &s.tls_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => anyhow::bail!("tls_cert, tls_key and client_ca go together (--tls-cert, --tls-key, --client-ca)"),
+    };
+    let policy = match (&s.policy, own) {
+        (Some(path), _) => Some(path.clone()),
+        (None, Some(_)) => anyhow::bail!("policy (--policy) is required with your own PKI"),
+        (None, None) => Some(dev_dir.join("policy.toml")).filter(|p| p.exists()),
+    };
+    let policy = policy.as_deref().map(load_policy).transpose()?;
+    let pki = match (own, policy) {
+        (Some((cert, key)), Some(policy)) => {
+            let mut t = TlsSettings::new(cert.clone(), key.clone(), s.client_ca.clone(), s.crl.clone());
+            t.crl_reload_interval = s.crl_reload_interval;
+            Pki::Own { tls: tls_server(&t)?, policy }
+        }
+        (_, policy) => Pki::Development {
+            dir: dev_dir.to_owned(),
+            crls: s.crl.clone(),
+            crl_reload_interval: s.crl_reload_interval,
+            policy,
+        },
+    };
+    let identity = identity_mode(s.identity, &s.trust_domain, matches!(pki, Pki::Development { .. }))?;
+    Ok(Access::Mtls { pki, identity })
+}
+
+/// Where the principal is in a client certificate; uri-san needs trust
+/// domains, which the development PKI supplies when none are configured.
+fn identity_mode(arg: IdentityArg, trust_domains: &[String], development: bool) -> anyhow::Result<IdentityMode> {
+    Ok(match arg {
+        IdentityArg::UriSan if !trust_domains.is_empty() => IdentityMode::spiffe(trust_domains.iter().cloned()),
+        IdentityArg::UriSan if development => IdentityMode::spiffe([DEV_TRUST_DOMAIN]),
+        IdentityArg::UriSan => anyhow::bail!("identity uri-san needs at least one trust_domain (--trust-domain)"),
+        IdentityArg::DnsSan => IdentityMode::DnsSan,
+        IdentityArg::CommonName => IdentityMode::CommonName,
+    })
+}
+
+/// Loads an authorization policy file; errors name it.
+pub fn load_policy(path: &Path) -> anyhow::Result<Policy> {
+    Policy::load(path).with_context(|| format!("authorization policy {}", path.display()))
+}
+
+/// Loads a TLS server's certificate, key, client CAs and CRLs; errors say so.
+pub fn tls_server(settings: &TlsSettings) -> anyhow::Result<TlsServer> {
+    TlsServer::from_settings(settings).context("TLS settings")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Permission;
+    use crate::config::{resolve, ServeConfig};
+    use crate::resource::InstanceName;
+
+    fn settings(c: ServeConfig) -> Settings {
+        resolve(c, None, None).unwrap()
+    }
+
+    fn in_dir(dir: &Path) -> ServeConfig {
+        ServeConfig { data_dir: Some(dir.join("data")), ..Default::default() }
+    }
+
+    fn write_policy(dir: &Path, principal: &str) -> PathBuf {
+        let path = dir.join("policy.toml");
+        let text = format!(
+            "[[rules]]\nname = \"r\"\nprincipals = [{principal:?}]\ninstances = [\"*\"]\npermissions = [\"ac:read\"]\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Certificates of an operator's own PKI (generated like the dev PKI, in another directory).
+    fn own_pki(dir: &Path) -> ServeConfig {
+        let pki = crate::pki::ensure_dev_pki(&dir.join("own-pki")).unwrap();
+        ServeConfig {
+            tls_cert: Some(pki.server_cert),
+            tls_key: Some(pki.server_key),
+            client_ca: vec![pki.ca_cert],
+            ..in_dir(dir)
+        }
+    }
+
+    fn error(c: ServeConfig) -> String {
+        format!("{:#}", Plan::new(&settings(c)).unwrap_err())
+    }
+
+    #[test]
+    fn an_own_pki_without_a_policy_is_refused_naming_the_flag() {
+        let tmp = tempfile::tempdir().unwrap();
+        let msg = error(own_pki(tmp.path()));
+        assert_eq!(msg, "policy (--policy) is required with your own PKI");
+    }
+
+    #[test]
+    fn an_own_pki_with_uri_san_needs_a_trust_domain() {
+        let tmp = tempfile::tempdir().unwrap();
+        let policy = write_policy(tmp.path(), "spiffe://example.org/ci");
+        let msg = error(ServeConfig { policy: Some(policy), ..own_pki(tmp.path()) });
+        assert_eq!(msg, "identity uri-san needs at least one trust_domain (--trust-domain)");
+    }
+
+    #[test]
+    fn an_own_pki_is_loaded_with_its_policy_and_trust_domains() {
+        let tmp = tempfile::tempdir().unwrap();
+        let policy = write_policy(tmp.path(), "spiffe://example.org/ci");
+        let c = ServeConfig { policy: Some(policy), trust_domain: vec!["example.org".into()], ..own_pki(tmp.path()) };
+        let plan = Plan::new(&settings(c)).unwrap();
+        let Access::Mtls { pki: Pki::Own { policy, .. }, identity } = &plan.access else {
+            panic!("not an own PKI: {:?}", plan.access)
+        };
+        assert_eq!(identity, &IdentityMode::spiffe(["example.org"]));
+        assert!(policy.check("spiffe://example.org/ci", &InstanceName::default(), Permission::AcRead).is_ok());
+    }
+
+    #[test]
+    fn other_identity_modes_need_no_trust_domain() {
+        let tmp = tempfile::tempdir().unwrap();
+        let policy = write_policy(tmp.path(), "ci.example.org");
+        let c = ServeConfig { policy: Some(policy), identity: Some(IdentityArg::DnsSan), ..own_pki(tmp.path()) };
+        let plan = Plan::new(&settings(c)).unwrap();
+        assert!(matches!(plan.access, Access::Mtls { identity: IdentityMode::DnsSan, .. }), "{:?}", plan.access);
+    }
+
+    #[test]
+    fn the_development_pki_trusts_its_own_domain_and_is_not_created_by_planning() {
+        let tmp = tempfile::tempdir().unwrap();
+        let plan = Plan::new(&settings(in_dir(tmp.path()))).unwrap();
+        let dev = tmp.path().join("data").join("dev-pki");
+        let Access::Mtls { pki: Pki::Development { dir, policy: None, .. }, identity } = &plan.access else {
+            panic!("not the development PKI: {:?}", plan.access)
+        };
+        assert_eq!(dir, &dev);
+        assert_eq!(identity, &IdentityMode::spiffe([DEV_TRUST_DOMAIN]));
+        assert_eq!(plan.provenance.signing, Signing::Development { dir: dev.clone() });
+        assert!(!tmp.path().join("data").exists(), "planning creates nothing");
+        let notes = plan.check().unwrap();
+        assert_eq!(
+            notes,
+            [
+                format!("the development PKI will be created in {}", dev.display()),
+                format!("the development signing key and trust policy in {}", dev.display()),
+            ]
+        );
+    }
+
+    #[test]
+    fn configured_trust_domains_replace_the_development_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = ServeConfig { trust_domain: vec!["example.org".into()], ..in_dir(tmp.path()) };
+        let plan = Plan::new(&settings(c)).unwrap();
+        assert!(
+            matches!(&plan.access, Access::Mtls { identity, .. } if identity == &IdentityMode::spiffe(["example.org"])),
+            "{:?}",
+            plan.access
+        );
+    }
+
+    #[test]
+    fn plaintext_without_a_policy_grants_its_principal_everything_and_nobody_else_anything() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = ServeConfig {
+            plaintext_insecure: Some(true),
+            plaintext_principal: Some("proxy".into()),
+            ..in_dir(tmp.path())
+        };
+        let plan = Plan::new(&settings(c)).unwrap();
+        let Access::Plaintext { principal, policy } = &plan.access else { panic!("not plaintext: {:?}", plan.access) };
+        assert_eq!(principal, "proxy");
+        let instance = InstanceName::parse("any/instance").unwrap();
+        for permission in Permission::ALL {
+            assert_eq!(policy.check("proxy", &instance, permission), Ok(PLAINTEXT_RULE));
+            assert!(policy.check("someone-else", &instance, permission).is_err());
+        }
+    }
+
+    #[test]
+    fn plaintext_with_a_policy_uses_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let policy = write_policy(tmp.path(), "proxy");
+        let c = ServeConfig { plaintext_insecure: Some(true), policy: Some(policy), ..in_dir(tmp.path()) };
+        let plan = Plan::new(&settings(c)).unwrap();
+        let Access::Plaintext { policy, .. } = &plan.access else { panic!("not plaintext: {:?}", plan.access) };
+        let instance = InstanceName::default();
+        assert!(
+            policy.check("plaintext", &instance, Permission::AcRead).is_err(),
+            "the file replaces the grant-all rule"
+        );
+        assert!(policy.check("proxy", &instance, Permission::AcRead).is_ok());
+        assert!(policy.check("proxy", &instance, Permission::AcWrite).is_err());
+    }
+
+    #[test]
+    fn a_policy_that_does_not_load_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("missing.toml");
+        let msg = error(ServeConfig { policy: Some(missing.clone()), ..in_dir(tmp.path()) });
+        assert!(msg.starts_with(&format!("authorization policy {}", missing.display())), "{msg}");
+    }
+
+    #[test]
+    fn warnings_name_each_weakened_check() {
+        let tmp = tempfile::tempdir().unwrap();
+        let plan = Plan::new(&settings(in_dir(tmp.path()))).unwrap();
+        assert!(plan.warnings().is_empty());
+        let c = ServeConfig {
+            unsafe_no_sign: Some(true),
+            unsafe_no_verify: Some(true),
+            verify_mode: Some(VerifyModeArg::Flag),
+            ..in_dir(tmp.path())
+        };
+        let warnings = Plan::new(&settings(c)).unwrap().warnings();
+        assert_eq!(warnings.len(), 3);
+        assert!(warnings[0].contains("--unsafe-no-sign") && warnings[1].contains("--unsafe-no-verify"));
+        assert!(warnings[2].starts_with("flag mode"));
+    }
+}
