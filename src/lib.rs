@@ -17,6 +17,8 @@
 #[cfg(feature = "server")]
 pub mod action_cache;
 pub mod attack;
+#[cfg(feature = "server")]
+pub mod audit_log;
 pub mod auth;
 pub mod authz;
 pub mod bench;
