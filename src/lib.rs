@@ -16,6 +16,8 @@
 
 #[cfg(feature = "server")]
 pub mod action_cache;
+#[cfg(all(test, feature = "server"))]
+mod action_cache_tests;
 pub mod attack;
 #[cfg(feature = "server")]
 pub mod audit_log;
