@@ -1,8 +1,12 @@
-//! The Action Cache domain: completeness-checked writes and reads.
+//! The Action Cache domain: its two use cases, signed writes and verified,
+//! completeness-checked reads, whole (the gRPC handlers only parse,
+//! authorize and map errors).
 //!
 //! Writes require the Action and its Command in the CAS and every blob the
-//! result references; inlined bytes are moved into the CAS; the stored value
-//! is the canonical result. Reads never return a result whose blobs are gone.
+//! result references ([`crate::action_result`]); the stored value is the
+//! canonical result and the envelope that signs it. Reads never return a
+//! result whose blobs are gone, nor (in reject mode) one that fails
+//! verification; every answer is recorded in the hit log.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -10,9 +14,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use prost::Message;
 
+use crate::action_result::{self, dedup, PreparedResult};
 use crate::audit_log::AuditLog;
 use crate::auth::Caller;
-use crate::cas::{Cas, MAX_ACTION_BLOB};
+use crate::cas::Cas;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
@@ -26,9 +31,6 @@ use crate::signing;
 use crate::store::action_store::ActionStore;
 use crate::trust::verify::Reason;
 
-/// The largest canonical ActionResult accepted (a stored entry must still fit
-/// in a default 4 MiB gRPC message when read back).
-pub const MAX_RESULT_BYTES: usize = 3 * 1024 * 1024;
 /// Inlined bytes in a GetActionResult reply stay within this budget.
 pub const INLINE_BUDGET: usize = 3 * 1024 * 1024;
 
@@ -108,19 +110,6 @@ pub struct Update<'a> {
     pub claims: Option<reapi::RequestMetadata>,
     /// The writer's limits.
     pub limits: &'a Enforcer,
-}
-
-/// A validated UpdateActionResult, ready to be stored.
-#[derive(Debug)]
-pub struct PreparedResult {
-    /// The canonical result (no inlined bytes, no envelopes).
-    pub result: reapi::ActionResult,
-    /// Every CAS blob it references.
-    pub referenced: Vec<Digest>,
-    /// From the Action blob.
-    pub command_digest: Digest,
-    /// From the Action blob.
-    pub input_root_digest: Option<Digest>,
 }
 
 impl ActionCache {
@@ -221,7 +210,7 @@ impl ActionCache {
         let result = update
             .result
             .ok_or_else(|| Error::InvalidArgument("UpdateActionResult without an action_result".into()))?;
-        let prepared = self.prepare(instance, action, result, update.limits).await?;
+        let prepared = action_result::prepare(&self.cas, instance, action, result, update.limits).await?;
         crash_point("ac-after-prepare");
         let canonical = prepared.result.encode_to_vec();
         let function = signing::effective_digest_function(update.digest_function);
@@ -234,82 +223,6 @@ impl ActionCache {
         let mut reply = prepared.result;
         signing::attach_envelope_bytes(&mut reply, envelope);
         Ok(reply)
-    }
-
-    /// Checks an UpdateActionResult: within the caller's limits on outputs
-    /// and referenced blobs (checked before any Tree is read), Action and
-    /// Command present, inlined bytes moved to the CAS, every referenced blob
-    /// present.
-    async fn prepare(
-        &self,
-        instance: &InstanceName,
-        action: Digest,
-        mut result: reapi::ActionResult,
-        limits: &Enforcer,
-    ) -> Result<PreparedResult> {
-        let f = action.function;
-        let outputs = result.output_files.len()
-            + result.output_file_symlinks.len()
-            + result.output_symlinks.len()
-            + result.output_directories.len()
-            + result.output_directory_symlinks.len();
-        let max = limits.limits().max_result_outputs as u64;
-        limits.at_most("max_result_outputs", "the action result lists too many outputs", outputs as u64, max)?;
-        let Some(action_msg) = self.cas.get_message::<reapi::Action>(instance, action, MAX_ACTION_BLOB).await? else {
-            return Err(Error::FailedPrecondition(format!(
-                "missing blob {action} (the Action): upload it to the CAS first"
-            )));
-        };
-        let command_digest = Digest::from_proto(f, action_msg.command_digest.as_ref())
-            .map_err(|e| Error::InvalidArgument(format!("Action {action} has an invalid command_digest: {e}")))?;
-        let input_root_digest = match &action_msg.input_root_digest {
-            Some(d) => Some(Digest::from_proto(f, Some(d)).map_err(|e| {
-                Error::InvalidArgument(format!("Action {action} has an invalid input_root_digest: {e}"))
-            })?),
-            None => None,
-        };
-        if let Some(missing) = self.cas.first_missing(instance, vec![command_digest]).await? {
-            return Err(Error::FailedPrecondition(format!(
-                "missing blob {missing} (the Command of Action {action}): upload it to the CAS first"
-            )));
-        }
-
-        // De-inline: raw bytes go to the CAS, the result keeps digests only.
-        let stdout = std::mem::take(&mut result.stdout_raw);
-        result.stdout_digest = self.de_inline(instance, f, stdout, result.stdout_digest.take(), "stdout").await?;
-        let stderr = std::mem::take(&mut result.stderr_raw);
-        result.stderr_digest = self.de_inline(instance, f, stderr, result.stderr_digest.take(), "stderr").await?;
-        for file in &mut result.output_files {
-            let contents = std::mem::take(&mut file.contents);
-            let what = format!("output file {:?}", file.path);
-            if file.digest.is_none() {
-                return Err(Error::InvalidArgument(format!("{what} has no digest")));
-            }
-            file.digest = self.de_inline(instance, f, contents, file.digest.take(), &what).await?;
-        }
-
-        let referenced = self.referenced_blobs(instance, f, &result, limits).await?;
-        if let Some(missing) = self.cas.first_missing(instance, referenced.iter().map(|(d, _)| *d).collect()).await? {
-            let what = referenced.iter().find(|(d, _)| *d == missing).map(|(_, w)| w.as_str()).unwrap_or("a blob");
-            return Err(Error::FailedPrecondition(format!(
-                "missing blob {missing} ({what}): upload every output to the CAS before UpdateActionResult"
-            )));
-        }
-        // A writer cannot smuggle in signatures or verification marks, whatever the host of their type URL.
-        crate::signing::strip_writer_marks(&mut result);
-        let result = crate::signing::canonicalize(&result);
-        if result.encoded_len() > MAX_RESULT_BYTES {
-            return Err(Error::InvalidArgument(format!(
-                "the action result encodes to {} bytes, over the {MAX_RESULT_BYTES}-byte limit",
-                result.encoded_len()
-            )));
-        }
-        Ok(PreparedResult {
-            result,
-            referenced: dedup(referenced.into_iter().map(|(d, _)| d).collect()),
-            command_digest,
-            input_root_digest,
-        })
     }
 
     /// Stores a prepared result: its canonical bytes and the envelope that
@@ -387,8 +300,9 @@ impl ActionCache {
         } else {
             let result = reapi::ActionResult::decode(entry.canonical_result.clone())
                 .map_err(|_| Error::NotFound(format!("action {action} has an undecodable stored result")))?;
-            let derived =
-                self.referenced_blobs(instance, action.function, &result, limits).await.map_err(|e| match e {
+            let derived = action_result::referenced_blobs(&self.cas, instance, action.function, &result, limits)
+                .await
+                .map_err(|e| match e {
                     Error::InvalidArgument(e) | Error::DataLoss(e) => Error::NotFound(format!(
                         "action result {action} names an unusable blob ({e}); treating as a miss"
                     )),
@@ -441,87 +355,6 @@ impl ActionCache {
         }
         Ok(())
     }
-
-    async fn de_inline(
-        &self,
-        instance: &InstanceName,
-        f: crate::digest::DigestFunction,
-        raw: Bytes,
-        given: Option<reapi::Digest>,
-        what: &str,
-    ) -> Result<Option<reapi::Digest>> {
-        let given = match given {
-            Some(d) => {
-                Some(Digest::from_proto(f, Some(&d)).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?)
-            }
-            None => None,
-        };
-        if raw.is_empty() {
-            return Ok(given.map(|d| d.to_proto()));
-        }
-        let computed = Digest::of(f, &raw);
-        if let Some(g) = given {
-            if g != computed {
-                return Err(Error::InvalidArgument(format!(
-                    "{what}: inlined bytes hash to {computed}, but the digest given is {g}"
-                )));
-            }
-        }
-        self.cas.put(instance, computed, raw).await?;
-        Ok(Some(computed.to_proto()))
-    }
-
-    /// Every blob a result references, with a description for error messages:
-    /// output files, stdout/stderr, each output directory's Tree and every
-    /// file inside it; at most `limits.max_referenced_blobs` of them, counted
-    /// before each Tree is decoded, because every read of the result checks
-    /// them all.
-    async fn referenced_blobs(
-        &self,
-        instance: &InstanceName,
-        f: crate::digest::DigestFunction,
-        result: &reapi::ActionResult,
-        limits: &Enforcer,
-    ) -> Result<Vec<(Digest, String)>> {
-        let max = limits.limits().max_referenced_blobs as u64;
-        let parse = |d: Option<&reapi::Digest>, what: &str| {
-            Digest::from_proto(f, d).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))
-        };
-        let mut out = Vec::new();
-        for file in &result.output_files {
-            let what = format!("output file {:?}", file.path);
-            out.push((parse(file.digest.as_ref(), &what)?, what));
-        }
-        if let Some(d) = &result.stdout_digest {
-            out.push((parse(Some(d), "stdout")?, "stdout".into()));
-        }
-        if let Some(d) = &result.stderr_digest {
-            out.push((parse(Some(d), "stderr")?, "stderr".into()));
-        }
-        for dir in &result.output_directories {
-            let what = format!("tree of output directory {:?}", dir.path);
-            let tree_digest = parse(dir.tree_digest.as_ref(), &what)?;
-            out.push((tree_digest, what.clone()));
-            limits.at_most(
-                "max_referenced_blobs",
-                "the action result references too many blobs",
-                out.len() as u64,
-                max,
-            )?;
-            let left = max - out.len() as u64;
-            let Some(tree) = self.cas.get_tree_message(instance, tree_digest, left, limits).await? else {
-                continue; // reported as missing by the caller
-            };
-            for d in tree.root.iter().chain(tree.children.iter()) {
-                for file in &d.files {
-                    let what = format!("file {:?} in output directory {:?}", file.name, dir.path);
-                    out.push((parse(file.digest.as_ref(), &what)?, what));
-                }
-            }
-        }
-        limits.at_most("max_referenced_blobs", "the action result references too many blobs", out.len() as u64, max)?;
-        Ok(out)
-    }
 }
 
 fn fits(f: crate::digest::DigestFunction, d: Option<&reapi::Digest>, budget: &mut usize) -> Option<Digest> {
@@ -532,13 +365,6 @@ fn fits(f: crate::digest::DigestFunction, d: Option<&reapi::Digest>, budget: &mu
     } else {
         None
     }
-}
-
-fn dedup(mut v: Vec<Digest>) -> Vec<Digest> {
-    v.sort();
-    v.dedup();
-    v.retain(|d| !d.is_empty_blob());
-    v
 }
 
 /// What keys the verifier's cache of verified entries for one action (with
