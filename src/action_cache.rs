@@ -1,8 +1,12 @@
-//! The Action Cache domain: completeness-checked writes and reads.
+//! The Action Cache domain: its two use cases, signed writes and verified,
+//! completeness-checked reads, whole (the gRPC handlers only parse,
+//! authorize and map errors).
 //!
 //! Writes require the Action and its Command in the CAS and every blob the
-//! result references; inlined bytes are moved into the CAS; the stored value
-//! is the canonical result. Reads never return a result whose blobs are gone.
+//! result references ([`crate::action_result`]); the stored value is the
+//! canonical result and the envelope that signs it. Reads never return a
+//! result whose blobs are gone, nor (in reject mode) one that fails
+//! verification; every answer is recorded in the hit log.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -10,18 +14,23 @@ use std::sync::Arc;
 use bytes::Bytes;
 use prost::Message;
 
-use crate::cas::{blocking, Cas, MAX_ACTION_BLOB};
+use crate::action_result::{self, dedup, PreparedResult};
+use crate::audit_log::AuditLog;
+use crate::auth::Caller;
+use crate::cas::Cas;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::failpoint::crash_point;
 use crate::limits::Enforcer;
 use crate::proto::prov::storage::StoredActionEntry;
 use crate::proto::reapi;
+use crate::provenance::hit_log::{self, Answer};
+use crate::provenance::{Mode, Origin, Provenance, Subject};
 use crate::resource::InstanceName;
-use crate::store::{Key, Kind};
+use crate::signing;
+use crate::store::action_store::ActionStore;
+use crate::trust::verify::Reason;
 
-/// The largest canonical ActionResult accepted (a stored entry must still fit
-/// in a default 4 MiB gRPC message when read back).
-pub const MAX_RESULT_BYTES: usize = 3 * 1024 * 1024;
 /// Inlined bytes in a GetActionResult reply stay within this budget.
 pub const INLINE_BUDGET: usize = 3 * 1024 * 1024;
 
@@ -52,110 +61,173 @@ impl InlineRequest {
     }
 }
 
-/// The Action Cache.
+/// The Action Cache: its two use cases, GetActionResult ([`ActionCache::get`])
+/// and UpdateActionResult ([`ActionCache::update`]), whole, so they can be
+/// tested without gRPC.
 #[derive(Debug)]
 pub struct ActionCache {
     cas: Arc<Cas>,
+    actions: Arc<dyn ActionStore>,
+    provenance: Arc<Provenance>,
+    audit: Arc<AuditLog>,
 }
 
-/// A validated UpdateActionResult, ready to be stored.
+/// A GetActionResult, parsed and authorized.
 #[derive(Debug)]
-pub struct PreparedResult {
-    /// The canonical result (no inlined bytes, no envelopes).
-    pub result: reapi::ActionResult,
-    /// Every CAS blob it references.
-    pub referenced: Vec<Digest>,
-    /// From the Action blob.
-    pub command_digest: Digest,
-    /// From the Action blob.
-    pub input_root_digest: Option<Digest>,
+pub struct Lookup<'a> {
+    /// The instance.
+    pub instance: &'a InstanceName,
+    /// The digest function as the request named it (unset means SHA-256):
+    /// the signed statement must name the same.
+    pub digest_function: i32,
+    /// The action.
+    pub action: Digest,
+    /// What to inline.
+    pub inline: InlineRequest,
+    /// The reader's server-attested identity, for the hit log.
+    pub reader: &'a str,
+    /// The reader's claims (`RequestMetadata`), for the hit log.
+    pub claims: Option<reapi::RequestMetadata>,
+    /// The reader's limits.
+    pub limits: &'a Enforcer,
+}
+
+/// An UpdateActionResult, parsed and authorized.
+#[derive(Debug)]
+pub struct Update<'a> {
+    /// The instance.
+    pub instance: &'a InstanceName,
+    /// The digest function as the request named it (unset means SHA-256).
+    pub digest_function: i32,
+    /// The action.
+    pub action: Digest,
+    /// The result as sent; absent is INVALID_ARGUMENT, but only after the
+    /// signer check (a server that cannot sign says so first).
+    pub result: Option<reapi::ActionResult>,
+    /// The writer, recorded in the signed statement.
+    pub caller: &'a Caller,
+    /// The writer's claims, recorded (as claims) in the signed statement.
+    pub claims: Option<reapi::RequestMetadata>,
+    /// The writer's limits.
+    pub limits: &'a Enforcer,
 }
 
 impl ActionCache {
-    /// An Action Cache whose results reference blobs in `cas`.
-    pub fn new(cas: Arc<Cas>) -> Self {
-        ActionCache { cas }
+    /// An Action Cache whose entries are in `actions`, whose results
+    /// reference blobs in `cas`, signed and verified by `provenance`, and
+    /// whose answers are recorded in `audit`.
+    pub fn new(
+        cas: Arc<Cas>,
+        actions: Arc<dyn ActionStore>,
+        provenance: Arc<Provenance>,
+        audit: Arc<AuditLog>,
+    ) -> Self {
+        ActionCache { cas, actions, provenance, audit }
     }
 
-    /// Checks an UpdateActionResult: within the caller's limits on outputs
-    /// and referenced blobs (checked before any Tree is read), Action and
-    /// Command present, inlined bytes moved to the CAS, every referenced blob
-    /// present.
-    pub async fn prepare(
-        &self,
-        instance: &InstanceName,
-        action: Digest,
-        mut result: reapi::ActionResult,
-        limits: &Enforcer,
-    ) -> Result<PreparedResult> {
-        let f = action.function;
-        let outputs = result.output_files.len()
-            + result.output_file_symlinks.len()
-            + result.output_symlinks.len()
-            + result.output_directories.len()
-            + result.output_directory_symlinks.len();
-        let max = limits.limits().max_result_outputs as u64;
-        limits.at_most("max_result_outputs", "the action result lists too many outputs", outputs as u64, max)?;
-        let Some(action_msg) = self.cas.get_message::<reapi::Action>(instance, action, MAX_ACTION_BLOB).await? else {
-            return Err(Error::FailedPrecondition(format!(
-                "missing blob {action} (the Action): upload it to the CAS first"
-            )));
+    /// GetActionResult after authorization: load, verify (a failure is a
+    /// miss in reject mode, flagged in flag mode), check that every
+    /// referenced blob is present, record the answer in the hit log, inline
+    /// what was asked, attach the envelope (and the flag). A miss is
+    /// `Error::NotFound`, so the client rebuilds.
+    pub async fn get(&self, lookup: Lookup<'_>) -> Result<reapi::ActionResult> {
+        let (instance, action) = (lookup.instance, lookup.action);
+        let Some((raw, entry)) = self.load(instance, action).await? else {
+            return Err(Error::NotFound(format!("action {action} is not in the cache")));
         };
-        let command_digest = Digest::from_proto(f, action_msg.command_digest.as_ref())
-            .map_err(|e| Error::InvalidArgument(format!("Action {action} has an invalid command_digest: {e}")))?;
-        let input_root_digest = match &action_msg.input_root_digest {
-            Some(d) => Some(Digest::from_proto(f, Some(d)).map_err(|e| {
-                Error::InvalidArgument(format!("Action {action} has an invalid input_root_digest: {e}"))
-            })?),
-            None => None,
-        };
-        if let Some(missing) = self.cas.first_missing(instance, vec![command_digest]).await? {
-            return Err(Error::FailedPrecondition(format!(
-                "missing blob {missing} (the Command of Action {action}): upload it to the CAS first"
-            )));
+        let function = signing::effective_digest_function(lookup.digest_function);
+        let subject = Subject { instance, digest_function: function, action };
+        let hits =
+            Hits { audit: &self.audit, claims: lookup.claims.as_ref(), subject: &subject, reader: lookup.reader };
+        let (origin, flagged) = self.verify(&subject, &raw, &entry, &hits)?;
+        let references_signed = origin.as_ref().is_some_and(|o| o.references_signed);
+        if let Err(e) = self.check_complete(instance, action, &entry, references_signed, lookup.limits).await {
+            self.provenance.counters().record_failure(Reason::MissingBlob);
+            hits.record(Reason::MissingBlob.as_str(), origin.as_deref(), false);
+            return Err(e);
         }
-
-        // De-inline: raw bytes go to the CAS, the result keeps digests only.
-        let stdout = std::mem::take(&mut result.stdout_raw);
-        result.stdout_digest = self.de_inline(instance, f, stdout, result.stdout_digest.take(), "stdout").await?;
-        let stderr = std::mem::take(&mut result.stderr_raw);
-        result.stderr_digest = self.de_inline(instance, f, stderr, result.stderr_digest.take(), "stderr").await?;
-        for file in &mut result.output_files {
-            let contents = std::mem::take(&mut file.contents);
-            let what = format!("output file {:?}", file.path);
-            if file.digest.is_none() {
-                return Err(Error::InvalidArgument(format!("{what} has no digest")));
+        hits.record(flagged.map(|r| r.as_str()).unwrap_or("hit"), origin.as_deref(), true);
+        let mut result = reapi::ActionResult::decode(entry.canonical_result.clone())
+            .map_err(|_| Error::NotFound(format!("action {action} has an undecodable stored result")))?;
+        match self.inline(instance, action, &mut result, &lookup.inline).await {
+            Ok(()) => {}
+            // A referenced blob found corrupt while inlining was just removed
+            // from the CAS: the result is incomplete now, so it is a miss
+            // (read-path check 9), not an error the client cannot act on.
+            Err(Error::DataLoss(detail)) => {
+                self.provenance.counters().record_failure(Reason::MissingBlob);
+                tracing::warn!(%action, instance = %instance, %detail, "a blob of a stored result is corrupt");
+                return Err(Error::NotFound(format!("action {action} references a corrupt blob: {detail}")));
             }
-            file.digest = self.de_inline(instance, f, contents, file.digest.take(), &what).await?;
+            Err(e) => return Err(e),
         }
+        if !entry.envelope.is_empty() {
+            signing::attach_envelope_bytes(&mut result, entry.envelope.to_vec());
+        }
+        if let Some(reason) = flagged {
+            signing::attach_status(&mut result, &reason.to_status());
+        }
+        Ok(result)
+    }
 
-        let referenced = self.referenced_blobs(instance, f, &result, limits).await?;
-        if let Some(missing) = self.cas.first_missing(instance, referenced.iter().map(|(d, _)| *d).collect()).await? {
-            let what = referenced.iter().find(|(d, _)| *d == missing).map(|(_, w)| w.as_str()).unwrap_or("a blob");
-            return Err(Error::FailedPrecondition(format!(
-                "missing blob {missing} ({what}): upload every output to the CAS before UpdateActionResult"
-            )));
+    /// Read-path checks 1-8 ([`Provenance::verify`]): the entry's origin
+    /// when it verifies. When it does not: in reject mode a miss (recorded
+    /// in the hit log), in flag mode no origin and the reason to flag.
+    fn verify(
+        &self,
+        subject: &Subject<'_>,
+        raw: &[u8],
+        entry: &StoredActionEntry,
+        hits: &Hits<'_>,
+    ) -> Result<(Option<Arc<Origin>>, Option<Reason>)> {
+        let (instance, action) = (subject.instance, subject.action);
+        match self.provenance.verify(subject, &verification_key(instance, &action), raw, entry) {
+            Ok(origin) => Ok((Some(origin), None)),
+            Err(reason) => {
+                tracing::warn!(%action, instance = %instance, reason = reason.as_str(), "stored result failed verification");
+                match self.provenance.mode() {
+                    Mode::Reject => {
+                        hits.record(reason.as_str(), None, false);
+                        Err(Error::NotFound(format!(
+                            "action {action}: the stored result failed verification ({reason}) and is treated as a miss"
+                        )))
+                    }
+                    Mode::Flag => Ok((None, Some(reason))),
+                }
+            }
         }
-        // A writer cannot smuggle in signatures or verification marks, whatever the host of their type URL.
-        crate::signing::strip_writer_marks(&mut result);
-        let result = crate::signing::canonicalize(&result);
-        if result.encoded_len() > MAX_RESULT_BYTES {
-            return Err(Error::InvalidArgument(format!(
-                "the action result encodes to {} bytes, over the {MAX_RESULT_BYTES}-byte limit",
-                result.encoded_len()
-            )));
-        }
-        Ok(PreparedResult {
-            result,
-            referenced: dedup(referenced.into_iter().map(|(d, _)| d).collect()),
-            command_digest,
-            input_root_digest,
-        })
+    }
+
+    /// UpdateActionResult after authorization: refuse at once without a
+    /// usable signing key, then prepare (completeness, de-inlining,
+    /// canonical form), sign the result and its list of referenced blobs,
+    /// store both. Returns the stored result with its envelope. The crash
+    /// points (crash tests, R3) sit between the steps.
+    pub async fn update(&self, update: Update<'_>) -> Result<reapi::ActionResult> {
+        let (instance, action) = (update.instance, update.action);
+        // Fail closed before any work: no usable key, no Action Cache writes.
+        let signer = self.provenance.require_signer()?;
+        let result = update
+            .result
+            .ok_or_else(|| Error::InvalidArgument("UpdateActionResult without an action_result".into()))?;
+        let prepared = action_result::prepare(&self.cas, instance, action, result, update.limits).await?;
+        crash_point("ac-after-prepare");
+        let canonical = prepared.result.encode_to_vec();
+        let function = signing::effective_digest_function(update.digest_function);
+        let subject = Subject { instance, digest_function: function, action };
+        let envelope = self.provenance.sign(&signer, &subject, &prepared, &canonical, update.caller, update.claims);
+        let referenced: Vec<reapi::Digest> = prepared.referenced.iter().map(|d| d.to_proto()).collect();
+        let references = self.provenance.sign_references(&signer, &subject, &canonical, &referenced);
+        crash_point("ac-after-sign");
+        self.store(instance, action, &prepared, canonical, envelope.clone(), references).await?;
+        let mut reply = prepared.result;
+        signing::attach_envelope_bytes(&mut reply, envelope);
+        Ok(reply)
     }
 
     /// Stores a prepared result: its canonical bytes and the envelope that
     /// signs them, side by side, with a history record, in one synced batch.
-    pub async fn store(
+    async fn store(
         &self,
         instance: &InstanceName,
         action: Digest,
@@ -172,27 +244,14 @@ impl ActionCache {
             referenced_blobs: prepared.referenced.iter().map(Digest::to_proto).collect(),
             references_envelope: Bytes::from(references_envelope),
         };
-        let key = Key::new(instance, &action);
-        let store = self.cas.store().clone();
-        let value = entry.encode_to_vec();
-        let nanos = now.as_nanos() as u64;
-        blocking(move || store.ac_put(&key, &value, nanos)).await?;
+        self.actions.put(instance, &action, entry.encode_to_vec(), now.as_nanos() as u64).await?;
         Ok(entry)
     }
 
     /// Loads the stored entry of an action: the raw stored bytes and the
     /// decoded entry. `Ok(None)` on a miss.
-    pub async fn load(&self, instance: &InstanceName, action: Digest) -> Result<Option<(Vec<u8>, StoredActionEntry)>> {
-        let key = Key::new(instance, &action);
-        // From memory on this thread when possible (see Store::ac_get_cached).
-        let value = match self.cas.store().ac_get_cached(&key) {
-            Some(value) => value,
-            None => {
-                let store = self.cas.store().clone();
-                blocking(move || store.ac_get(&key)).await
-            }
-        };
-        let value = match value {
+    async fn load(&self, instance: &InstanceName, action: Digest) -> Result<Option<(Vec<u8>, StoredActionEntry)>> {
+        let value = match self.actions.get(instance, &action).await {
             Ok(Some(value)) => value,
             Ok(None) => return Ok(None),
             // Damaged storage (a block failing its checksum) loses this
@@ -222,7 +281,7 @@ impl ActionCache {
     /// stdout/stderr, each output directory's Tree and the files it names),
     /// so a list cleared or altered at rest never makes an incomplete result
     /// a hit.
-    pub async fn check_complete(
+    async fn check_complete(
         &self,
         instance: &InstanceName,
         action: Digest,
@@ -241,8 +300,9 @@ impl ActionCache {
         } else {
             let result = reapi::ActionResult::decode(entry.canonical_result.clone())
                 .map_err(|_| Error::NotFound(format!("action {action} has an undecodable stored result")))?;
-            let derived =
-                self.referenced_blobs(instance, action.function, &result, limits).await.map_err(|e| match e {
+            let derived = action_result::referenced_blobs(&self.cas, instance, action.function, &result, limits)
+                .await
+                .map_err(|e| match e {
                     Error::InvalidArgument(e) | Error::DataLoss(e) => Error::NotFound(format!(
                         "action result {action} names an unusable blob ({e}); treating as a miss"
                     )),
@@ -253,12 +313,12 @@ impl ActionCache {
         if let Some(missing) = self.cas.first_missing(instance, digests).await? {
             return Err(Error::NotFound(format!("action result {action} references missing blob {missing}")));
         }
-        self.cas.store().touch(Kind::Action, &Key::new(instance, &action));
+        self.actions.touch(instance, &action);
         Ok(())
     }
 
     /// Fills inlined bytes the client asked for, within [`INLINE_BUDGET`].
-    pub async fn inline(
+    async fn inline(
         &self,
         instance: &InstanceName,
         action: Digest,
@@ -295,87 +355,6 @@ impl ActionCache {
         }
         Ok(())
     }
-
-    async fn de_inline(
-        &self,
-        instance: &InstanceName,
-        f: crate::digest::DigestFunction,
-        raw: Bytes,
-        given: Option<reapi::Digest>,
-        what: &str,
-    ) -> Result<Option<reapi::Digest>> {
-        let given = match given {
-            Some(d) => {
-                Some(Digest::from_proto(f, Some(&d)).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?)
-            }
-            None => None,
-        };
-        if raw.is_empty() {
-            return Ok(given.map(|d| d.to_proto()));
-        }
-        let computed = Digest::of(f, &raw);
-        if let Some(g) = given {
-            if g != computed {
-                return Err(Error::InvalidArgument(format!(
-                    "{what}: inlined bytes hash to {computed}, but the digest given is {g}"
-                )));
-            }
-        }
-        self.cas.put(instance, computed, raw).await?;
-        Ok(Some(computed.to_proto()))
-    }
-
-    /// Every blob a result references, with a description for error messages:
-    /// output files, stdout/stderr, each output directory's Tree and every
-    /// file inside it; at most `limits.max_referenced_blobs` of them, counted
-    /// before each Tree is decoded, because every read of the result checks
-    /// them all.
-    async fn referenced_blobs(
-        &self,
-        instance: &InstanceName,
-        f: crate::digest::DigestFunction,
-        result: &reapi::ActionResult,
-        limits: &Enforcer,
-    ) -> Result<Vec<(Digest, String)>> {
-        let max = limits.limits().max_referenced_blobs as u64;
-        let parse = |d: Option<&reapi::Digest>, what: &str| {
-            Digest::from_proto(f, d).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))
-        };
-        let mut out = Vec::new();
-        for file in &result.output_files {
-            let what = format!("output file {:?}", file.path);
-            out.push((parse(file.digest.as_ref(), &what)?, what));
-        }
-        if let Some(d) = &result.stdout_digest {
-            out.push((parse(Some(d), "stdout")?, "stdout".into()));
-        }
-        if let Some(d) = &result.stderr_digest {
-            out.push((parse(Some(d), "stderr")?, "stderr".into()));
-        }
-        for dir in &result.output_directories {
-            let what = format!("tree of output directory {:?}", dir.path);
-            let tree_digest = parse(dir.tree_digest.as_ref(), &what)?;
-            out.push((tree_digest, what.clone()));
-            limits.at_most(
-                "max_referenced_blobs",
-                "the action result references too many blobs",
-                out.len() as u64,
-                max,
-            )?;
-            let left = max - out.len() as u64;
-            let Some(tree) = self.cas.get_tree_message(instance, tree_digest, left, limits).await? else {
-                continue; // reported as missing by the caller
-            };
-            for d in tree.root.iter().chain(tree.children.iter()) {
-                for file in &d.files {
-                    let what = format!("file {:?} in output directory {:?}", file.name, dir.path);
-                    out.push((parse(file.digest.as_ref(), &what)?, what));
-                }
-            }
-        }
-        limits.at_most("max_referenced_blobs", "the action result references too many blobs", out.len() as u64, max)?;
-        Ok(out)
-    }
 }
 
 fn fits(f: crate::digest::DigestFunction, d: Option<&reapi::Digest>, budget: &mut usize) -> Option<Digest> {
@@ -388,9 +367,33 @@ fn fits(f: crate::digest::DigestFunction, d: Option<&reapi::Digest>, budget: &mu
     }
 }
 
-fn dedup(mut v: Vec<Digest>) -> Vec<Digest> {
-    v.sort();
-    v.dedup();
-    v.retain(|d| !d.is_empty_blob());
-    v
+/// What keys the verifier's cache of verified entries for one action (with
+/// the stored bytes): an entry copied to another action is verified afresh.
+fn verification_key(instance: &InstanceName, action: &Digest) -> Vec<u8> {
+    let name = instance.as_str().as_bytes();
+    let mut key = Vec::with_capacity(8 + name.len() + 1 + 32 + 8);
+    key.extend_from_slice(&(name.len() as u64).to_be_bytes());
+    key.extend_from_slice(name);
+    key.push(action.function.storage_code());
+    key.extend_from_slice(&action.hash);
+    key.extend_from_slice(&action.size.to_be_bytes());
+    key
+}
+
+/// Records the answers of one GetActionResult in the hit log (the rules are
+/// in [`hit_log`]).
+struct Hits<'a> {
+    audit: &'a Arc<AuditLog>,
+    claims: Option<&'a reapi::RequestMetadata>,
+    subject: &'a Subject<'a>,
+    reader: &'a str,
+}
+
+impl Hits<'_> {
+    fn record(&self, verdict: &str, origin: Option<&Origin>, served: bool) {
+        let answer = Answer { subject: self.subject, verdict, origin, served, reader: self.reader };
+        if let Some(record) = hit_log::record_of(&answer, self.claims, std::time::SystemTime::now()) {
+            self.audit.record(record);
+        }
+    }
 }

@@ -16,7 +16,13 @@
 
 #[cfg(feature = "server")]
 pub mod action_cache;
+#[cfg(all(test, feature = "server"))]
+mod action_cache_tests;
+#[cfg(feature = "server")]
+pub mod action_result;
 pub mod attack;
+#[cfg(feature = "server")]
+pub mod audit_log;
 pub mod auth;
 pub mod authz;
 pub mod bench;

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 
-use crate::action_cache::PreparedResult;
+use crate::action_result::PreparedResult;
 use crate::auth::Caller;
 use crate::digest::Digest;
 use crate::error::{Error, Result};

@@ -9,6 +9,7 @@ use futures::StreamExt;
 use tokio::net::TcpListener;
 
 use crate::action_cache::ActionCache;
+use crate::audit_log::AuditLog;
 use crate::auth::SharedGate;
 use crate::cas::Cas;
 use crate::limits::{LimitHits, Limits};
@@ -28,6 +29,7 @@ use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::service::execution::ExecutionService;
 use crate::service::Context;
+use crate::store::rocks_actions::RocksActions;
 use crate::store::{Store, StoreOptions};
 use crate::transport::{RequestBudget, TransportLayer};
 use crate::upload::Uploads;
@@ -135,10 +137,14 @@ impl Cache {
         provenance.spawn_reloader(Duration::from_secs(2));
         let store = Arc::new(Store::open(&db_path(&options.data_dir), &options.store)?);
         let cas = Arc::new(Cas::new(store.clone()));
-        let ac = Arc::new(ActionCache::new(cas.clone()));
         let uploads = Arc::new(Uploads::new(&options.limits));
         store.verified_chunks().set_capacity(options.limits.verified_chunk_cache);
         let limit_hits = Arc::new(LimitHits::default());
+        let actions = Arc::new(RocksActions::new(store.clone()));
+        let max_hits = options.limits.max_hit_records_per_principal;
+        let audit =
+            Arc::new(AuditLog::new(actions.clone(), actions.clone(), provenance.clone(), max_hits, limit_hits.clone()));
+        let ac = Arc::new(ActionCache::new(cas.clone(), actions, provenance.clone(), audit.clone()));
         let metrics = options
             .metrics
             .then(|| Metrics::new(store.clone(), provenance.clone(), uploads.clone(), limit_hits.clone()));
@@ -156,7 +162,7 @@ impl Cache {
         ));
         // The bare gate (before logging and metrics) is asked quietly who a caller is.
         let transport = TransportLayer::new(gate.clone(), bare_gate, budget.clone(), limit_hits.clone(), &limits);
-        let ctx = Context { gate, cas, ac, uploads, provenance, limits, limit_hits };
+        let ctx = Context { gate, cas, ac, audit, uploads, provenance, limits, limit_hits };
         Ok(Cache {
             ctx,
             store,
@@ -266,6 +272,7 @@ impl Cache {
     fn spawn_housekeeping(&self) -> tokio::task::JoinHandle<()> {
         let uploads = self.ctx.uploads.clone();
         let store = self.store.clone();
+        let audit = self.ctx.audit.clone();
         let retention = self.history_retention;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -279,8 +286,7 @@ impl Cache {
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                         .map(|d| d.as_nanos() as u64)
                         .unwrap_or(0);
-                    let s = store.clone();
-                    match crate::cas::blocking(move || Ok(s.purge_history(cutoff)? + s.purge_audit(cutoff)?)).await {
+                    match audit.purge(cutoff).await {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(records = n, "purged old Action Cache history and hit-log records"),
                         Err(e) => tracing::warn!(error = %e, "history purge failed"),

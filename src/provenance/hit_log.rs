@@ -9,6 +9,7 @@
 //! without gaps, hash of the previous payload), so deleting, reordering or
 //! altering one at rest is a finding, not a silent pass.
 
+use std::collections::HashMap;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -20,7 +21,7 @@ use crate::limits::LimitHits;
 use crate::proto::prov::{Envelope, HitRecord, SignedHitRecord};
 use crate::proto::reapi;
 use crate::signing::{self, SigningKey, HIT_RECORD_PAYLOAD_TYPE};
-use crate::store::{AuditChainHead, Store};
+use crate::store::hit_log_store::HitRow;
 
 use super::{Origin, Subject};
 
@@ -85,84 +86,108 @@ pub fn record_of(answer: &Answer<'_>, claims: Option<&reapi::RequestMetadata>, a
     })
 }
 
-/// Appends a record to its invocation's chain: under the invocation's chain
-/// lock, gives it the next sequence and its predecessor's hash, signs it
-/// (unsigned when the server has no usable key: listed, and flagged by
-/// verify-build) and stores it. A principal's `max_per_principal`-th record
-/// in an invocation is replaced by one with verdict
-/// [`VERDICT_RECORD_LIMIT`]; later ones are dropped; both are counted.
-/// Blocks (store reads and writes): run it on the blocking pool.
-pub fn append(
-    store: &Store,
-    signer: Option<&SigningKey>,
-    max_per_principal: u64,
-    limit_hits: &LimitHits,
-    mut record: HitRecord,
-) -> Result<()> {
-    let invocation = record.tool_invocation_id.clone();
-    let chain = store.audit_chain(&invocation);
-    let mut guard = chain.lock().unwrap_or_else(|p| p.into_inner());
-    if guard.is_none() {
-        *guard = Some(load_head(store, &invocation)?);
+/// Where an invocation's chain stands: what the next record needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainHead {
+    /// The sequence the next record gets (1 for a new invocation).
+    pub next_sequence: u64,
+    /// SHA-256 of the last record's signed payload (empty before the first).
+    pub previous_sha256: Vec<u8>,
+    /// Records written per reader principal (for the per-principal cap).
+    pub records_by_principal: HashMap<String, u64>,
+}
+
+impl Default for ChainHead {
+    fn default() -> Self {
+        ChainHead { next_sequence: 1, previous_sha256: Vec::new(), records_by_principal: HashMap::new() }
     }
-    let head = guard.as_mut().expect("loaded above");
-    let principal = record.reader_principal.clone();
-    let written = head.records_by_principal.get(&principal).copied().unwrap_or(0);
-    if written >= max_per_principal {
-        limit_hits.hit(RECORD_LIMIT, &principal, format_args!("hit record dropped for invocation {invocation:?}"));
-        return Ok(());
+}
+
+/// A record placed in its chain and signed, ready to store; the head moves
+/// past it ([`ChainHead::advance`]) only once it is stored.
+#[derive(Debug)]
+pub struct Link {
+    /// Its sequence in the chain.
+    pub sequence: u64,
+    /// When the server answered (ns), for purging.
+    pub answered_at_nanos: u64,
+    /// The encoded envelope to store.
+    pub envelope: Vec<u8>,
+    payload_sha256: Vec<u8>,
+    principal: String,
+}
+
+impl ChainHead {
+    /// Counts one stored row in (a head not in memory is read back from the
+    /// stored chain: a new invocation, a restart, or one dropped from the
+    /// bounded map). Records written before chaining do not count.
+    pub fn absorb(&mut self, row: &HitRow) {
+        let Some(sequence) = row.sequence else { return };
+        let payload = Envelope::decode(&row.value[..]).map(|e| e.payload).unwrap_or_default();
+        if let Ok(record) = HitRecord::decode(payload.as_ref()) {
+            *self.records_by_principal.entry(record.reader_principal).or_default() += 1;
+        }
+        if sequence >= self.next_sequence {
+            self.next_sequence = sequence + 1;
+            self.previous_sha256 = Sha256::digest(&payload).to_vec();
+        }
     }
-    if written + 1 == max_per_principal {
-        limit_hits.hit(
-            RECORD_LIMIT,
-            &principal,
-            format_args!("{max_per_principal} hit records in invocation {invocation:?}; recording no more"),
-        );
-        record.verdict = VERDICT_RECORD_LIMIT.to_string();
+
+    /// Places a record after this head: gives it the next sequence and its
+    /// predecessor's hash and signs it (unsigned when the server has no
+    /// usable key: listed, and flagged by verify-build). A principal's
+    /// `max_per_principal`-th record in an invocation is replaced by one with
+    /// verdict [`VERDICT_RECORD_LIMIT`]; later ones are dropped (`None`);
+    /// both are counted.
+    pub fn link(
+        &self,
+        signer: Option<&SigningKey>,
+        max_per_principal: u64,
+        limit_hits: &LimitHits,
+        mut record: HitRecord,
+    ) -> Option<Link> {
+        let invocation = &record.tool_invocation_id;
+        let principal = record.reader_principal.clone();
+        let written = self.records_by_principal.get(&principal).copied().unwrap_or(0);
+        if written >= max_per_principal {
+            limit_hits.hit(RECORD_LIMIT, &principal, format_args!("hit record dropped for invocation {invocation:?}"));
+            return None;
+        }
+        if written + 1 == max_per_principal {
+            limit_hits.hit(
+                RECORD_LIMIT,
+                &principal,
+                format_args!("{max_per_principal} hit records in invocation {invocation:?}; recording no more"),
+            );
+            record.verdict = VERDICT_RECORD_LIMIT.to_string();
+        }
+        record.sequence = self.next_sequence;
+        record.previous_sha256 = Bytes::from(self.previous_sha256.clone());
+        let payload = Bytes::from(record.encode_to_vec());
+        let payload_sha256 = Sha256::digest(&payload).to_vec();
+        let envelope = match signer {
+            Some(key) => key.sign_payload(HIT_RECORD_PAYLOAD_TYPE, payload),
+            None => unsigned(payload),
+        };
+        Some(Link {
+            sequence: record.sequence,
+            answered_at_nanos: answered_nanos(&record),
+            envelope: envelope.encode_to_vec(),
+            payload_sha256,
+            principal,
+        })
     }
-    record.sequence = head.next_sequence;
-    record.previous_sha256 = Bytes::from(head.previous_sha256.clone());
-    let payload = Bytes::from(record.encode_to_vec());
-    let payload_sha256 = Sha256::digest(&payload).to_vec();
-    let envelope = match signer {
-        Some(key) => key.sign_payload(HIT_RECORD_PAYLOAD_TYPE, payload),
-        None => Envelope { payload, payload_type: HIT_RECORD_PAYLOAD_TYPE.to_string(), signatures: vec![] },
-    };
-    store.audit_append(&invocation, record.sequence, answered_nanos(&record), &envelope.encode_to_vec())?;
-    head.next_sequence += 1;
-    head.previous_sha256 = payload_sha256;
-    *head.records_by_principal.entry(principal).or_default() += 1;
-    Ok(())
+
+    /// Moves past a stored link.
+    pub fn advance(&mut self, link: Link) {
+        self.next_sequence += 1;
+        self.previous_sha256 = link.payload_sha256;
+        *self.records_by_principal.entry(link.principal).or_default() += 1;
+    }
 }
 
 fn answered_nanos(record: &HitRecord) -> u64 {
     record.answered_at.as_ref().map(|t| (t.seconds.max(0) as u64) * 1_000_000_000 + t.nanos.max(0) as u64).unwrap_or(0)
-}
-
-/// Reads where an invocation's chain stands from its stored records (a head
-/// not in memory: a new invocation, a restart, or one dropped from the
-/// bounded map). Records written before chaining do not count.
-fn load_head(store: &Store, invocation: &str) -> Result<AuditChainHead> {
-    let mut head = AuditChainHead { next_sequence: 1, ..Default::default() };
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let page = store.audit_list(invocation, after.as_deref(), PAGE_MAX, usize::MAX)?;
-        for row in &page.rows {
-            let Some(sequence) = row.sequence else { continue };
-            let payload = Envelope::decode(&row.value[..]).map(|e| e.payload).unwrap_or_default();
-            if let Ok(record) = HitRecord::decode(payload.as_ref()) {
-                *head.records_by_principal.entry(record.reader_principal).or_default() += 1;
-            }
-            if sequence >= head.next_sequence {
-                head.next_sequence = sequence + 1;
-                head.previous_sha256 = Sha256::digest(&payload).to_vec();
-            }
-        }
-        match page.next {
-            Some(next) => after = Some(next),
-            None => return Ok(head),
-        }
-    }
 }
 
 /// One listed record, with the instance it is about (for authorization).
@@ -184,44 +209,25 @@ pub struct ListPage {
     pub next_page_token: String,
 }
 
-/// Lists an invocation's records in chain order, one page bounded by
-/// `page_size` (0: [`PAGE_DEFAULT`], at most [`PAGE_MAX`]) and by
-/// [`PAGE_MAX_BYTES`]. `page_token` is empty or a previous page's token.
-/// Blocks: run it on the blocking pool.
-pub fn list(store: &Store, invocation: &str, page_size: i32, page_token: &str) -> Result<ListPage> {
-    if invocation.is_empty() {
-        return Err(Error::InvalidArgument("tool_invocation_id is required".into()));
+/// The records per listing page a caller asks for: 0 is
+/// [`PAGE_DEFAULT`], more than [`PAGE_MAX`] is [`PAGE_MAX`].
+pub fn page_limit(page_size: i32) -> Result<usize> {
+    match page_size {
+        n if n < 0 => Err(Error::InvalidArgument(format!("page_size {n} is negative"))),
+        0 => Ok(PAGE_DEFAULT),
+        n => Ok((n as usize).min(PAGE_MAX)),
     }
-    let limit = match page_size {
-        n if n < 0 => return Err(Error::InvalidArgument(format!("page_size {n} is negative"))),
-        0 => PAGE_DEFAULT,
-        n => (n as usize).min(PAGE_MAX),
+}
+
+/// A stored row as listed: its envelope (unsigned for records from before
+/// signing or undecodable ones) and the instance it names.
+pub fn listed(row: HitRow) -> Listed {
+    let envelope = match row.sequence {
+        Some(_) => Envelope::decode(&row.value[..]).unwrap_or_else(|_| unsigned(Bytes::from(row.value))),
+        None => unsigned(Bytes::from(row.value)),
     };
-    let after = if page_token.is_empty() {
-        None
-    } else {
-        let bad = || Error::InvalidArgument("page_token was not issued by this server for this invocation".into());
-        let raw = hex::decode(page_token).map_err(|_| bad())?;
-        if !raw.starts_with(&crate::store::audit_prefix(invocation)) {
-            return Err(bad());
-        }
-        Some(raw)
-    };
-    let page = store.audit_list(invocation, after.as_deref(), limit, PAGE_MAX_BYTES)?;
-    let records = page
-        .rows
-        .into_iter()
-        .map(|row| {
-            let envelope = match row.sequence {
-                Some(_) => Envelope::decode(&row.value[..]).unwrap_or_else(|_| unsigned(Bytes::from(row.value))),
-                None => unsigned(Bytes::from(row.value)),
-            };
-            let instance_name =
-                HitRecord::decode(envelope.payload.as_ref()).map(|r| r.instance_name).unwrap_or_default();
-            Listed { instance_name, record: SignedHitRecord { envelope: Some(envelope) } }
-        })
-        .collect();
-    Ok(ListPage { records, next_page_token: page.next.map(hex::encode).unwrap_or_default() })
+    let instance_name = HitRecord::decode(envelope.payload.as_ref()).map(|r| r.instance_name).unwrap_or_default();
+    Listed { instance_name, record: SignedHitRecord { envelope: Some(envelope) } }
 }
 
 /// A stored value listed as an envelope without signatures (records from

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use prost::Message;
 
 use crate::action_cache::ActionCache;
+use crate::audit_log::AuditLog;
 use crate::auth::SharedGate;
 use crate::cas::Cas;
 use crate::proto::reapi;
@@ -30,6 +31,8 @@ pub struct Context {
     pub cas: Arc<Cas>,
     /// The Action Cache.
     pub ac: Arc<ActionCache>,
+    /// The hit log and the stored versions of entries, for auditors.
+    pub audit: Arc<AuditLog>,
     /// Uploads in progress.
     pub uploads: Arc<Uploads>,
     /// Signing and verification of Action Cache entries.

@@ -25,6 +25,11 @@
 mod lru;
 mod verified;
 
+pub mod action_store;
+pub mod hit_log_store;
+pub mod memory_actions;
+pub mod rocks_actions;
+
 pub use lru::{Evictions, Kind, Usage};
 pub use verified::{chunk_hash, ChunkHash, VerifiedChunks, VerifiedStats};
 
