@@ -519,9 +519,12 @@ async fn every_rpc_for_every_kind_of_client() {
         let files = match kind {
             Kind::Writer | Kind::Reader | Kind::Auditor => Some(CertFiles::dev(&server.pki_dir(), kind.name())),
             Kind::NoCertificate => None,
-            Kind::OtherCa => {
-                Some(CertFiles::sign(&other_ca(), &client_params("writer", vec![uri(WRITER)]), certs.path(), "other-ca"))
-            }
+            Kind::OtherCa => Some(CertFiles::sign(
+                &other_ca(),
+                &client_params("writer", vec![uri(WRITER)]),
+                certs.path(),
+                "other-ca",
+            )),
             Kind::Expired => {
                 let mut params = client_params("writer", vec![uri(WRITER)]);
                 params.not_after = OffsetDateTime::now_utc() + Duration::from_secs(3600);
@@ -533,7 +536,9 @@ async fn every_rpc_for_every_kind_of_client() {
                 params.not_after = OffsetDateTime::now_utc() - Duration::from_secs(3600);
                 Some(CertFiles::sign(&ca, &params, certs.path(), "expired-for-tls"))
             }
-            Kind::Revoked => Some(CertFiles::sign(&ca, &client_params("writer", vec![uri(WRITER)]), certs.path(), "revoked")),
+            Kind::Revoked => {
+                Some(CertFiles::sign(&ca, &client_params("writer", vec![uri(WRITER)]), certs.path(), "revoked"))
+            }
         };
         identities.push((kind, files));
     }

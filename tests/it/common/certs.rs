@@ -33,8 +33,7 @@ impl CertFiles {
     /// A new certificate from the dev CA in `pki_dir` for `principal`, valid
     /// for an hour, written to `prefix.pem` and `prefix.key`.
     pub fn issue(pki_dir: &Path, principal: &str, prefix: &Path) -> Self {
-        let issued =
-            provcache::pki::issue_client_cert(pki_dir, principal, prefix, Duration::from_secs(3600)).unwrap();
+        let issued = provcache::pki::issue_client_cert(pki_dir, principal, prefix, Duration::from_secs(3600)).unwrap();
         CertFiles { cert: issued.cert, key: issued.key }
     }
 

@@ -89,7 +89,11 @@ impl Clients {
     }
 
     /// FindMissingBlobs, or the call's refusal.
-    pub async fn find_missing(&mut self, instance: &str, digests: &[reapi::Digest]) -> Result<Vec<reapi::Digest>, Status> {
+    pub async fn find_missing(
+        &mut self,
+        instance: &str,
+        digests: &[reapi::Digest],
+    ) -> Result<Vec<reapi::Digest>, Status> {
         let request = reapi::FindMissingBlobsRequest {
             instance_name: instance.into(),
             blob_digests: digests.to_vec(),
@@ -179,6 +183,13 @@ pub fn write_requests(resource: &str, data: &[u8], chunk: usize, start: i64, fin
 
 /// Uploads an Action with its Command and returns the action digest.
 pub async fn upload_action(c: &mut Clients, instance: &str, salt: &str) -> reapi::Digest {
+    let [action, _, _] = upload_action_parts(c, instance, salt).await;
+    action
+}
+
+/// Uploads an Action for `salt`, its Command and its (empty) input root;
+/// returns the three digests, in that order.
+pub async fn upload_action_parts(c: &mut Clients, instance: &str, salt: &str) -> [reapi::Digest; 3] {
     let command = reapi::Command {
         arguments: vec!["echo".into(), salt.into()],
         output_files: vec!["out.txt".into()],
@@ -187,11 +198,11 @@ pub async fn upload_action(c: &mut Clients, instance: &str, salt: &str) -> reapi
     let command_digest = c.upload_msg(instance, &command).await;
     let input_root = c.upload_msg(instance, &reapi::Directory::default()).await;
     let action = reapi::Action {
-        command_digest: Some(command_digest),
-        input_root_digest: Some(input_root),
+        command_digest: Some(command_digest.clone()),
+        input_root_digest: Some(input_root.clone()),
         ..Default::default()
     };
-    c.upload_msg(instance, &action).await
+    [c.upload_msg(instance, &action).await, command_digest, input_root]
 }
 
 /// An UpdateActionResult request.

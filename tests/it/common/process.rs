@@ -22,7 +22,6 @@ const SERVER_TIMEOUT: Duration = Duration::from_secs(60);
 /// The prefix of the line `provcache serve` prints once it accepts calls.
 const LISTENING: &str = "provcache listening on ";
 
-
 /// The real `provcache` binary, serving on `127.0.0.1:0`.
 pub struct ServerProcess {
     /// The binary: this build's, or another one to compare with.
@@ -313,10 +312,8 @@ impl Drop for ServerProcess {
     }
 }
 
-
 /// The last `lines` lines of `text`: enough of a log to see why.
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
-
