@@ -5,7 +5,7 @@
 //! R's own.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use std::time::Duration;
 
@@ -16,13 +16,23 @@ use provcache::proto::prov::HitRecord;
 use provcache::store::{Key, Store};
 
 use crate::bazel::BazelWorkspace;
-use crate::bazel_tls::{netty_tcnative_startup_flags, refs, DevPkiFlags};
+use crate::bazel_tls::{netty_tcnative_startup_flags, refs, verify_build_as, DevPkiFlags};
 use crate::common::{records_of, request_metadata, wait_for_hit_envelopes, Clients, ServerProcess};
 
 struct Audit {
     code: i32,
     stdout: String,
     stderr: String,
+}
+
+impl Audit {
+    fn of(out: Output) -> Self {
+        Audit {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
 }
 
 fn verify_build(server: &ServerProcess, policy: &Path, args: &[&str]) -> Audit {
@@ -32,11 +42,7 @@ fn verify_build(server: &ServerProcess, policy: &Path, args: &[&str]) -> Audit {
         .args(args)
         .output()
         .expect("running verify-build");
-    Audit {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Audit::of(out)
 }
 
 fn json_hits(a: &Audit) -> Vec<serde_json::Value> {
@@ -158,14 +164,9 @@ async fn hit_records(server: &ServerProcess, invocation: &str, n: usize) -> Vec<
     records_of(&wait_for_hit_envelopes(&mut audit, invocation, n, Duration::from_secs(10)).await)
 }
 
-/// `verify-build` as the dev PKI's auditor.
-fn verify_build_mtls(server: &ServerProcess, pki: &Path, args: &[&str]) -> Audit {
-    let mut all: Vec<String> = ["--ca", "ca.pem", "--cert", "auditor.pem", "--key", "auditor.key"]
-        .chunks(2)
-        .flat_map(|p| [p[0].to_string(), pki.join(p[1]).to_string_lossy().into_owned()])
-        .collect();
-    all.extend(args.iter().map(|a| a.to_string()));
-    verify_build(server, &pki.join("trust-policy.toml"), &all.iter().map(String::as_str).collect::<Vec<_>>())
+/// `verify-build --invocation INVOCATION ARGS` as the dev PKI's auditor.
+fn verify_build_mtls(server: &ServerProcess, pki: &DevPkiFlags, invocation: &str, args: &[&str]) -> Audit {
+    Audit::of(verify_build_as(server, pki, "auditor", invocation, args))
 }
 
 #[test]
@@ -201,22 +202,22 @@ fn lookups_injected_under_a_real_builds_invocation_are_named_and_reader_keeps_th
     });
 
     // The audit of the whole invocation names the injector and fails.
-    let a = verify_build_mtls(&server, &pki.dir, &["--invocation", &r_id]);
+    let a = verify_build_mtls(&server, &pki, &r_id, &[]);
     println!("verify-build --invocation {r_id} (with injected lookups)\n{}", a.stdout);
     assert_eq!(a.code, 1, "{}\n{}", a.stdout, a.stderr);
     assert!(a.stdout.contains(&format!("{WRITER} (2 lookups)")), "the injector is named: {}", a.stdout);
     assert!(a.stdout.contains(&format!("{READER} ({hits} lookups)")), "{}", a.stdout);
-    let j = verify_build_mtls(&server, &pki.dir, &["--invocation", &r_id, "--json"]);
+    let j = verify_build_mtls(&server, &pki, &r_id, &["--json"]);
     let injected: Vec<serde_json::Value> = json_hits(&j).into_iter().filter(|h| h["reader"] == WRITER).collect();
     assert_eq!(injected.len(), 2);
     assert!(injected.iter().all(|h| h["claims"]["target_id"] == "//evil:backdoor"), "{injected:?}");
 
     // Audited as the build's own identity, the honest result stands.
-    let a = verify_build_mtls(&server, &pki.dir, &["--invocation", &r_id, "--reader", READER]);
+    let a = verify_build_mtls(&server, &pki, &r_id, &["--reader", READER]);
     println!("verify-build --invocation {r_id} --reader {READER}\n{}", a.stdout);
     assert_eq!(a.code, 0, "{}\n{}", a.stdout, a.stderr);
     assert!(a.stdout.contains(&format!("{hits} cache hits audited: {hits} verified, 0 failed")), "{}", a.stdout);
-    let j = verify_build_mtls(&server, &pki.dir, &["--invocation", &r_id, "--reader", READER, "--json"]);
+    let j = verify_build_mtls(&server, &pki, &r_id, &["--reader", READER, "--json"]);
     let entries = json_hits(&j);
     assert_eq!(entries.len(), hits);
     for h in &entries {

@@ -110,7 +110,7 @@ fn assert_only_bep_uploads_denied(run: &BazelRun) -> usize {
 }
 
 /// Runs `provcache verify-build` with a dev PKI client's certificate.
-fn verify_build_as(
+pub(crate) fn verify_build_as(
     server: &ServerProcess,
     pki: &DevPkiFlags,
     client: &str,
