@@ -498,7 +498,7 @@ async fn wait_until_refused(server: &TestServer, identity: &CertFiles, alert: &s
 /// revoked}. Allowed calls must reach the domain, and
 /// afterwards nothing a refused caller tried to write exists (T1).
 #[tokio::test]
-async fn every_rpc_for_every_kind_of_client() {
+async fn every_rpc_allows_denies_or_refuses_each_kind_of_client_as_expected() {
     let crls = tempfile::tempdir().unwrap();
     // The server lives a day ahead: the "expired" certificate is still valid
     // for the TLS layer (real time) but not for the gate, so its calls must

@@ -20,7 +20,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 /// A client certificate and its key, as PEM files.
 #[derive(Clone, Debug)]
 pub struct CertFiles {
+    /// The certificate, PEM.
     pub cert: PathBuf,
+    /// Its private key, PEM (PKCS#8).
     pub key: PathBuf,
 }
 

@@ -20,13 +20,18 @@ use super::{sha, MAX_MSG};
 /// server's so that oversized calls are refused by the server under test.
 #[derive(Clone)]
 pub struct Clients {
+    /// ContentAddressableStorage, for calls the helpers below do not make.
     pub cas: ContentAddressableStorageClient<Channel>,
+    /// ActionCache, likewise.
     pub ac: ActionCacheClient<Channel>,
+    /// ByteStream, likewise.
     pub bs: ByteStreamClient<Channel>,
+    /// Capabilities.
     pub caps: CapabilitiesClient<Channel>,
 }
 
 impl Clients {
+    /// The four clients, sharing `ch` (one connection).
     pub fn new(ch: Channel) -> Self {
         Clients {
             cas: ContentAddressableStorageClient::new(ch.clone())

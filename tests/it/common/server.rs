@@ -45,9 +45,11 @@ pub struct TestOptions {
 
 /// A server running in this process on a real socket.
 pub struct TestServer {
+    /// The gRPC listener.
     pub addr: std::net::SocketAddr,
     /// The metrics endpoint, when started with `metrics`.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The data directory, with the dev PKI in `dev-pki/`.
     pub dir: tempfile::TempDir,
     pub store: Arc<Store>,
     /// The server's signer and verifier: its counters and trust policy.
