@@ -12,8 +12,6 @@ set -euo pipefail
 rounds=${1:-3}
 duration=${2:-10s}
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-cd "$root"
 
 venv="$HOME/.cache/provcache/buildgrid/venv"
 if [ ! -x "$venv/bin/bgd" ]; then
@@ -26,16 +24,9 @@ if [ ! -x "$venv/bin/bgd" ]; then
     "$venv/bin/pip" install -q buildgrid==0.9.1
 fi
 
-# PROVCACHE_BIN: an already built binary (otherwise this builds one).
-bin=${PROVCACHE_BIN:-}
-if [ -z "$bin" ]; then
-    cargo build --release
-    bin="${CARGO_TARGET_DIR:-$root/target}/release/provcache"
-fi
-work=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+# $bin (PROVCACHE_BIN, or a release build), $work and $pids, cleaned up on exit.
+# shellcheck source=tests/bench/common.sh
+source "$here/common.sh"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 wait_port() {

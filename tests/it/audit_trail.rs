@@ -16,20 +16,17 @@ use provcache::digest::{Digest, DigestFunction};
 use provcache::limits::Limits;
 use provcache::proto::prov::audit_client::AuditClient;
 use provcache::proto::prov::storage::StoredActionEntry;
-use provcache::proto::prov::{
-    Envelope, GetStoredEntryRequest, HitRecord, ListInvocationHitsRequest, ListInvocationHitsResponse,
-};
+use provcache::proto::prov::{Envelope, GetStoredEntryRequest, HitRecord, ListInvocationHitsResponse};
 use provcache::proto::reapi;
 use provcache::provenance::hit_log::{MAX_CLAIM_BYTES, VERDICT_RECORD_LIMIT};
 use provcache::provenance::Mode;
 use provcache::resource::InstanceName;
-use provcache::service::REQUEST_METADATA_HEADER;
 use provcache::signing::{self, SigningKey, ENVELOPE_TYPE_URL, HIT_RECORD_PAYLOAD_TYPE};
 use provcache::store::Key;
 use provcache::trust::verify::{verify_hit_record, verify_served, Expected};
 use provcache::trust::{render_key_entry, KeyState, TrustPolicy};
 use sha2::{Digest as _, Sha256};
-use tonic::metadata::{BinaryMetadataValue, MetadataValue};
+use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -49,50 +46,9 @@ async fn tls_server(extra: TestOptions) -> TestServer {
     TestServer::start_opts(TestOptions { tls: true, ..extra }).await
 }
 
-/// An mTLS channel as one of the dev PKI's clients.
-async fn channel_as(server: &TestServer, name: &str) -> Channel {
-    let dir = server.pki_dir();
-    server.tls_channel(Some((dir.join(format!("{name}.pem")), dir.join(format!("{name}.key"))))).await.unwrap()
-}
-
 /// An Audit client with a default (4 MiB) receive limit, as verify-build has.
 async fn audit_as(server: &TestServer, name: &str) -> AuditClient<Channel> {
-    AuditClient::new(channel_as(server, name).await).max_decoding_message_size(CLIENT_LIMIT)
-}
-
-/// Writes an entry (as the dev writer) whose one output holds `contents`;
-/// returns the action digest and the output's digest.
-async fn write_entry(w: &mut Clients, instance: &str, salt: &str) -> (reapi::Digest, reapi::Digest) {
-    let action = upload_action(w, instance, salt).await;
-    let out = w.upload(instance, &[format!("output of {salt}").as_bytes()]).await.remove(0);
-    let result = reapi::ActionResult { output_files: vec![output("out.txt", &out)], ..Default::default() };
-    w.ac.update_action_result(update(instance, &action, result)).await.unwrap();
-    (action, out)
-}
-
-fn metadata(invocation: &str, mnemonic: &str, target: &str) -> reapi::RequestMetadata {
-    reapi::RequestMetadata {
-        tool_invocation_id: invocation.into(),
-        action_mnemonic: mnemonic.into(),
-        target_id: target.into(),
-        ..Default::default()
-    }
-}
-
-/// GetActionResult under `meta`; `Ok` on a hit, the code otherwise.
-async fn lookup_as(
-    c: &mut Clients,
-    instance: &str,
-    action: &reapi::Digest,
-    meta: &reapi::RequestMetadata,
-) -> Result<reapi::ActionResult, Code> {
-    let mut request = tonic::Request::new(get(instance, action));
-    request.metadata_mut().insert_bin(REQUEST_METADATA_HEADER, BinaryMetadataValue::from_bytes(&meta.encode_to_vec()));
-    c.ac.get_action_result(request).await.map(|r| r.into_inner()).map_err(|s| s.code())
-}
-
-async fn lookup(c: &mut Clients, instance: &str, action: &reapi::Digest) -> Result<reapi::ActionResult, Code> {
-    c.ac.get_action_result(get(instance, action)).await.map(|r| r.into_inner()).map_err(|s| s.code())
+    AuditClient::new(server.dev_channel(name).await).max_decoding_message_size(CLIENT_LIMIT)
 }
 
 /// Every page of an invocation's hit log; asserts each reply's size stays
@@ -102,41 +58,18 @@ async fn list_pages(
     invocation: &str,
     page_size: i32,
 ) -> Result<Vec<ListInvocationHitsResponse>, tonic::Status> {
-    let mut pages = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = audit
-            .list_invocation_hits(ListInvocationHitsRequest {
-                tool_invocation_id: invocation.into(),
-                page_size,
-                page_token: token.clone(),
-            })
-            .await?
-            .into_inner();
+    let pages = list_hit_pages(audit, invocation, page_size).await?;
+    for page in &pages {
         assert!(page.encoded_len() < CLIENT_LIMIT, "a page of {} bytes", page.encoded_len());
-        token = page.next_page_token.clone();
-        pages.push(page);
-        if token.is_empty() {
-            return Ok(pages);
-        }
     }
-}
-
-fn envelopes_of(pages: &[ListInvocationHitsResponse]) -> Vec<Envelope> {
-    pages.iter().flat_map(|p| &p.records).map(|r| r.envelope.clone().expect("an envelope")).collect()
+    Ok(pages)
 }
 
 /// Waits until the invocation lists `n` records; returns their envelopes.
 async fn wait_for_records(audit: &mut AuditClient<Channel>, invocation: &str, n: usize) -> Vec<Envelope> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let envelopes = envelopes_of(&list_pages(audit, invocation, 0).await.unwrap());
-        if envelopes.len() >= n || Instant::now() > deadline {
-            assert_eq!(envelopes.len(), n, "records of {invocation:.40}");
-            return envelopes;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let envelopes = wait_for_hit_envelopes(audit, invocation, n, WAIT).await;
+    assert_eq!(envelopes.len(), n, "records of {invocation:.40}");
+    envelopes
 }
 
 /// Verifies every record's signature under `policy` and the chain (sequence
@@ -188,17 +121,17 @@ fn write_atomically(path: &Path, contents: &[u8]) {
 async fn records_of_one_invocation_are_signed_by_the_server_key_in_order_and_chained_across_two_readers() {
     let server = tls_server(TestOptions::default()).await;
     let mut w = server.dev_clients("writer").await;
-    let (a, _) = write_entry(&mut w, "main", "chain-a").await;
-    let (b, _) = write_entry(&mut w, "main", "chain-b").await;
+    let (a, _) = w.store_entry("main", "chain-a").await;
+    let (b, _) = w.store_entry("main", "chain-b").await;
     let mut reader = server.dev_clients("reader").await;
     let mut auditor = server.dev_clients("auditor").await;
-    let meta = metadata("inv-chain", "Genrule", "//pkg:gen");
+    let meta = request_metadata("inv-chain", "Genrule", "//pkg:gen");
     for _ in 0..3 {
-        lookup_as(&mut reader, "main", &a, &meta).await.unwrap();
-        lookup_as(&mut auditor, "main", &b, &meta).await.unwrap();
+        reader.lookup_as("main", &a, &meta).await.unwrap();
+        auditor.lookup_as("main", &b, &meta).await.unwrap();
     }
     // Another invocation's lookups are not part of this chain.
-    lookup_as(&mut reader, "main", &a, &metadata("inv-other", "", "")).await.unwrap();
+    reader.lookup_as("main", &a, &request_metadata("inv-other", "", "")).await.unwrap();
 
     let mut audit = audit_as(&server, "auditor").await;
     let envelopes = wait_for_records(&mut audit, "inv-chain", 6).await;
@@ -223,7 +156,7 @@ async fn records_of_one_invocation_are_signed_by_the_server_key_in_order_and_cha
     assert_eq!(envelopes_of(&pages), envelopes);
 
     // A later lookup continues the same chain.
-    lookup_as(&mut reader, "main", &a, &meta).await.unwrap();
+    reader.lookup_as("main", &a, &meta).await.unwrap();
     let envelopes = wait_for_records(&mut audit, "inv-chain", 7).await;
     verified_chain(&server.provenance.trust_policy(), &envelopes, &dev_key_id(&server));
 }
@@ -232,7 +165,7 @@ async fn records_of_one_invocation_are_signed_by_the_server_key_in_order_and_cha
 async fn the_reader_principal_is_the_certificates_and_oversized_claims_are_cut_and_marked() {
     let server = tls_server(TestOptions::default()).await;
     let mut w = server.dev_clients("writer").await;
-    let (action, _) = write_entry(&mut w, "main", "claims").await;
+    let (action, _) = w.store_entry("main", "claims").await;
     let mut reader = server.dev_clients("reader").await;
     // Claims naming someone else, and far over the cap.
     let forged = reapi::RequestMetadata {
@@ -242,16 +175,13 @@ async fn the_reader_principal_is_the_certificates_and_oversized_claims_are_cut_a
         target_id: format!("//evil:backdoor{}", "é".repeat(2000)),
         ..Default::default()
     };
-    let mut request = tonic::Request::new(get("main", &action));
-    request
-        .metadata_mut()
-        .insert_bin(REQUEST_METADATA_HEADER, BinaryMetadataValue::from_bytes(&forged.encode_to_vec()));
+    let mut request = with_request_metadata(tonic::Request::new(get("main", &action)), &forged);
     request
         .metadata_mut()
         .insert("x-forwarded-client-cert", MetadataValue::from_static("URI=spiffe://provcache.dev/auditor"));
     reader.ac.get_action_result(request).await.unwrap();
     // Short claims are kept whole.
-    lookup_as(&mut reader, "main", &action, &metadata("inv-claims", "CppCompile", "//a:b")).await.unwrap();
+    reader.lookup_as("main", &action, &request_metadata("inv-claims", "CppCompile", "//a:b")).await.unwrap();
 
     let mut audit = audit_as(&server, "auditor").await;
     let envelopes = wait_for_records(&mut audit, "inv-claims", 2).await;
@@ -271,15 +201,15 @@ async fn the_per_principal_cap_writes_one_record_limit_reached_and_then_nothing_
     let limits = Limits { max_hit_records_per_principal: 3, ..Limits::default() };
     let server = tls_server(TestOptions { limits: Some(limits), metrics: true, ..Default::default() }).await;
     let mut w = server.dev_clients("writer").await;
-    let (action, _) = write_entry(&mut w, "main", "cap").await;
+    let (action, _) = w.store_entry("main", "cap").await;
     let mut reader = server.dev_clients("reader").await;
     let mut auditor = server.dev_clients("auditor").await;
-    let meta = metadata("inv-cap", "Genrule", "//x");
+    let meta = request_metadata("inv-cap", "Genrule", "//x");
     for _ in 0..8 {
-        lookup_as(&mut reader, "main", &action, &meta).await.unwrap();
+        reader.lookup_as("main", &action, &meta).await.unwrap();
     }
     for _ in 0..2 {
-        lookup_as(&mut auditor, "main", &action, &meta).await.unwrap();
+        auditor.lookup_as("main", &action, &meta).await.unwrap();
     }
 
     let mut audit = audit_as(&server, "auditor").await;
@@ -301,17 +231,6 @@ async fn the_per_principal_cap_writes_one_record_limit_reached_and_then_nothing_
         format!("provcache_limit_hits_total{{limit=\"max_hit_records_per_principal\",principal=\"{READER}\"}} ");
     let hits: f64 = metrics.lines().find_map(|l| l.strip_prefix(&series)).expect(&series).trim().parse().unwrap();
     assert_eq!(hits, 6.0, "the cap record and the five dropped lookups are counted");
-}
-
-/// GET over a plain TCP socket: (status line, body).
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_string(), body.to_string())
 }
 
 #[tokio::test]
@@ -340,9 +259,9 @@ async fn records_written_before_signing_are_listed_unsigned_not_dropped() {
 async fn an_unknown_invocation_and_a_known_one_are_both_refused_to_a_caller_without_audit_read() {
     let server = tls_server(TestOptions::default()).await;
     let mut w = server.dev_clients("writer").await;
-    let (action, _) = write_entry(&mut w, "main", "authz").await;
+    let (action, _) = w.store_entry("main", "authz").await;
     let mut reader = server.dev_clients("reader").await;
-    lookup_as(&mut reader, "main", &action, &metadata("inv-known", "", "")).await.unwrap();
+    reader.lookup_as("main", &action, &request_metadata("inv-known", "", "")).await.unwrap();
     let mut auditor = audit_as(&server, "auditor").await;
     wait_for_records(&mut auditor, "inv-known", 1).await;
 
@@ -378,16 +297,16 @@ async fn a_record_on_an_instance_the_caller_may_not_audit_refuses_the_whole_list
     "#;
     let server = tls_server(TestOptions { policy: Some(policy.into()), ..Default::default() }).await;
     let mut w = server.dev_clients("writer").await;
-    let (on_main, _) = write_entry(&mut w, "main", "scoped-main").await;
-    let (on_other, _) = write_entry(&mut w, "other", "scoped-other").await;
+    let (on_main, _) = w.store_entry("main", "scoped-main").await;
+    let (on_other, _) = w.store_entry("other", "scoped-other").await;
     let mut reader = server.dev_clients("reader").await;
-    let meta = metadata("inv-scoped", "", "");
-    lookup_as(&mut reader, "main", &on_main, &meta).await.unwrap();
+    let meta = request_metadata("inv-scoped", "", "");
+    reader.lookup_as("main", &on_main, &meta).await.unwrap();
     let mut auditor = audit_as(&server, "auditor").await;
     wait_for_records(&mut auditor, "inv-scoped", 1).await;
 
-    lookup_as(&mut reader, "other", &on_other, &meta).await.unwrap();
-    lookup_as(&mut reader, "main", &on_main, &meta).await.unwrap();
+    reader.lookup_as("other", &on_other, &meta).await.unwrap();
+    reader.lookup_as("main", &on_main, &meta).await.unwrap();
     let deadline = Instant::now() + WAIT;
     let err = loop {
         match list_pages(&mut auditor, "inv-scoped", 0).await {
@@ -405,17 +324,17 @@ async fn a_record_on_an_instance_the_caller_may_not_audit_refuses_the_whole_list
 async fn a_listing_of_400_records_with_maximal_claims_pages_under_4_mib() {
     let server = tls_server(TestOptions::default()).await;
     let mut w = server.dev_clients("writer").await;
-    let (action, _) = write_entry(&mut w, "main", "big-listing").await;
+    let (action, _) = w.store_entry("main", "big-listing").await;
     let reader = server.dev_clients("reader").await;
     // As large as a 16 KiB header allows: a long invocation id and claims.
     let invocation = format!("inv-{}", "i".repeat(6 * 1024));
-    let meta = metadata(&invocation, &"m".repeat(1024), &"t".repeat(1024));
+    let meta = request_metadata(&invocation, &"m".repeat(1024), &"t".repeat(1024));
     let mut tasks = Vec::new();
     for part in 0..8 {
         let (mut c, action, meta) = (reader.clone(), action.clone(), meta.clone());
         tasks.push(tokio::spawn(async move {
             for _ in 0..50 {
-                lookup_as(&mut c, "main", &action, &meta).await.unwrap();
+                c.lookup_as("main", &action, &meta).await.unwrap();
             }
             part
         }));
@@ -490,9 +409,9 @@ async fn a_cleared_blob_list_at_rest_and_a_deleted_output_make_a_miss_in_reject_
     for mode in [Mode::Reject, Mode::Flag] {
         let server = TestServer::start_opts(TestOptions { mode, ..Default::default() }).await;
         let mut c = server.clients().await;
-        let (action, out) = write_entry(&mut c, "", "cleared-list").await;
-        let (other, other_out) = write_entry(&mut c, "", "cleared-list-and-signature").await;
-        lookup(&mut c, "", &action).await.unwrap();
+        let (action, out) = c.store_entry("", "cleared-list").await;
+        let (other, other_out) = c.store_entry("", "cleared-list-and-signature").await;
+        c.lookup("", &action).await.unwrap();
 
         // The unsigned list alone is cleared: the signed one no longer
         // matches it, so the list is derived from the result (still a hit).
@@ -501,10 +420,10 @@ async fn a_cleared_blob_list_at_rest_and_a_deleted_output_make_a_miss_in_reject_
         assert!(!entry.references_envelope.is_empty(), "new entries carry a signed list");
         entry.referenced_blobs.clear();
         put_stored(&server, &k, &entry);
-        lookup(&mut c, "", &action).await.expect("a complete result still hits");
+        c.lookup("", &action).await.expect("a complete result still hits");
         // ... and its output is deleted: a miss, never served.
         server.store.delete_blob(&key("", &out)).unwrap();
-        assert_eq!(lookup(&mut c, "", &action).await.unwrap_err(), Code::NotFound, "{mode:?}");
+        assert_eq!(c.lookup("", &action).await.unwrap_err(), Code::NotFound, "{mode:?}");
 
         // The list and its signature both cleared (as in data from before
         // the list was signed): derived from the result too.
@@ -513,9 +432,9 @@ async fn a_cleared_blob_list_at_rest_and_a_deleted_output_make_a_miss_in_reject_
         entry.referenced_blobs.clear();
         entry.references_envelope = Bytes::new();
         put_stored(&server, &k, &entry);
-        lookup(&mut c, "", &other).await.expect("a complete result still hits");
+        c.lookup("", &other).await.expect("a complete result still hits");
         server.store.delete_blob(&key("", &other_out)).unwrap();
-        assert_eq!(lookup(&mut c, "", &other).await.unwrap_err(), Code::NotFound, "{mode:?}");
+        assert_eq!(c.lookup("", &other).await.unwrap_err(), Code::NotFound, "{mode:?}");
         server.stop().await;
     }
 }
@@ -546,13 +465,13 @@ async fn a_reload_with_a_lower_policy_version_keeps_the_newer_policy_and_a_revok
     })
     .await;
     let mut c = server.clients().await;
-    let (action, _) = write_entry(&mut c, "", "rollback").await;
-    lookup(&mut c, "", &action).await.unwrap();
+    let (action, _) = c.store_entry("", "rollback").await;
+    c.lookup("", &action).await.unwrap();
 
     // The key is revoked (version 2): its entries miss.
     write_atomically(&policy_path, policy_toml(2, &signer, KeyState::Revoked).as_bytes());
     let deadline = Instant::now() + WAIT;
-    while lookup(&mut c, "", &action).await.is_ok() {
+    while c.lookup("", &action).await.is_ok() {
         assert!(Instant::now() < deadline, "the revocation was not loaded");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -566,12 +485,12 @@ async fn a_reload_with_a_lower_policy_version_keeps_the_newer_policy_and_a_revok
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(server.provenance.trust_policy().policy_version, 2);
-    assert_eq!(lookup(&mut c, "", &action).await.unwrap_err(), Code::NotFound, "the revoked key stays revoked");
+    assert_eq!(c.lookup("", &action).await.unwrap_err(), Code::NotFound, "the revoked key stays revoked");
 
     // A newer version is loaded as usual.
     write_atomically(&policy_path, policy_toml(3, &signer, KeyState::VerifyOnly).as_bytes());
     let deadline = Instant::now() + WAIT;
-    while lookup(&mut c, "", &action).await.is_err() {
+    while c.lookup("", &action).await.is_err() {
         assert!(Instant::now() < deadline, "version 3 was not loaded");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -607,7 +526,7 @@ async fn a_decoy_envelope_under_any_host_and_a_status_message_sent_by_a_writer_a
         ..plain
     };
     let reply = w.ac.update_action_result(update("main", &action, sent)).await.unwrap().into_inner();
-    let served = lookup(&mut w, "main", &action).await.unwrap();
+    let served = w.lookup("main", &action).await.unwrap();
     let canonical = stored(&server, &key("main", &action)).canonical_result;
     assert!(!canonical.windows(copied.len()).any(|win| win == copied.as_slice()), "the copied envelope is not stored");
     for result in [&reply, &served] {

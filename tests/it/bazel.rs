@@ -5,10 +5,8 @@
 //! full suite (`tests/run-all.sh`, i.e. `cargo test --release --
 //! --include-ignored`) runs them after `tests/setup.sh` installed Bazel.
 //!
-//! The harness is meant to be reused by later end-to-end tests (TLS, signing):
-//! - [`ServerProcess`] runs `provcache serve` with caller-chosen arguments,
-//!   learns its URL from the line it prints, can be stopped and restarted on
-//!   the same data directory, and is killed on drop.
+//! The Bazel half of the harness, reused by the other `bazel_*` suites (the
+//! server is [`ServerProcess`] from `common`):
 //! - [`BazelWorkspace`] is a temporary workspace of genrules with a private
 //!   Bazel output root; [`BazelWorkspace::build`] returns what Bazel did
 //!   (execution log, build events, the gRPC calls it made) and the bytes of
@@ -18,11 +16,8 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -31,270 +26,10 @@ use provcache::proto::google::rpc;
 use provcache::proto::reapi;
 use serde::Deserialize;
 
-use crate::common::sha;
+use crate::common::{sha, tail, ServerProcess};
 
-/// How long the server may take to print its listening line, or to exit
-/// after SIGTERM.
-const SERVER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Upper bound for one Bazel command; far above what these small builds need.
 const BAZEL_TIMEOUT: Duration = Duration::from_secs(300);
-/// The prefix of the line `provcache serve` prints once it accepts calls.
-const LISTENING: &str = "provcache listening on ";
-
-// ---------------------------------------------------------------------------
-// The server
-// ---------------------------------------------------------------------------
-
-/// The real `provcache` binary, serving on `127.0.0.1:0`.
-pub struct ServerProcess {
-    child: Option<Child>,
-    args: Vec<String>,
-    data_dir: PathBuf,
-    log_path: PathBuf,
-    scheme: String,
-    addr: SocketAddr,
-    /// Extra environment variables for the server process.
-    env: Vec<(String, String)>,
-    /// Holds the log (and the data directory unless the caller gave one).
-    _tmp: tempfile::TempDir,
-}
-
-impl ServerProcess {
-    /// `serve --plaintext-insecure` on a new, empty data directory.
-    pub fn start_plaintext() -> Self {
-        Self::start(["--plaintext-insecure"])
-    }
-
-    /// `serve --listen 127.0.0.1:0 --data-dir <new temp dir> ARGS...`.
-    pub fn start<I, S>(args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        let tmp = tempfile::tempdir().expect("creating the server's temp dir");
-        let data_dir = tmp.path().join("data");
-        fs::create_dir(&data_dir).unwrap();
-        Self::launch(tmp, data_dir, args.into_iter().map(Into::into).collect())
-    }
-
-    /// Like [`ServerProcess::start`] on a data directory the caller prepared
-    /// (and keeps).
-    #[allow(dead_code)]
-    pub fn start_in<I, S>(data_dir: &Path, args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        let tmp = tempfile::tempdir().expect("creating the server's temp dir");
-        Self::launch(tmp, data_dir.to_path_buf(), args.into_iter().map(Into::into).collect())
-    }
-
-    fn launch(tmp: tempfile::TempDir, data_dir: PathBuf, args: Vec<String>) -> Self {
-        let log_path = tmp.path().join("server.log");
-        let mut server = ServerProcess {
-            child: None,
-            args,
-            data_dir,
-            log_path,
-            scheme: String::new(),
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            env: Vec::new(),
-            _tmp: tmp,
-        };
-        server.spawn();
-        server
-    }
-
-    /// Starts the server (again, after [`ServerProcess::stop`]) on its data
-    /// directory with its arguments. The port changes.
-    pub(crate) fn spawn(&mut self) {
-        assert!(self.child.is_none(), "the server is already running");
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_provcache"))
-            .arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(&self.args)
-            .env("NO_COLOR", "1")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("starting provcache");
-        // Drain stdout for the child's whole life so it can never block on a
-        // full pipe; hand the lines to the waiting test.
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        self.child = Some(child);
-
-        let deadline = Instant::now() + SERVER_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(url) = line.strip_prefix(LISTENING) {
-                        let (scheme, addr) = url.trim().split_once("://").unwrap_or_else(|| {
-                            panic!("no scheme in the listening line {line:?}");
-                        });
-                        self.scheme = scheme.to_string();
-                        self.addr = addr.parse().unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"));
-                        return;
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.child.take().map(|mut c| c.wait());
-                    panic!("provcache exited before listening ({status:?}); its log:\n{}", self.log());
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    self.kill();
-                    panic!("provcache did not print its listening line in {SERVER_TIMEOUT:?}; log:\n{}", self.log());
-                }
-            }
-        }
-    }
-
-    /// The URL Bazel dials: `grpc://127.0.0.1:PORT` (or `grpcs://...`).
-    pub fn url(&self) -> String {
-        format!("{}://{}", self.scheme, self.addr)
-    }
-
-    /// `--remote_cache=<url>`.
-    pub fn remote_cache_flag(&self) -> String {
-        format!("--remote_cache={}", self.url())
-    }
-
-    #[allow(dead_code)]
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    #[allow(dead_code)]
-    pub fn scheme(&self) -> &str {
-        &self.scheme
-    }
-
-    #[allow(dead_code)]
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
-
-    /// Everything the server wrote to stderr, over all its runs.
-    pub fn log(&self) -> String {
-        fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    /// Log lines at ERROR level.
-    pub fn error_lines(&self) -> Vec<String> {
-        self.log().lines().filter(|l| l.contains(" ERROR ")).map(str::to_string).collect()
-    }
-
-    /// Sends SIGTERM, waits for the server to drain and exit, and asserts it
-    /// exited cleanly.
-    pub fn stop(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("the server is not running");
-        let pid = child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("running kill");
-        assert!(sent.success(), "kill -TERM {pid} failed");
-        let deadline = Instant::now() + SERVER_TIMEOUT;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("provcache did not exit within {SERVER_TIMEOUT:?} of SIGTERM; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(status.success(), "provcache exited with {status} after SIGTERM; log:\n{}", self.log());
-        status
-    }
-
-    /// Stops the server and starts it again on the same data directory with
-    /// the same arguments. The port changes: use [`ServerProcess::url`] again.
-    pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-
-    /// Starts a server that was [`ServerProcess::stop`]ped (for example after
-    /// editing its data directory), on the same data directory.
-    #[allow(dead_code)]
-    pub fn start_again(&mut self) {
-        self.spawn();
-    }
-
-    /// Sets (or with `None` removes) an environment variable for the next
-    /// [`ServerProcess::start_again`].
-    #[allow(dead_code)]
-    pub fn set_env(&mut self, name: &str, value: Option<&str>) {
-        self.env.retain(|(k, _)| k != name);
-        if let Some(v) = value {
-            self.env.push((name.to_string(), v.to_string()));
-        }
-    }
-
-    /// Kills the server with SIGKILL (`kill -9`: no draining, no flush) and
-    /// reaps it. Start it again with [`ServerProcess::start_again`].
-    #[allow(dead_code)]
-    pub fn kill9(&mut self) {
-        let mut child = self.child.take().expect("the server is not running");
-        let sent = Command::new("kill").args(["-KILL", &child.id().to_string()]).status().expect("running kill");
-        assert!(sent.success(), "kill -KILL failed");
-        let status = child.wait().unwrap();
-        assert!(!status.success(), "provcache survived kill -9: {status}");
-    }
-
-    /// Waits for a server that is expected to end by itself (for example at a
-    /// crash point) and returns how it ended.
-    #[allow(dead_code)]
-    pub fn wait_for_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("the server is not running");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("provcache did not exit within {timeout:?}; log:\n{}", tail(&self.log(), 100));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("---- provcache server log ({}) ----\n{}", self.url(), tail(&self.log(), 200));
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Bazel
-// ---------------------------------------------------------------------------
-
 /// The workspace name, which fixes the execution root's directory name.
 const WORKSPACE_NAME: &str = "provcache_e2e";
 
@@ -765,11 +500,6 @@ impl Build {
         }
         counts
     }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 // ---------------------------------------------------------------------------

@@ -5,24 +5,34 @@
 //! R's own.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
+
+use std::time::Duration;
 
 use prost::Message;
 use provcache::proto::prov::audit_client::AuditClient;
 use provcache::proto::prov::storage::StoredActionEntry;
-use provcache::proto::prov::{HitRecord, ListInvocationHitsRequest};
-use provcache::proto::reapi::{self, action_cache_client::ActionCacheClient};
-use provcache::service::REQUEST_METADATA_HEADER;
+use provcache::proto::prov::HitRecord;
 use provcache::store::{Key, Store};
-use tonic::metadata::BinaryMetadataValue;
 
-use crate::bazel::{BazelWorkspace, ServerProcess};
-use crate::bazel_tls::{netty_tcnative_startup_flags, refs, DevPkiFlags};
+use crate::bazel::BazelWorkspace;
+use crate::bazel_tls::{netty_tcnative_startup_flags, refs, verify_build_as, DevPkiFlags};
+use crate::common::{records_of, request_metadata, wait_for_hit_envelopes, Clients, ServerProcess};
 
 struct Audit {
     code: i32,
     stdout: String,
     stderr: String,
+}
+
+impl Audit {
+    fn of(out: Output) -> Self {
+        Audit {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
 }
 
 fn verify_build(server: &ServerProcess, policy: &Path, args: &[&str]) -> Audit {
@@ -32,11 +42,7 @@ fn verify_build(server: &ServerProcess, policy: &Path, args: &[&str]) -> Audit {
         .args(args)
         .output()
         .expect("running verify-build");
-    Audit {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Audit::of(out)
 }
 
 fn json_hits(a: &Audit) -> Vec<serde_json::Value> {
@@ -59,7 +65,7 @@ fn verify_build_audits_a_real_build_and_names_what_fails() {
     assert_eq!(hits, spawns, "the reader gets every action from the cache");
     let r_id = reader.run.invocation_id.clone();
     let w_id = writer.run.invocation_id.clone();
-    let policy = server.data_dir().join("dev-pki").join("trust-policy.toml");
+    let policy = server.pki_dir().join("trust-policy.toml");
 
     // By invocation: exit 0, every hit traced to the writer build W.
     let a = verify_build(&server, &policy, &["--invocation", &r_id]);
@@ -151,50 +157,16 @@ fn verify_build_audits_a_real_build_and_names_what_fails() {
 const READER: &str = "spiffe://provcache.dev/reader";
 const WRITER: &str = "spiffe://provcache.dev/writer";
 
-/// A gRPC channel to the mTLS server as one of the dev PKI's clients.
-async fn dev_channel(server: &ServerProcess, pki: &Path, client: &str) -> tonic::transport::Channel {
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(pki.join("ca.pem")).unwrap()))
-        .identity(Identity::from_pem(
-            std::fs::read(pki.join(format!("{client}.pem"))).unwrap(),
-            std::fs::read(pki.join(format!("{client}.key"))).unwrap(),
-        ))
-        .domain_name("localhost");
-    let url = format!("https://{}", server.addr());
-    tonic::transport::Channel::from_shared(url).unwrap().tls_config(tls).unwrap().connect().await.unwrap()
+/// The invocation's hit-log records, read as the auditor, once at least `n`
+/// are there (or after 10 s).
+async fn hit_records(server: &ServerProcess, invocation: &str, n: usize) -> Vec<HitRecord> {
+    let mut audit = AuditClient::new(server.dev_channel("auditor").await).max_decoding_message_size(8 << 20);
+    records_of(&wait_for_hit_envelopes(&mut audit, invocation, n, Duration::from_secs(10)).await)
 }
 
-/// Every record of the invocation's hit log, read as the auditor.
-async fn hit_records(server: &ServerProcess, pki: &Path, invocation: &str) -> Vec<HitRecord> {
-    let mut audit = AuditClient::new(dev_channel(server, pki, "auditor").await).max_decoding_message_size(8 << 20);
-    let (mut records, mut token) = (Vec::new(), String::new());
-    loop {
-        let page = audit
-            .list_invocation_hits(ListInvocationHitsRequest {
-                tool_invocation_id: invocation.into(),
-                page_size: 0,
-                page_token: token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        records.extend(page.records.into_iter().map(|r| HitRecord::decode(r.envelope.unwrap().payload).unwrap()));
-        token = page.next_page_token;
-        if token.is_empty() {
-            return records;
-        }
-    }
-}
-
-/// `verify-build` as the dev PKI's auditor.
-fn verify_build_mtls(server: &ServerProcess, pki: &Path, args: &[&str]) -> Audit {
-    let mut all: Vec<String> = ["--ca", "ca.pem", "--cert", "auditor.pem", "--key", "auditor.key"]
-        .chunks(2)
-        .flat_map(|p| [p[0].to_string(), pki.join(p[1]).to_string_lossy().into_owned()])
-        .collect();
-    all.extend(args.iter().map(|a| a.to_string()));
-    verify_build(server, &pki.join("trust-policy.toml"), &all.iter().map(String::as_str).collect::<Vec<_>>())
+/// `verify-build --invocation INVOCATION ARGS` as the dev PKI's auditor.
+fn verify_build_mtls(server: &ServerProcess, pki: &DevPkiFlags, invocation: &str, args: &[&str]) -> Audit {
+    Audit::of(verify_build_as(server, pki, "auditor", invocation, args))
 }
 
 #[test]
@@ -217,50 +189,35 @@ fn lookups_injected_under_a_real_builds_invocation_are_named_and_reader_keeps_th
     // actions under the build's invocation id, with forged claims.
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let records = hit_records(&server, &pki.dir, &r_id).await;
+        let records = hit_records(&server, &r_id, hits).await;
         assert_eq!(records.len(), hits);
-        let mut ac = ActionCacheClient::new(dev_channel(&server, &pki.dir, "writer").await);
+        let mut injector = Clients::new(server.dev_channel("writer").await);
+        let claims = request_metadata(&r_id, "Forged", "//evil:backdoor");
         for record in records.iter().take(2) {
-            let claims = reapi::RequestMetadata {
-                tool_invocation_id: r_id.clone(),
-                action_mnemonic: "Forged".into(),
-                target_id: "//evil:backdoor".into(),
-                ..Default::default()
-            };
-            let mut request = tonic::Request::new(reapi::GetActionResultRequest {
-                instance_name: record.instance_name.clone(),
-                action_digest: record.action_digest.clone(),
-                ..Default::default()
-            });
-            request
-                .metadata_mut()
-                .insert_bin(REQUEST_METADATA_HEADER, BinaryMetadataValue::from_bytes(&claims.encode_to_vec()));
-            ac.get_action_result(request).await.expect("the injected lookup is a hit");
+            let action = record.action_digest.as_ref().unwrap();
+            injector.lookup_as(&record.instance_name, action, &claims).await.expect("the injected lookup is a hit");
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while hit_records(&server, &pki.dir, &r_id).await.len() < hits + 2 {
-            assert!(std::time::Instant::now() < deadline, "the injected lookups are recorded within 10 s");
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        let recorded = hit_records(&server, &r_id, hits + 2).await.len();
+        assert!(recorded >= hits + 2, "the injected lookups are recorded within 10 s");
     });
 
     // The audit of the whole invocation names the injector and fails.
-    let a = verify_build_mtls(&server, &pki.dir, &["--invocation", &r_id]);
+    let a = verify_build_mtls(&server, &pki, &r_id, &[]);
     println!("verify-build --invocation {r_id} (with injected lookups)\n{}", a.stdout);
     assert_eq!(a.code, 1, "{}\n{}", a.stdout, a.stderr);
     assert!(a.stdout.contains(&format!("{WRITER} (2 lookups)")), "the injector is named: {}", a.stdout);
     assert!(a.stdout.contains(&format!("{READER} ({hits} lookups)")), "{}", a.stdout);
-    let j = verify_build_mtls(&server, &pki.dir, &["--invocation", &r_id, "--json"]);
+    let j = verify_build_mtls(&server, &pki, &r_id, &["--json"]);
     let injected: Vec<serde_json::Value> = json_hits(&j).into_iter().filter(|h| h["reader"] == WRITER).collect();
     assert_eq!(injected.len(), 2);
     assert!(injected.iter().all(|h| h["claims"]["target_id"] == "//evil:backdoor"), "{injected:?}");
 
     // Audited as the build's own identity, the honest result stands.
-    let a = verify_build_mtls(&server, &pki.dir, &["--invocation", &r_id, "--reader", READER]);
+    let a = verify_build_mtls(&server, &pki, &r_id, &["--reader", READER]);
     println!("verify-build --invocation {r_id} --reader {READER}\n{}", a.stdout);
     assert_eq!(a.code, 0, "{}\n{}", a.stdout, a.stderr);
     assert!(a.stdout.contains(&format!("{hits} cache hits audited: {hits} verified, 0 failed")), "{}", a.stdout);
-    let j = verify_build_mtls(&server, &pki.dir, &["--invocation", &r_id, "--reader", READER, "--json"]);
+    let j = verify_build_mtls(&server, &pki, &r_id, &["--reader", READER, "--json"]);
     let entries = json_hits(&j);
     assert_eq!(entries.len(), hits);
     for h in &entries {

@@ -10,9 +10,8 @@ use provcache::proto::prov::storage::StoredActionEntry;
 use provcache::proto::reapi;
 use provcache::store::{Key, Store};
 
-use crate::bazel::{
-    assert_all_hits, assert_cold, assert_no_server_errors, assert_same_outputs, BazelWorkspace, ServerProcess,
-};
+use crate::bazel::{assert_all_hits, assert_cold, assert_no_server_errors, assert_same_outputs, BazelWorkspace};
+use crate::common::ServerProcess;
 
 const READ_ONLY: &str = "--remote_upload_local_results=false";
 

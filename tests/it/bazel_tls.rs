@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::bazel::{
-    assert_all_hits, assert_cold, assert_no_server_errors, assert_same_outputs, BazelRun, BazelWorkspace, ServerProcess,
+    assert_all_hits, assert_cold, assert_no_server_errors, assert_same_outputs, BazelRun, BazelWorkspace,
 };
+use crate::common::ServerProcess;
 
 /// `action_id` of the CAS uploads Bazel makes for its build event stream.
 const BES_UPLOAD: &str = "bes-upload";
@@ -59,7 +60,7 @@ pub(crate) struct DevPkiFlags {
 impl DevPkiFlags {
     pub(crate) fn of(server: &ServerProcess) -> Self {
         assert_eq!(server.scheme(), "grpcs", "the server must default to mutual TLS");
-        let dir = server.data_dir().join("dev-pki");
+        let dir = server.pki_dir();
         assert!(dir.join("ca.pem").is_file(), "no dev PKI in {}", dir.display());
         DevPkiFlags { dir, port: server.addr().port() }
     }
@@ -109,7 +110,7 @@ fn assert_only_bep_uploads_denied(run: &BazelRun) -> usize {
 }
 
 /// Runs `provcache verify-build` with a dev PKI client's certificate.
-fn verify_build_as(
+pub(crate) fn verify_build_as(
     server: &ServerProcess,
     pki: &DevPkiFlags,
     client: &str,

@@ -5,12 +5,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use provcache::proto::reapi;
-use provcache::service::REQUEST_METADATA_HEADER;
 
-use crate::bazel::ServerProcess;
-use crate::common::{sha, update, Clients};
+use crate::common::{sha, update, with_request_metadata, ServerProcess};
 
 fn provcache(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_provcache"))
@@ -113,15 +110,12 @@ async fn json_logs_carry_the_principal_and_the_invocation_id() {
     let config = write(tmp.path(), "provcache.toml", &format!("log_format = \"json\"\npolicy = {policy:?}\n"));
     let server =
         ServerProcess::start(["--config", &config, "--plaintext-insecure", "--plaintext-principal", principal]);
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", server.addr())).unwrap();
-    let mut c = Clients::new(ch.connect().await.unwrap());
+    let mut c = server.clients().await;
 
     let invocation = "9f2c3d1e-json-log-test";
     let metadata = reapi::RequestMetadata { tool_invocation_id: invocation.into(), ..Default::default() };
-    let mut request = tonic::Request::new(update("", &sha(b"action"), reapi::ActionResult::default()));
-    request
-        .metadata_mut()
-        .insert_bin(REQUEST_METADATA_HEADER, tonic::metadata::MetadataValue::from_bytes(&metadata.encode_to_vec()));
+    let request = update("", &sha(b"action"), reapi::ActionResult::default());
+    let request = with_request_metadata(tonic::Request::new(request), &metadata);
     let status = c.ac.update_action_result(request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 

@@ -49,12 +49,6 @@ async fn store_action(c: &mut Clients, n: u64, len: usize) -> (reapi::Digest, re
     (action, out, data)
 }
 
-async fn get(c: &mut Clients, action: &reapi::Digest) -> Result<reapi::ActionResult, tonic::Status> {
-    c.ac.get_action_result(reapi::GetActionResultRequest { action_digest: Some(action.clone()), ..Default::default() })
-        .await
-        .map(|r| r.into_inner())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_load_stays_bounded_and_no_incomplete_result_is_served() {
     let max = 4096 * KIB;
@@ -85,7 +79,7 @@ async fn a_write_load_stays_bounded_and_no_incomplete_result_is_served() {
                 store.touch(Kind::Action, &pinned_key);
                 // Readers of earlier results refresh them.
                 let (a, _, _) = &actions[actions.len() / 2];
-                let _ = get(&mut c, a).await;
+                let _ = c.get_result("", a).await;
             }
             actions
         }));
@@ -106,7 +100,7 @@ async fn a_write_load_stays_bounded_and_no_incomplete_result_is_served() {
     let mut c = c.clone();
     let (mut hits, mut misses) = (0, 0);
     for (action, out, data) in &actions {
-        match get(&mut c, action).await {
+        match c.get_result("", action).await {
             Ok(result) => {
                 hits += 1;
                 assert_eq!(result.output_files[0].digest.as_ref(), Some(out));
@@ -122,7 +116,7 @@ async fn a_write_load_stays_bounded_and_no_incomplete_result_is_served() {
 
     // The pinned entry is stored but incomplete: never served.
     assert!(server.store.ac_get(&key(&pinned)).unwrap().is_some(), "the entry was kept");
-    let err = get(&mut c, &pinned).await.unwrap_err();
+    let err = c.get_result("", &pinned).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("missing blob"), "{}", err.message());
     server.stop().await;
@@ -200,11 +194,10 @@ fn time_to_first_request_after_a_restart_with_many_records() {
         store.flush().unwrap();
     }
     let started = std::time::Instant::now();
-    let mut server = crate::bazel::ServerProcess::start_in(&data_dir, ["--plaintext-insecure", "--max-size", "100GiB"]);
+    let mut server = ServerProcess::start_in(&data_dir, ["--plaintext-insecure", "--max-size", "100GiB"]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let missing = runtime.block_on(async {
-        let ch = tonic::transport::Channel::from_shared(format!("http://{}", server.addr())).unwrap();
-        let mut c = Clients::new(ch.connect().await.unwrap());
+        let mut c = server.clients().await;
         c.missing("", &[sha(&0u64.to_le_bytes().repeat(8)), sha(b"absent")]).await
     });
     let elapsed = started.elapsed();

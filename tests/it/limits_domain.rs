@@ -16,7 +16,6 @@ use provcache::attack::domain::{self as attack, DirectoryAmplification, HalfUplo
 use provcache::limits::Limits;
 use provcache::proto::reapi;
 use provcache::store::{Key, CHUNK_SIZE};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 use crate::common::*;
@@ -96,14 +95,6 @@ fn assert_refused(outcome: &attack::Round, code: Code, limit: &str) {
     assert!(status.message().contains(&format!("limits.{limit}")), "the refusal names {limit}: {status:?}");
 }
 
-async fn scrape_metrics(server: &TestServer) -> String {
-    let mut s = tokio::net::TcpStream::connect(server.metrics_addr.unwrap()).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 fn limits(f: impl FnOnce(&mut Limits)) -> Option<Limits> {
     let mut l = Limits::default();
     f(&mut l);
@@ -121,12 +112,8 @@ fn limits(f: impl FnOnce(&mut Limits)) -> Option<Limits> {
 async fn a_reader_cannot_make_inlining_compare_every_name_with_every_output() {
     let server = TestServer::start_opts(TestOptions { tls: true, metrics: true, ..Default::default() }).await;
     let writer = server.dev_clients("writer").await;
-    let reader_ch =
-        server.tls_channel(Some((server.pki_dir().join("reader.pem"), server.pki_dir().join("reader.key"))));
-    let reader_ch = reader_ch.await.unwrap();
-    let writer_ch =
-        server.tls_channel(Some((server.pki_dir().join("writer.pem"), server.pki_dir().join("writer.key"))));
-    let writer_ch = writer_ch.await.unwrap();
+    let reader_ch = server.dev_channel("reader").await;
+    let writer_ch = server.dev_channel("writer").await;
     let attack = InlineNames::prepare(&writer_ch, "", 2_000, 200_000).await.unwrap().via(&reader_ch);
 
     let rounds = async {
@@ -150,7 +137,7 @@ async fn a_reader_cannot_make_inlining_compare_every_name_with_every_output() {
     for outcome in &outcomes {
         assert_refused(outcome, Code::InvalidArgument, "max_inline_names");
     }
-    let metrics = scrape_metrics(&server).await;
+    let (_, metrics) = http_get(server.metrics_addr.unwrap(), "/metrics").await;
     let series = "provcache_limit_hits_total{limit=\"max_inline_names\",principal=\"spiffe://provcache.dev/reader\"} 6";
     assert!(metrics.contains(series), "every refusal is counted for the reader:\n{metrics}");
 
@@ -292,15 +279,7 @@ async fn a_writer_filling_its_share_of_uploads_does_not_stop_another_writer() {
     });
     let server =
         TestServer::start_opts(TestOptions { tls: true, policy: Some(policy), limits, ..Default::default() }).await;
-    let certs = tempfile::tempdir().unwrap();
-    let issued = provcache::pki::issue_client_cert(
-        &server.pki_dir(),
-        DEV_WRITER,
-        &certs.path().join("dev-writer"),
-        Duration::from_secs(3600),
-    )
-    .unwrap();
-    let dev_ch = server.tls_channel(Some((issued.cert, issued.key))).await.unwrap();
+    let dev_ch = server.channel_as(DEV_WRITER).await;
     let writer = server.dev_clients("writer").await;
 
     // A frame that needs a 128 MiB window is refused outright.
@@ -343,9 +322,7 @@ async fn a_writer_filling_its_share_of_uploads_does_not_stop_another_writer() {
     assert!(growth < 128.0, "memory grew by {growth:.0} MiB during the attack");
 
     // The instance's cap: another identity may add only what is left of it.
-    let writer_ch =
-        server.tls_channel(Some((server.pki_dir().join("writer.pem"), server.pki_dir().join("writer.key"))));
-    let other = HalfUploads::new(&writer_ch.await.unwrap(), "dev/x", 4 << 20, 21, 1 << 10);
+    let other = HalfUploads::new(&server.dev_channel("writer").await, "dev/x", 4 << 20, 21, 1 << 10);
     let mut more = Vec::new();
     for _ in 0..10 {
         more.push(other.once().await);

@@ -4,12 +4,12 @@
 //! from the process (the server runs in it).
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
 use std::time::Duration;
 
 use provcache::attack::transport::{self as attack, ClientTls, IdleSockets, StalledStreams};
 use provcache::limits::{Limits, LimitsConfig};
 use provcache::proto::reapi;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
 
@@ -54,14 +54,17 @@ async fn server(limits: Limits) -> TestServer {
 }
 
 /// The client TLS material of a dev client (`writer`, `reader`) or of a new
-/// certificate for `principal`, kept in `dir`.
-fn identity(server: &TestServer, dir: &std::path::Path, who: &str) -> ClientTls {
+/// certificate for `principal`.
+fn identity(server: &TestServer, who: &str) -> ClientTls {
     if !who.starts_with("spiffe://") {
         return ClientTls::dev(&server.pki_dir(), who).unwrap();
     }
-    let prefix = dir.join(who.rsplit('/').next().unwrap());
-    let issued = provcache::pki::issue_client_cert(&server.pki_dir(), who, &prefix, Duration::from_secs(3600)).unwrap();
-    ClientTls::from_files(&server.pki_dir().join("ca.pem"), Some((&issued.cert, &issued.key))).unwrap()
+    client_tls(&server.pki_dir(), &server.issue_cert(who))
+}
+
+/// The attack clients' TLS material for `files`, trusting the CA in `pki_dir`.
+fn client_tls(pki_dir: &Path, files: &CertFiles) -> ClientTls {
+    ClientTls::from_files(&pki_dir.join("ca.pem"), Some((&files.cert, &files.key))).unwrap()
 }
 
 /// This process's resident memory (the server runs in it), in bytes.
@@ -104,11 +107,7 @@ impl RssSampler {
 
 /// GET /metrics.
 async fn scrape(server: &TestServer) -> String {
-    let mut s = tokio::net::TcpStream::connect(server.metrics_addr.unwrap()).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.split_once("\r\n\r\n").unwrap().1.to_owned()
+    http_get(server.metrics_addr.unwrap(), "/metrics").await.1
 }
 
 /// The sum of the series of `name` whose labels include every one of `labels`.
@@ -144,10 +143,9 @@ fn stalled(path: &str, streams: usize, duration: Duration) -> StalledStreams {
 async fn callers_without_the_permission_are_refused_before_the_server_buffers_their_stalled_streams() {
     let _serial = SERIAL.lock().await;
     let server = server(limits(LimitsConfig::default())).await;
-    let certs = tempfile::tempdir().unwrap();
-    let nobody = identity(&server, certs.path(), NOBODY);
-    let reader = identity(&server, certs.path(), "reader");
-    let writer = identity(&server, certs.path(), "writer");
+    let nobody = identity(&server, NOBODY);
+    let reader = identity(&server, "reader");
+    let writer = identity(&server, "writer");
 
     let before = rss();
     let sampler = RssSampler::start();
@@ -188,9 +186,8 @@ async fn a_writer_stalling_many_streams_is_held_to_its_share_while_another_write
         ..Default::default()
     }))
     .await;
-    let certs = tempfile::tempdir().unwrap();
-    let attacker = identity(&server, certs.path(), "writer");
-    let honest = identity(&server, certs.path(), HONEST);
+    let attacker = identity(&server, "writer");
+    let honest = identity(&server, HONEST);
 
     let before = rss();
     let sampler = RssSampler::start();
@@ -247,8 +244,7 @@ async fn a_message_that_can_never_fit_the_share_is_refused_while_large_uploads_s
         ..Default::default()
     }))
     .await;
-    let certs = tempfile::tempdir().unwrap();
-    let writer = identity(&server, certs.path(), "writer");
+    let writer = identity(&server, "writer");
     let mut clients = Clients::new(writer.channel(server.addr, None).await.unwrap());
 
     let big = vec![1u8; 3 << 20];
@@ -283,8 +279,7 @@ async fn a_unary_call_that_never_finishes_its_request_is_cut_at_the_request_time
         ..Default::default()
     }))
     .await;
-    let certs = tempfile::tempdir().unwrap();
-    let reader = identity(&server, certs.path(), "reader");
+    let reader = identity(&server, "reader");
     let attack =
         StalledStreams { path: GET_ACTION_RESULT.into(), streams: 4, declared: 200, duration: Duration::from_secs(15) };
     let report = attack::stalled_streams(server.addr, &reader, &attack).await.unwrap();
@@ -301,8 +296,7 @@ async fn idle_sockets_from_one_address_neither_delay_another_address_nor_stay_op
         ..Default::default()
     }))
     .await;
-    let certs = tempfile::tempdir().unwrap();
-    let writer = identity(&server, certs.path(), "writer");
+    let writer = identity(&server, "writer");
 
     // Before the fix: 256 handshake slots held 10 s each, the rest queued.
     let idle = IdleSockets { count: 700, from: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), hold: Duration::from_secs(15) };
@@ -320,61 +314,10 @@ async fn idle_sockets_from_one_address_neither_delay_another_address_nor_stay_op
     assert!(metric(&text, "provcache_limit_hits_total", &["principal=\"unauthenticated\""]) > 0.0);
 }
 
-/// A `provcache serve` process of `PROVCACHE_BIN` (any version) on a free
-/// loopback port with a fresh data directory; killed when dropped.
-struct ServerProcess {
-    child: std::process::Child,
-    addr: std::net::SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl ServerProcess {
-    fn start(bin: &str) -> Self {
-        use std::io::BufRead;
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn", "--data-dir"])
-            .arg(dir.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines.next().expect("the server printed its address").unwrap();
-            if let Some(url) = line.strip_prefix("provcache listening on grpcs://") {
-                break url.trim().parse().unwrap();
-            }
-        };
-        // Keep reading its output so it never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        ServerProcess { child, addr, dir }
-    }
-
-    fn pki(&self) -> std::path::PathBuf {
-        self.dir.path().join("dev-pki")
-    }
-
-    /// (VmRSS, VmHWM) of the server, in MiB.
-    fn memory(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let field = |name: &str| -> u64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap()
-                / 1024
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `provcache serve` of `bin` (any version) with its default mutual TLS on a
+/// free loopback port and a fresh data directory; killed when dropped.
+fn serve(bin: &Path) -> ServerProcess {
+    ServerProcess::start_binary(bin, ["--log-level", "warn"])
 }
 
 /// Before/after figures for issue 13's attacks 2 and 5 against the binary
@@ -384,52 +327,47 @@ impl Drop for ServerProcess {
 #[ignore = "a measurement against a server binary"]
 async fn measure_transport_attacks() {
     let bin = std::env::var("PROVCACHE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_provcache").to_owned());
+    let bin = Path::new(&bin);
     let other = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
     let deadline = Duration::from_secs(60);
-    println!("binary: {bin}");
+    println!("binary: {}", bin.display());
 
     // Attack 2: stalled streams (no permission: 60; reader on a write method: 100).
-    let server = ServerProcess::start(&bin);
+    let server = serve(bin);
     let certs = tempfile::tempdir().unwrap();
-    let issued = provcache::pki::issue_client_cert(
-        &server.pki(),
-        NOBODY,
-        &certs.path().join("nobody"),
-        Duration::from_secs(3600),
-    )
-    .unwrap();
-    let nobody = ClientTls::from_files(&server.pki().join("ca.pem"), Some((&issued.cert, &issued.key))).unwrap();
-    let reader = ClientTls::dev(&server.pki(), "reader").unwrap();
-    let writer = ClientTls::dev(&server.pki(), "writer").unwrap();
-    let idle_latency = attack::honest_call(server.addr, &writer, other, deadline).await.unwrap();
-    let (_, hwm_idle) = server.memory();
+    let nobody =
+        client_tls(&server.pki_dir(), &CertFiles::issue(&server.pki_dir(), NOBODY, &certs.path().join("nobody")));
+    let reader = ClientTls::dev(&server.pki_dir(), "reader").unwrap();
+    let writer = ClientTls::dev(&server.pki_dir(), "writer").unwrap();
+    let idle_latency = attack::honest_call(server.addr(), &writer, other, deadline).await.unwrap();
+    let (_, hwm_idle) = server.memory_mib();
     let attacks = async {
         let hold = Duration::from_secs(12);
         let (no_permission, reader_on_write) = (stalled(BATCH_UPDATE, 60, hold), stalled(BYTESTREAM_WRITE, 100, hold));
         let (a, b) = tokio::join!(
-            attack::stalled_streams(server.addr, &nobody, &no_permission),
-            attack::stalled_streams(server.addr, &reader, &reader_on_write),
+            attack::stalled_streams(server.addr(), &nobody, &no_permission),
+            attack::stalled_streams(server.addr(), &reader, &reader_on_write),
         );
         (a.unwrap(), b.unwrap())
     };
     let honest = async {
         tokio::time::sleep(Duration::from_secs(6)).await;
-        let latency = attack::honest_call(server.addr, &writer, other, deadline).await;
-        (latency, server.memory())
+        let latency = attack::honest_call(server.addr(), &writer, other, deadline).await;
+        (latency, server.memory_mib())
     };
     let ((nobody_report, reader_report), (latency, (rss, hwm))) = tokio::join!(attacks, honest);
     println!("stalled streams: honest call {idle_latency:?} idle, {latency:?} under attack");
-    println!("stalled streams: server VmHWM {hwm_idle} MiB idle, {hwm} MiB under attack (VmRSS {rss} MiB)");
+    println!("stalled streams: server VmHWM {hwm_idle:.0} MiB idle, {hwm:.0} MiB under attack (VmRSS {rss:.0} MiB)");
     println!("stalled streams: no permission {nobody_report:?}");
     println!("stalled streams: reader on Write {reader_report:?}");
     drop(server);
 
     // Attack 5: 1,000 idle sockets without a ClientHello from 127.0.0.1.
-    let server = ServerProcess::start(&bin);
-    let writer = ClientTls::dev(&server.pki(), "writer").unwrap();
+    let server = serve(bin);
+    let writer = ClientTls::dev(&server.pki_dir(), "writer").unwrap();
     let idle = IdleSockets { count: 1000, from: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), hold: Duration::from_secs(30) };
-    let honest = attack::honest_call(server.addr, &writer, other, deadline);
-    let (report, latency) = attack::idle_handshakes(server.addr, &idle, honest).await.unwrap();
+    let honest = attack::honest_call(server.addr(), &writer, other, deadline);
+    let (report, latency) = attack::idle_handshakes(server.addr(), &idle, honest).await.unwrap();
     let mut closed = report.closed_after.clone();
     closed.sort();
     println!(
@@ -439,5 +377,5 @@ async fn measure_transport_attacks() {
         idle.hold,
         closed.last()
     );
-    println!("idle handshakes: server VmHWM {} MiB", server.memory().1);
+    println!("idle handshakes: server VmHWM {:.0} MiB", server.memory_mib().1);
 }

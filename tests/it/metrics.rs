@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use provcache::proto::reapi;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -13,16 +12,6 @@ use crate::common::*;
 
 const AC: &str = "build.bazel.remote.execution.v2.ActionCache";
 const BS: &str = "google.bytestream.ByteStream";
-
-/// GET over a plain TCP socket: (status line, body).
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_string(), body.to_string())
-}
 
 /// The value of one series (name with its labels, exactly as exposed); 0 if absent.
 fn value(text: &str, series: &str) -> f64 {
@@ -49,19 +38,17 @@ async fn counters_move_after_real_calls() {
     .await;
     let mut c = server.clients().await;
     let before = scrape(&server).await;
-    let get =
-        |a: &reapi::Digest| reapi::GetActionResultRequest { action_digest: Some(a.clone()), ..Default::default() };
     let hit_series =
         format!("provcache_grpc_requests_total{{service=\"{AC}\",method=\"GetActionResult\",code=\"OK\"}}");
     assert_eq!(value(&before, &hit_series), 0.0);
 
     // A miss, then a stored result and a hit.
     let action = upload_action(&mut c, "", "metrics").await;
-    assert_eq!(c.ac.get_action_result(get(&action)).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(c.lookup("", &action).await.unwrap_err(), Code::NotFound);
     let out = c.upload("", &[b"output"]).await.remove(0);
     let result = reapi::ActionResult { output_files: vec![output("o", &out)], ..Default::default() };
-    c.ac.update_action_result(update("", &action, result)).await.unwrap();
-    c.ac.get_action_result(get(&action)).await.unwrap();
+    c.update_result("", &action, result).await.unwrap();
+    c.lookup("", &action).await.unwrap();
     // 40 KiB through ByteStream, both ways; then enough more to evict.
     let data = noise(40 * 1024, 7);
     let d = sha(&data);
@@ -133,9 +120,7 @@ async fn denied_calls_are_counted_by_permission_and_reason() {
 #[tokio::test]
 async fn health_reports_serving() {
     let server = TestServer::start_opts(TestOptions { tls: true, metrics: true, ..Default::default() }).await;
-    let dir = server.pki_dir();
-    let ch = server.tls_channel(Some((dir.join("reader.pem"), dir.join("reader.key")))).await.unwrap();
-    let mut health = HealthClient::new(ch);
+    let mut health = HealthClient::new(server.dev_channel("reader").await);
     for service in ["", AC, "build.bazel.remote.execution.v2.ContentAddressableStorage", BS] {
         let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
         assert_eq!(r.status(), ServingStatus::Serving, "{service:?}");

@@ -7,18 +7,13 @@
 //! carries the client's TLS error (with the server's alert) as its source.
 
 use std::fmt;
-use std::fs;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use provcache::proto::bytestream::QueryWriteStatusRequest;
 use provcache::proto::reapi;
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -33,98 +28,8 @@ const AUDITOR: &str = "spiffe://provcache.dev/auditor";
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------
-// Certificates, CRLs and a movable clock
+// A movable clock
 // ---------------------------------------------------------------------------
-
-/// A client certificate and its key, as PEM files.
-#[derive(Clone, Debug)]
-struct CertFiles {
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-impl CertFiles {
-    fn dev(server: &TestServer, name: &str) -> Self {
-        let dir = server.pki_dir();
-        CertFiles { cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) }
-    }
-
-    fn pair(&self) -> (PathBuf, PathBuf) {
-        (self.cert.clone(), self.key.clone())
-    }
-
-    /// The certificate's serial number (the DER INTEGER's content octets).
-    fn serial(&self) -> Vec<u8> {
-        let der = CertificateDer::from_pem_file(&self.cert).unwrap();
-        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-        cert.raw_serial().to_vec()
-    }
-}
-
-/// The server's development CA, loaded from `ca.pem` and `ca.key`.
-fn dev_ca(server: &TestServer) -> Issuer<'static, KeyPair> {
-    let dir = server.pki_dir();
-    let key = KeyPair::from_pem(&fs::read_to_string(dir.join("ca.key")).unwrap()).unwrap();
-    Issuer::from_ca_cert_pem(&fs::read_to_string(dir.join("ca.pem")).unwrap(), key).unwrap()
-}
-
-/// A CA the server has never heard of.
-fn other_ca() -> Issuer<'static, KeyPair> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, "some other CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.self_signed(&key).unwrap();
-    Issuer::new(params, key)
-}
-
-fn random_serial() -> SerialNumber {
-    let mut serial = *uuid::Uuid::new_v4().as_bytes();
-    serial[0] = (serial[0] & 0x7f) | 0x01;
-    SerialNumber::from_slice(&serial)
-}
-
-/// Client certificate parameters shaped like the dev PKI's: CN, the given
-/// SANs, clientAuth, not a CA, valid from an hour ago for a day.
-fn client_params(cn: &str, sans: Vec<SanType>) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.subject_alt_names = sans;
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.serial_number = Some(random_serial());
-    params.use_authority_key_identifier_extension = true;
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::from_secs(3600);
-    params.not_after = now + Duration::from_secs(24 * 3600);
-    params
-}
-
-fn uri(s: &str) -> SanType {
-    SanType::URI(s.try_into().unwrap())
-}
-
-/// Signs `params` for a new P-256 key (PKCS#8) and writes `dir/name.pem` and
-/// `dir/name.key`.
-fn issue(issuer: &Issuer<'_, KeyPair>, params: &CertificateParams, dir: &Path, name: &str) -> CertFiles {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = params.signed_by(&key, issuer).unwrap();
-    let files = CertFiles { cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) };
-    fs::write(&files.cert, cert.pem()).unwrap();
-    fs::write(&files.key, key.serialize_pem()).unwrap();
-    files
-}
-
-/// Replaces `dir/ca.crl.pem` atomically with a CRL of `issuer` revoking
-/// `serials`.
-fn write_crl(issuer: &Issuer<'_, KeyPair>, dir: &Path, serials: &[Vec<u8>], number: u64) {
-    provcache::pki::write_crl(issuer, &dir.join("ca.crl.pem"), serials, number, Duration::from_secs(24 * 3600))
-        .unwrap();
-}
 
 /// The server's clock: real time plus an offset the test moves.
 #[derive(Clone, Default)]
@@ -307,7 +212,7 @@ where
     Fut: std::future::Future<Output = Result<Result<T, String>, tonic::Status>>,
 {
     let attempt = async {
-        match server.tls_channel(identity.map(CertFiles::pair)).await {
+        match server.tls_channel(identity).await {
             Ok(channel) => Outcome::of(call(Clients::new(channel)).await),
             Err(e) => Outcome::Transport(error_chain(&e)),
         }
@@ -328,68 +233,6 @@ fn expect_that(condition: bool, why: impl FnOnce() -> String) -> Result<(), Stri
 // ---------------------------------------------------------------------------
 // Requests
 // ---------------------------------------------------------------------------
-
-fn output(d: &reapi::Digest) -> reapi::ActionResult {
-    reapi::ActionResult {
-        output_files: vec![reapi::OutputFile { path: "out.txt".into(), digest: Some(d.clone()), ..Default::default() }],
-        ..Default::default()
-    }
-}
-
-async fn update_result(
-    c: &mut Clients,
-    instance: &str,
-    action: &reapi::Digest,
-    out: &reapi::Digest,
-) -> Result<reapi::ActionResult, tonic::Status> {
-    let request = reapi::UpdateActionResultRequest {
-        instance_name: instance.into(),
-        action_digest: Some(action.clone()),
-        action_result: Some(output(out)),
-        ..Default::default()
-    };
-    c.ac.update_action_result(request).await.map(tonic::Response::into_inner)
-}
-
-async fn get_result(
-    c: &mut Clients,
-    instance: &str,
-    action: &reapi::Digest,
-) -> Result<reapi::ActionResult, tonic::Status> {
-    let request = reapi::GetActionResultRequest {
-        instance_name: instance.into(),
-        action_digest: Some(action.clone()),
-        ..Default::default()
-    };
-    c.ac.get_action_result(request).await.map(tonic::Response::into_inner)
-}
-
-async fn batch_update(c: &mut Clients, instance: &str, data: &[u8]) -> Result<Vec<i32>, tonic::Status> {
-    let request = reapi::BatchUpdateBlobsRequest {
-        instance_name: instance.into(),
-        requests: vec![reapi::batch_update_blobs_request::Request {
-            digest: Some(sha(data)),
-            data: bytes::Bytes::copy_from_slice(data),
-            compressor: 0,
-        }],
-        digest_function: 0,
-    };
-    let reply = c.cas.batch_update_blobs(request).await?.into_inner();
-    Ok(reply.responses.iter().map(|r| r.status.as_ref().map_or(-1, |s| s.code)).collect())
-}
-
-async fn find_missing(
-    c: &mut Clients,
-    instance: &str,
-    digests: &[reapi::Digest],
-) -> Result<Vec<reapi::Digest>, tonic::Status> {
-    let request = reapi::FindMissingBlobsRequest {
-        instance_name: instance.into(),
-        blob_digests: digests.to_vec(),
-        digest_function: 0,
-    };
-    Ok(c.cas.find_missing_blobs(request).await?.into_inner().missing_blob_digests)
-}
 
 fn upload_name(instance: &str, d: &reapi::Digest) -> String {
     let prefix = if instance.is_empty() { String::new() } else { format!("{instance}/") };
@@ -535,7 +378,7 @@ impl Fixture {
         let blob = b"a blob every reader may read".to_vec();
         let out = writer.upload("", &[&blob]).await.remove(0);
         let action = upload_action(writer, "", "matrix: stored").await;
-        update_result(writer, "", &action, &out).await.unwrap();
+        writer.update_result("", &action, output_result(&out)).await.unwrap();
         let sub = writer.upload_msg("", &reapi::Directory::default()).await;
         let root = reapi::Directory {
             files: vec![reapi::FileNode { name: "f".into(), digest: Some(out.clone()), ..Default::default() }],
@@ -571,20 +414,20 @@ impl Fixture {
                 expect_that(enabled == want, || format!("update_enabled is {enabled}, want {want}"))
             }
             Rpc::GetActionResult => {
-                let result = get_result(c, "", &self.action).await?;
+                let result = c.get_result("", &self.action).await?;
                 let outputs: Vec<_> = result.output_files.iter().filter_map(|f| f.digest.clone()).collect();
                 expect_that(outputs == [blob.clone()], || format!("outputs {outputs:?}"))
             }
             Rpc::UpdateActionResult => {
-                let stored = update_result(c, "", &t.action, &blob).await?;
+                let stored = c.update_result("", &t.action, output_result(&blob)).await?;
                 expect_that(stored.output_files.len() == 1, || format!("stored {stored:?}"))
             }
             Rpc::FindMissingBlobs => {
-                let missing = find_missing(c, "", &[blob, self.absent.clone()]).await?;
+                let missing = c.find_missing("", &[blob, self.absent.clone()]).await?;
                 expect_that(missing == [self.absent.clone()], || format!("missing {missing:?}"))
             }
             Rpc::BatchUpdateBlobs => {
-                let codes = batch_update(c, "", &t.batch_blob).await?;
+                let codes = c.batch_update("", &[&t.batch_blob]).await?;
                 expect_that(codes == [0], || format!("per-blob codes {codes:?}"))
             }
             Rpc::BatchReadBlobs => {
@@ -655,7 +498,7 @@ async fn wait_until_refused(server: &TestServer, identity: &CertFiles, alert: &s
 /// revoked}. Allowed calls must reach the domain, and
 /// afterwards nothing a refused caller tried to write exists (T1).
 #[tokio::test]
-async fn every_rpc_for_every_kind_of_client() {
+async fn every_rpc_allows_denies_or_refuses_each_kind_of_client_as_expected() {
     let crls = tempfile::tempdir().unwrap();
     // The server lives a day ahead: the "expired" certificate is still valid
     // for the TLS layer (real time) but not for the gate, so its calls must
@@ -669,28 +512,33 @@ async fn every_rpc_for_every_kind_of_client() {
     })
     .await;
     let certs = tempfile::tempdir().unwrap();
-    let ca = dev_ca(&server);
+    let ca = dev_ca(&server.pki_dir());
 
     let mut identities: Vec<(Kind, Option<CertFiles>)> = Vec::new();
     for kind in Kind::ALL {
         let files = match kind {
-            Kind::Writer | Kind::Reader | Kind::Auditor => Some(CertFiles::dev(&server, kind.name())),
+            Kind::Writer | Kind::Reader | Kind::Auditor => Some(CertFiles::dev(&server.pki_dir(), kind.name())),
             Kind::NoCertificate => None,
-            Kind::OtherCa => {
-                Some(issue(&other_ca(), &client_params("writer", vec![uri(WRITER)]), certs.path(), "other-ca"))
-            }
+            Kind::OtherCa => Some(CertFiles::sign(
+                &other_ca(),
+                &client_params("writer", vec![uri(WRITER)]),
+                certs.path(),
+                "other-ca",
+            )),
             Kind::Expired => {
                 let mut params = client_params("writer", vec![uri(WRITER)]);
                 params.not_after = OffsetDateTime::now_utc() + Duration::from_secs(3600);
-                Some(issue(&ca, &params, certs.path(), "expired"))
+                Some(CertFiles::sign(&ca, &params, certs.path(), "expired"))
             }
             Kind::ExpiredForTls => {
                 let mut params = client_params("writer", vec![uri(WRITER)]);
                 params.not_before = OffsetDateTime::now_utc() - Duration::from_secs(2 * 3600);
                 params.not_after = OffsetDateTime::now_utc() - Duration::from_secs(3600);
-                Some(issue(&ca, &params, certs.path(), "expired-for-tls"))
+                Some(CertFiles::sign(&ca, &params, certs.path(), "expired-for-tls"))
             }
-            Kind::Revoked => Some(issue(&ca, &client_params("writer", vec![uri(WRITER)]), certs.path(), "revoked")),
+            Kind::Revoked => {
+                Some(CertFiles::sign(&ca, &client_params("writer", vec![uri(WRITER)]), certs.path(), "revoked"))
+            }
         };
         identities.push((kind, files));
     }
@@ -717,14 +565,14 @@ async fn every_rpc_for_every_kind_of_client() {
     // T1: what a refused caller tried to write is absent; the writer's is there.
     for (kind, t) in &fx.targets {
         let allowed = *kind == Kind::Writer;
-        let stored = match get_result(&mut writer, "", &t.action).await {
+        let stored = match writer.get_result("", &t.action).await {
             Ok(_) if allowed => Ok("stored".to_string()),
             Err(e) if !allowed && e.code() == Code::NotFound => Ok("absent".to_string()),
             other => Err(format!("GetActionResult by the writer: {other:?}")),
         };
         cells.fact("after: AC key", kind.name(), stored);
         let digests = [sha(&t.batch_blob), sha(&t.stream_blob)];
-        let missing = find_missing(&mut writer, "", &digests).await.unwrap();
+        let missing = writer.find_missing("", &digests).await.unwrap();
         let want: Vec<_> = if allowed { vec![] } else { digests.to_vec() };
         let blobs = if missing == want {
             Ok(if allowed { "both stored" } else { "both absent" }.to_string())
@@ -756,8 +604,8 @@ async fn t1_reader_writes_are_denied_and_leave_nothing_behind() {
         assert!(e.message().contains(READER) && e.message().contains(permission), "{e:?}");
     };
 
-    denied(update_result(&mut reader, "", &action, &out).await.unwrap_err(), "ac:write");
-    denied(batch_update(&mut reader, "", &poison).await.unwrap_err(), "cas:write");
+    denied(reader.update_result("", &action, output_result(&out)).await.unwrap_err(), "ac:write");
+    denied(reader.batch_update("", &[&poison]).await.unwrap_err(), "cas:write");
     // A multi-message stream: refused as a whole, nothing committed.
     let resource = upload_name("", &sha(&poison));
     denied(reader.write(&resource, &poison, 4).await.unwrap_err(), "cas:write");
@@ -766,13 +614,13 @@ async fn t1_reader_writes_are_denied_and_leave_nothing_behind() {
         "cas:write",
     );
 
-    assert_eq!(get_result(&mut writer, "", &action).await.unwrap_err().code(), Code::NotFound);
-    assert_eq!(find_missing(&mut writer, "", &[sha(&poison)]).await.unwrap(), [sha(&poison)]);
-    assert!(get_result(&mut reader, "", &action).await.is_err_and(|e| e.code() == Code::NotFound));
+    assert_eq!(writer.get_result("", &action).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(writer.find_missing("", &[sha(&poison)]).await.unwrap(), [sha(&poison)]);
+    assert!(reader.get_result("", &action).await.is_err_and(|e| e.code() == Code::NotFound));
 
     // The same writes by the writer succeed and the reader sees them.
-    update_result(&mut writer, "", &action, &out).await.unwrap();
-    assert_eq!(get_result(&mut reader, "", &action).await.unwrap().output_files[0].digest, Some(out));
+    writer.update_result("", &action, output_result(&out)).await.unwrap();
+    assert_eq!(reader.get_result("", &action).await.unwrap().output_files[0].digest, Some(out));
 }
 
 // ---------------------------------------------------------------------------
@@ -788,31 +636,23 @@ async fn t9_a_writer_limited_to_dev_cannot_touch_main() {
         provcache::pki::dev_policy_toml()
     );
     let server = TestServer::start_opts(TestOptions { tls: true, policy: Some(policy), ..Default::default() }).await;
-    let certs = tempfile::tempdir().unwrap();
-    let issued = provcache::pki::issue_client_cert(
-        &server.pki_dir(),
-        DEV_WRITER,
-        &certs.path().join("dev-writer"),
-        Duration::from_secs(3600),
-    )
-    .unwrap();
-    let mut dev = Clients::new(server.tls_channel(Some((issued.cert, issued.key))).await.unwrap());
+    let mut dev = Clients::new(server.channel_as(DEV_WRITER).await);
     let mut writer = server.dev_clients("writer").await;
 
     // Allowed in dev/x.
     let action = upload_action(&mut dev, "dev/x", "t9").await;
     let out = dev.upload("dev/x", &[b"t9 output"]).await.remove(0);
-    update_result(&mut dev, "dev/x", &action, &out).await.unwrap();
-    assert_eq!(get_result(&mut dev, "dev/x", &action).await.unwrap().output_files[0].digest, Some(out.clone()));
+    dev.update_result("dev/x", &action, output_result(&out)).await.unwrap();
+    assert_eq!(dev.get_result("dev/x", &action).await.unwrap().output_files[0].digest, Some(out.clone()));
 
     // Denied on main (and on "dev" itself, which is not under dev/), naming
     // the principal, the permission and the instance.
     for instance in ["main", "dev", ""] {
         let checks: [(&str, tonic::Status); 4] = [
-            ("ac:write", update_result(&mut dev, instance, &action, &out).await.unwrap_err()),
-            ("cas:write", batch_update(&mut dev, instance, b"t9 output").await.unwrap_err()),
-            ("ac:read", get_result(&mut dev, instance, &action).await.unwrap_err()),
-            ("cas:read", find_missing(&mut dev, instance, std::slice::from_ref(&out)).await.unwrap_err()),
+            ("ac:write", dev.update_result(instance, &action, output_result(&out)).await.unwrap_err()),
+            ("cas:write", dev.batch_update(instance, &[b"t9 output"]).await.unwrap_err()),
+            ("ac:read", dev.get_result(instance, &action).await.unwrap_err()),
+            ("cas:read", dev.find_missing(instance, std::slice::from_ref(&out)).await.unwrap_err()),
         ];
         for (permission, e) in checks {
             assert_eq!(e.code(), Code::PermissionDenied, "{instance:?} {permission}: {e:?}");
@@ -823,10 +663,10 @@ async fn t9_a_writer_limited_to_dev_cannot_touch_main() {
     }
 
     // The entry written in dev/x is a miss in main, and so are its blobs.
-    assert_eq!(get_result(&mut writer, "main", &action).await.unwrap_err().code(), Code::NotFound);
-    assert_eq!(find_missing(&mut writer, "main", std::slice::from_ref(&out)).await.unwrap(), vec![out.clone()]);
+    assert_eq!(writer.get_result("main", &action).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(writer.find_missing("main", std::slice::from_ref(&out)).await.unwrap(), vec![out.clone()]);
     // The writer sees it in dev/x.
-    assert!(get_result(&mut writer, "dev/x", &action).await.is_ok());
+    assert!(writer.get_result("dev/x", &action).await.is_ok());
 }
 
 // ---------------------------------------------------------------------------
@@ -836,7 +676,7 @@ async fn t9_a_writer_limited_to_dev_cannot_touch_main() {
 #[tokio::test]
 async fn t10_spoofed_identities_are_refused_by_the_real_server() {
     let server = TestServer::start_opts(TestOptions { tls: true, ..Default::default() }).await;
-    let ca = dev_ca(&server);
+    let ca = dev_ca(&server.pki_dir());
     let certs = tempfile::tempdir().unwrap();
     let mut writer = server.dev_clients("writer").await;
     let action = upload_action(&mut writer, "", "t10").await;
@@ -881,7 +721,7 @@ async fn t10_spoofed_identities_are_refused_by_the_real_server() {
 
     let mut cells = Cells::default();
     for (i, (name, params, tls_error, expect)) in cases.into_iter().enumerate() {
-        let files = issue(&ca, &params, certs.path(), &format!("t10-{i}"));
+        let files = CertFiles::sign(&ca, &params, certs.path(), &format!("t10-{i}"));
         let der = CertificateDer::from_pem_file(&files.cert).unwrap();
         let verdict = verifier.check_chain(&[der], SystemTime::now());
         let seen = format!("{verdict:?}");
@@ -897,7 +737,7 @@ async fn t10_spoofed_identities_are_refused_by_the_real_server() {
         // The first call on a new connection: an Action Cache write.
         let outcome = on_new_connection(&server, Some(&files), |mut c| {
             let (action, out) = (&action, &out);
-            async move { update_result(&mut c, "", action, out).await.map(|_| Ok::<(), String>(())) }
+            async move { c.update_result("", action, output_result(out)).await.map(|_| Ok::<(), String>(())) }
         })
         .await;
         cells.record(name, "UpdateActionResult", expect, &outcome, WRITER);
@@ -906,7 +746,7 @@ async fn t10_spoofed_identities_are_refused_by_the_real_server() {
         cells.record(name, "GetCapabilities", expect, &outcome, WRITER);
     }
     // None of them wrote.
-    let stored = match get_result(&mut writer, "", &action).await {
+    let stored = match writer.get_result("", &action).await {
         Err(e) if e.code() == Code::NotFound => Ok("absent".to_string()),
         other => Err(format!("GetActionResult by the writer: {other:?}")),
     };
@@ -926,13 +766,13 @@ async fn t11_a_crl_update_refuses_new_handshakes_and_open_connections() {
     let server =
         TestServer::start_opts(TestOptions { tls: true, crls: vec![crls.path().to_path_buf()], ..Default::default() })
             .await;
-    let ca = dev_ca(&server);
-    let writer_files = CertFiles::dev(&server, "writer");
+    let ca = dev_ca(&server.pki_dir());
+    let writer_files = CertFiles::dev(&server.pki_dir(), "writer");
     let mut open = server.dev_clients("writer").await;
     let mut reader = server.dev_clients("reader").await;
     let action = upload_action(&mut open, "", "t11").await;
     let out = open.upload("", &[b"t11 output"]).await.remove(0);
-    update_result(&mut open, "", &action, &out).await.unwrap();
+    open.update_result("", &action, output_result(&out)).await.unwrap();
 
     // Revoke the writer's certificate.
     let revoked_at = Instant::now();
@@ -941,11 +781,11 @@ async fn t11_a_crl_update_refuses_new_handshakes_and_open_connections() {
         wait_until_refused(&server, &writer_files, "CertificateRevoked", Duration::from_secs(10)).await;
 
     // The open connection's next call is refused too.
-    let e = get_result(&mut open, "", &action).await.unwrap_err();
+    let e = open.get_result("", &action).await.unwrap_err();
     let call_refused = revoked_at.elapsed();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("Revoked") && e.message().contains(WRITER), "{e:?}");
-    let e = update_result(&mut open, "", &action, &out).await.unwrap_err();
+    let e = open.update_result("", &action, output_result(&out)).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     eprintln!(
         "T11: new handshakes refused {handshake_refused:?} and the open connection {call_refused:?} after the CRL \
@@ -956,9 +796,9 @@ async fn t11_a_crl_update_refuses_new_handshakes_and_open_connections() {
     assert!(call_refused < RELOAD_INTERVAL * 5, "{call_refused:?}");
 
     // Others are unaffected, on open and new connections.
-    assert!(get_result(&mut reader, "", &action).await.is_ok());
+    assert!(reader.get_result("", &action).await.is_ok());
     let mut new_reader = server.dev_clients("reader").await;
-    assert!(get_result(&mut new_reader, "", &action).await.is_ok());
+    assert!(new_reader.get_result("", &action).await.is_ok());
 }
 
 // ---------------------------------------------------------------------------
@@ -970,28 +810,21 @@ async fn t12_a_certificate_expiring_mid_connection_is_refused_on_the_next_call()
     let clock = TestClock::default();
     let server =
         TestServer::start_opts(TestOptions { tls: true, clock: Some(clock.clock()), ..Default::default() }).await;
-    let certs = tempfile::tempdir().unwrap();
-    let short = provcache::pki::issue_client_cert(
-        &server.pki_dir(),
-        WRITER,
-        &certs.path().join("short-lived"),
-        Duration::from_secs(3600),
-    )
-    .unwrap();
-    let mut c = Clients::new(server.tls_channel(Some((short.cert, short.key))).await.unwrap());
+    // A certificate of its own, valid for an hour.
+    let mut c = Clients::new(server.channel_as(WRITER).await);
     let action = upload_action(&mut c, "", "t12").await;
     let out = c.upload("", &[b"t12 output"]).await.remove(0);
-    update_result(&mut c, "", &action, &out).await.unwrap();
-    assert!(get_result(&mut c, "", &action).await.is_ok());
+    c.update_result("", &action, output_result(&out)).await.unwrap();
+    assert!(c.get_result("", &action).await.is_ok());
 
     // Two hours later, on the same connection.
     clock.set(Duration::from_secs(2 * 3600));
-    let e = get_result(&mut c, "", &action).await.unwrap_err();
+    let e = c.get_result("", &action).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("expired") && e.message().contains(WRITER), "{e:?}");
-    let e = update_result(&mut c, "", &action, &out).await.unwrap_err();
+    let e = c.update_result("", &action, output_result(&out)).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     // The same principal with a certificate still valid carries on.
     let mut writer = server.dev_clients("writer").await;
-    assert!(get_result(&mut writer, "", &action).await.is_ok());
+    assert!(writer.get_result("", &action).await.is_ok());
 }

@@ -16,10 +16,8 @@ use provcache::proto::reapi;
 use provcache::signing::canonical_bytes;
 use provcache::trust::verify::{verify_served, Expected};
 use provcache::trust::TrustPolicy;
-use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::bazel::ServerProcess;
 use crate::common::*;
 
 const MIB: usize = 1024 * 1024;
@@ -27,21 +25,6 @@ const MIB: usize = 1024 * 1024;
 const EXIT_WAIT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------- helpers
-
-async fn channel(server: &ServerProcess) -> Channel {
-    Channel::from_shared(format!("http://{}", server.addr()))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(120))
-        .connect()
-        .await
-        .unwrap()
-}
-
-/// Clients on a connection of their own.
-async fn connect(server: &ServerProcess) -> Clients {
-    Clients::new(channel(server).await)
-}
 
 /// Runs blocking process control (start, kill, wait) off the async workers.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -77,28 +60,10 @@ fn blob_name(d: &reapi::Digest) -> String {
     format!("blobs/{}", rn(d))
 }
 
-fn update(action: &reapi::Digest, result: reapi::ActionResult) -> reapi::UpdateActionResultRequest {
-    reapi::UpdateActionResultRequest {
-        action_digest: Some(action.clone()),
-        action_result: Some(result),
-        ..Default::default()
-    }
-}
-
-async fn lookup(c: &mut Clients, action: &reapi::Digest) -> Result<reapi::ActionResult, Code> {
-    let req = reapi::GetActionResultRequest { action_digest: Some(action.clone()), ..Default::default() };
-    c.ac.get_action_result(req).await.map(|r| r.into_inner()).map_err(|s| s.code())
-}
-
 /// A result whose one output file holds `contents` (uploaded first). It is
 /// already canonical, so `canonical_bytes` of it is what the server stores.
 async fn result_with_output(c: &mut Clients, contents: &[u8], exit_code: i32) -> reapi::ActionResult {
-    let out = c.upload("", &[contents]).await.remove(0);
-    reapi::ActionResult {
-        output_files: vec![reapi::OutputFile { path: "out.txt".into(), digest: Some(out), ..Default::default() }],
-        exit_code,
-        ..Default::default()
-    }
+    reapi::ActionResult { exit_code, ..c.result_with_output("", contents).await }
 }
 
 fn expected(action: &reapi::Digest) -> Expected {
@@ -107,7 +72,7 @@ fn expected(action: &reapi::Digest) -> Expected {
 
 /// The trust policy of a server started on the dev signing key.
 fn dev_policy(server: &ServerProcess) -> TrustPolicy {
-    TrustPolicy::load(&server.data_dir().join("dev-pki").join("trust-policy.toml")).unwrap()
+    TrustPolicy::load(&server.pki_dir().join("trust-policy.toml")).unwrap()
 }
 
 /// Asserts a served result verifies independently of the server.
@@ -122,7 +87,7 @@ async fn stored_entries(
     server: &ServerProcess,
     action: &reapi::Digest,
 ) -> (Option<reapi::ActionResult>, Vec<reapi::ActionResult>) {
-    let mut audit = AuditClient::new(channel(server).await);
+    let mut audit = AuditClient::new(server.channel().await);
     let reply = audit
         .get_stored_entry(GetStoredEntryRequest { action_digest: Some(action.clone()), ..Default::default() })
         .await
@@ -135,7 +100,7 @@ async fn stored_entries(
 /// reads back whole and right; any other reads back whole and right or is
 /// NOT_FOUND; FindMissingBlobs agrees with Read for every one.
 async fn check_blobs(server: &ServerProcess, attempted: &[Blob], acked: &HashSet<u64>) -> usize {
-    let mut c = connect(server).await;
+    let mut c = server.clients().await;
     let digests: Vec<reapi::Digest> = attempted.iter().map(|b| sha(&b.data())).collect();
     let mut missing = HashSet::new();
     for part in digests.chunks(500) {
@@ -177,7 +142,7 @@ async fn r1_kill9_during_concurrent_uploads_loses_no_acknowledged_blob() {
         let mut tasks = Vec::new();
         for w in 0..UPLOADERS {
             let (attempted, acked, stop) = (attempted.clone(), acked.clone(), stop.clone());
-            let mut c = connect(&server).await;
+            let mut c = server.clients().await;
             tasks.push(tokio::spawn(async move {
                 for i in 0u64.. {
                     if stop.load(Ordering::Relaxed) {
@@ -204,7 +169,7 @@ async fn r1_kill9_during_concurrent_uploads_loses_no_acknowledged_blob() {
         // A reader meanwhile: whatever it is served is whole and right.
         let reader = {
             let (attempted, acked, stop) = (attempted.clone(), acked.clone(), stop.clone());
-            let mut c = connect(&server).await;
+            let mut c = server.clients().await;
             tokio::spawn(async move {
                 let mut i = 0usize;
                 while !stop.load(Ordering::Relaxed) {
@@ -256,7 +221,7 @@ async fn r1_kill9_during_concurrent_uploads_loses_no_acknowledged_blob() {
         );
     }
     // The restarted server takes new uploads.
-    let mut c = connect(&server).await;
+    let mut c = server.clients().await;
     let blob = Blob { seed: 99, len: 3 * MIB + 1 };
     upload(&mut c, &blob.data()).await.unwrap();
     assert_eq!(c.read(&blob_name(&sha(&blob.data())), 0, 0).await.unwrap(), blob.data());
@@ -276,11 +241,11 @@ async fn r3_a_crash_at_each_step_of_update_action_result_leaves_no_entry_or_a_si
     }
     for point in provcache::failpoint::POINTS {
         let mut server = ServerProcess::start_plaintext();
-        let mut c = connect(&server).await;
+        let mut c = server.clients().await;
         // `old` already has an entry (v1); `new` has none.
         let old = upload_action(&mut c, "", &format!("old {point}")).await;
         let v1 = result_with_output(&mut c, b"v1", 0).await;
-        c.ac.update_action_result(update(&old, v1.clone())).await.unwrap();
+        c.ac.update_action_result(update("", &old, v1.clone())).await.unwrap();
         let v2 = result_with_output(&mut c, b"v2", 1).await;
         let new = upload_action(&mut c, "", &format!("new {point}")).await;
         let n1 = result_with_output(&mut c, b"n1", 0).await;
@@ -289,8 +254,8 @@ async fn r3_a_crash_at_each_step_of_update_action_result_leaves_no_entry_or_a_si
         server.set_env("PROVCACHE_FAILPOINT", Some(point));
         for (action, result) in [(&old, &v2), (&new, &n1)] {
             blocking(|| server.start_again());
-            let mut c = connect(&server).await;
-            let answer = c.ac.update_action_result(update(action, result.clone())).await;
+            let mut c = server.clients().await;
+            let answer = c.ac.update_action_result(update("", action, result.clone())).await;
             assert!(answer.is_err(), "{point}: the server answered instead of crashing: {answer:?}");
             let status = blocking(|| server.wait_for_exit(EXIT_WAIT));
             assert_eq!(status.signal(), Some(6), "{point}: the server did not abort at the crash point: {status}");
@@ -299,13 +264,13 @@ async fn r3_a_crash_at_each_step_of_update_action_result_leaves_no_entry_or_a_si
         blocking(|| server.start_again());
 
         let policy = dev_policy(&server);
-        let mut c = connect(&server).await;
+        let mut c = server.clients().await;
         let committed = point == "ac-after-commit";
-        let got = lookup(&mut c, &old).await.unwrap_or_else(|code| panic!("{point}: the old entry is gone: {code:?}"));
+        let got = c.lookup("", &old).await.unwrap_or_else(|code| panic!("{point}: the old entry is gone: {code:?}"));
         assert_signed(&policy, &got, &old, point);
         let want = if committed { &v2 } else { &v1 };
         assert_eq!(canonical_bytes(&got), canonical_bytes(want), "{point}: the old action holds the wrong result");
-        match lookup(&mut c, &new).await {
+        match c.lookup("", &new).await {
             Ok(got) => {
                 assert!(committed, "{point}: an entry before its commit: {got:?}");
                 assert_signed(&policy, &got, &new, point);
@@ -325,8 +290,8 @@ async fn r3_a_crash_at_each_step_of_update_action_result_leaves_no_entry_or_a_si
             assert_eq!(history.last(), current.as_ref(), "{point}: the newest history record is the current entry");
         }
         // And the server takes the write it crashed on.
-        c.ac.update_action_result(update(&new, n1.clone())).await.unwrap();
-        assert_signed(&policy, &lookup(&mut c, &new).await.unwrap(), &new, point);
+        c.ac.update_action_result(update("", &new, n1.clone())).await.unwrap();
+        assert_signed(&policy, &c.lookup("", &new).await.unwrap(), &new, point);
         blocking(|| server.stop());
     }
 }
@@ -339,18 +304,18 @@ async fn r3_a_crash_at_each_step_of_update_action_result_leaves_no_entry_or_a_si
 async fn r6_racing_writers_leave_one_of_their_results_signed_and_both_in_history() {
     let mut server = ServerProcess::start_plaintext();
     let policy = dev_policy(&server);
-    let (mut a, mut b) = (connect(&server).await, connect(&server).await);
+    let (mut a, mut b) = (server.clients().await, server.clients().await);
     let mut winners = [0, 0];
     for round in 0..40 {
         let action = upload_action(&mut a, "", &format!("race {round}")).await;
         let ra = result_with_output(&mut a, format!("a {round}").as_bytes(), 0).await;
         let rb = result_with_output(&mut b, format!("b {round}").as_bytes(), 1).await;
         let (x, y) = tokio::join!(
-            a.ac.update_action_result(update(&action, ra)),
-            b.ac.update_action_result(update(&action, rb))
+            a.ac.update_action_result(update("", &action, ra)),
+            b.ac.update_action_result(update("", &action, rb))
         );
         let (reply_a, reply_b) = (x.unwrap().into_inner(), y.unwrap().into_inner());
-        let current = lookup(&mut a, &action).await.unwrap();
+        let current = a.lookup("", &action).await.unwrap();
         assert_signed(&policy, &current, &action, "r6");
         if current == reply_a {
             winners[0] += 1;
@@ -420,10 +385,10 @@ async fn r7_a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_retur
     std::fs::create_dir(&data_dir).unwrap();
     let mut server = ServerProcess::start_in(&data_dir, ["--plaintext-insecure"]);
     let policy = dev_policy(&server);
-    let mut c = connect(&server).await;
+    let mut c = server.clients().await;
     let action = upload_action(&mut c, "", "before the disk fills").await;
     let result = result_with_output(&mut c, b"written with space", 0).await;
-    let reply = c.ac.update_action_result(update(&action, result)).await.unwrap().into_inner();
+    let reply = c.ac.update_action_result(update("", &action, result)).await.unwrap().into_inner();
 
     // Fill the filesystem.
     let mut acked = Vec::new();
@@ -447,34 +412,17 @@ async fn r7_a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_retur
     let s = upload(&mut c, &big.data()).await.expect_err("a streamed upload on a full disk");
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     let small = Blob { seed: 8_000_001, len: 1000 }.data();
-    let resp = c
-        .cas
-        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            requests: vec![reapi::batch_update_blobs_request::Request {
-                digest: Some(sha(&small)),
-                data: small.clone().into(),
-                compressor: 0,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(resp.responses[0].status.as_ref().unwrap().code, Code::ResourceExhausted as i32, "{resp:?}");
-    let out = sha(b"written with space");
-    let full_result = reapi::ActionResult {
-        output_files: vec![reapi::OutputFile { path: "out.txt".into(), digest: Some(out), ..Default::default() }],
-        exit_code: 7,
-        ..Default::default()
-    };
-    let s = c.ac.update_action_result(update(&action, full_result)).await.expect_err("an AC write on a full disk");
+    let codes = c.batch_update("", &[&small]).await.unwrap();
+    assert_eq!(codes, [Code::ResourceExhausted as i32], "a batched upload on a full disk");
+    let full_result = reapi::ActionResult { exit_code: 7, ..output_result(&sha(b"written with space")) };
+    let s = c.ac.update_action_result(update("", &action, full_result)).await.expect_err("an AC write on a full disk");
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
 
     // Reads keep working, and nothing partial is visible.
     for blob in &acked {
         assert_eq!(c.read(&blob_name(&sha(&blob.data())), 0, 0).await.unwrap(), blob.data(), "{blob:?}");
     }
-    assert_eq!(lookup(&mut c, &action).await.unwrap(), reply);
+    assert_eq!(c.lookup("", &action).await.unwrap(), reply);
     for blob in [refused, big] {
         let d = sha(&blob.data());
         assert_eq!(c.missing("", std::slice::from_ref(&d)).await, vec![d.clone()], "{blob:?}");
@@ -505,8 +453,8 @@ async fn r7_a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_retur
     upload(&mut c, &big.data()).await.unwrap();
     assert_eq!(c.read(&blob_name(&sha(&big.data())), 0, 0).await.unwrap(), big.data());
     let again = result_with_output(&mut c, b"written after recovery", 2).await;
-    c.ac.update_action_result(update(&action, again.clone())).await.unwrap();
-    let got = lookup(&mut c, &action).await.unwrap();
+    c.ac.update_action_result(update("", &action, again.clone())).await.unwrap();
+    let got = c.lookup("", &action).await.unwrap();
     assert_signed(&policy, &got, &action, "r7");
     assert_eq!(canonical_bytes(&got), canonical_bytes(&again));
     for blob in &acked {
@@ -535,7 +483,7 @@ async fn write_corpus(c: &mut Clients, seed: u64) -> (Vec<Blob>, Vec<(reapi::Dig
     for i in 0..10 {
         let action = upload_action(c, "", &format!("corpus {seed} {i}")).await;
         let result = result_with_output(c, format!("output {seed} {i}").as_bytes(), 0).await;
-        let reply = c.ac.update_action_result(update(&action, result)).await.unwrap().into_inner();
+        let reply = c.ac.update_action_result(update("", &action, result)).await.unwrap().into_inner();
         entries.push((action, reply));
     }
     (blobs, entries)
@@ -549,7 +497,7 @@ async fn check_no_wrong_bytes(
     entries: &[(reapi::Digest, reapi::ActionResult)],
 ) -> (usize, usize) {
     let policy = dev_policy(server);
-    let mut c = connect(server).await;
+    let mut c = server.clients().await;
     let mut served = (0, 0);
     for blob in blobs {
         let data = blob.data();
@@ -568,7 +516,7 @@ async fn check_no_wrong_bytes(
         }
     }
     for (action, reply) in entries {
-        match lookup(&mut c, action).await {
+        match c.lookup("", action).await {
             Ok(got) => {
                 assert_signed(&policy, &got, action, "r8");
                 assert_eq!(&got, reply, "a different result served for {action:?}");
@@ -584,7 +532,7 @@ async fn check_no_wrong_bytes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r8_a_truncated_wal_tail_starts_and_serves_no_wrong_bytes() {
     let mut server = ServerProcess::start_plaintext();
-    let mut c = connect(&server).await;
+    let mut c = server.clients().await;
     let (blobs, entries) = write_corpus(&mut c, 1 << 32).await;
     blocking(|| server.kill9());
     let db = server.data_dir().join("db");
@@ -606,7 +554,7 @@ async fn r8_a_truncated_wal_tail_starts_and_serves_no_wrong_bytes() {
     eprintln!("r8 wal: {blobs_served}/{} blobs and {entries_served}/{} entries survive", blobs.len(), entries.len());
     assert!(blobs_served > 0, "the log's intact head is recovered");
     assert!(blobs_served < blobs.len(), "the truncation cut off committed records");
-    let mut c = connect(&server).await;
+    let mut c = server.clients().await;
     let blob = Blob { seed: 5, len: 2 * MIB };
     upload(&mut c, &blob.data()).await.unwrap();
     assert_eq!(c.read(&blob_name(&sha(&blob.data())), 0, 0).await.unwrap(), blob.data());
@@ -619,7 +567,7 @@ async fn r8_a_truncated_wal_tail_starts_and_serves_no_wrong_bytes() {
 /// the middle of every blob file.
 async fn corrupt_tables_then_check(seed: u64, from_end: bool) {
     let mut server = ServerProcess::start_plaintext();
-    let mut c = connect(&server).await;
+    let mut c = server.clients().await;
     let (blobs, entries) = write_corpus(&mut c, seed).await;
     blocking(|| server.stop()); // flushes: everything is in table and blob files now
     let db = server.data_dir().join("db");
@@ -668,7 +616,7 @@ async fn corrupt_tables_then_check(seed: u64, from_end: bool) {
     );
     assert!(blobs_served < blobs.len(), "the damage reached some blob");
     // The damaged store still takes writes.
-    let mut c = connect(&server).await;
+    let mut c = server.clients().await;
     let blob = Blob { seed: seed + 999, len: 3000 };
     match upload(&mut c, &blob.data()).await {
         Ok(()) => assert_eq!(c.read(&blob_name(&sha(&blob.data())), 0, 0).await.unwrap(), blob.data()),
@@ -705,7 +653,7 @@ async fn sigterm_during_uploads_drains_calls_in_flight_and_loses_no_acknowledged
     let mut tasks = Vec::new();
     for w in 0..UPLOADERS {
         let (attempted, acked) = (attempted.clone(), acked.clone());
-        let mut c = connect(&server).await;
+        let mut c = server.clients().await;
         tasks.push(tokio::spawn(async move {
             for i in 0u64.. {
                 let blob = Blob { seed: (w << 20) | i, len: 4 * MIB + (i as usize % 1000) };
@@ -754,7 +702,7 @@ async fn sigterm_during_uploads_drains_calls_in_flight_and_loses_no_acknowledged
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_then_restore_serves_what_was_stored_at_the_backup() {
     let mut server = ServerProcess::start_plaintext();
-    let mut c = connect(&server).await;
+    let mut c = server.clients().await;
     let (blobs, entries) = write_corpus(&mut c, 7 << 32).await;
     let tmp = tempfile::tempdir().unwrap();
     let data_dir = server.data_dir().to_path_buf();
@@ -783,7 +731,7 @@ async fn backup_then_restore_serves_what_was_stored_at_the_backup() {
 
     // Written after the backup: absent from the restored copy.
     blocking(|| server.start_again());
-    let mut c = connect(&server).await;
+    let mut c = server.clients().await;
     let later = Blob { seed: 7 << 33, len: 5000 };
     upload(&mut c, &later.data()).await.unwrap();
     blocking(|| server.stop());
@@ -801,9 +749,9 @@ async fn backup_then_restore_serves_what_was_stored_at_the_backup() {
     let acked: HashSet<u64> = blobs.iter().map(|b| b.seed).collect();
     assert_eq!(check_blobs(&again, &blobs, &acked).await, blobs.len());
     let policy = dev_policy(&again);
-    let mut c = connect(&again).await;
+    let mut c = again.clients().await;
     for (action, reply) in &entries {
-        let got = lookup(&mut c, action).await.expect("a backed-up entry is a hit");
+        let got = c.lookup("", action).await.expect("a backed-up entry is a hit");
         assert_signed(&policy, &got, action, "restored");
         assert_eq!(&got, reply);
     }

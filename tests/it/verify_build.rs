@@ -5,7 +5,7 @@
 //! or as the real binary where the exit status and output are the point.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
@@ -13,14 +13,12 @@ use provcache::client::Target;
 use provcache::digest::{Digest, DigestFunction};
 use provcache::proto::prov::audit_client::AuditClient;
 use provcache::proto::prov::storage::StoredActionEntry;
-use provcache::proto::prov::{HitRecord, ListInvocationHitsRequest};
+use provcache::proto::prov::HitRecord;
 use provcache::proto::reapi;
 use provcache::resource::InstanceName;
-use provcache::service::REQUEST_METADATA_HEADER;
 use provcache::store::Key;
 use provcache::verify_build::{self, Code, NothingToAudit, Options, Report};
 use sha2::{Digest as _, Sha256};
-use tonic::metadata::BinaryMetadataValue;
 
 use crate::common::*;
 
@@ -38,7 +36,6 @@ struct Fixture {
     writer: Clients,
     victim: Clients,
     mallory: Clients,
-    _certs: tempfile::TempDir,
 }
 
 impl Fixture {
@@ -55,18 +52,10 @@ impl Fixture {
         );
         let server =
             TestServer::start_opts(TestOptions { tls: true, policy: Some(policy), mode, ..Default::default() }).await;
-        let certs = tempfile::tempdir().unwrap();
-        let issued = provcache::pki::issue_client_cert(
-            &server.pki_dir(),
-            MALLORY,
-            &certs.path().join("mallory"),
-            Duration::from_secs(3600),
-        )
-        .unwrap();
-        let mallory = Clients::new(server.tls_channel(Some((issued.cert, issued.key))).await.unwrap());
+        let mallory = Clients::new(server.channel_as(MALLORY).await);
         let writer = server.dev_clients("writer").await;
         let victim = server.dev_clients("reader").await;
-        Fixture { server, writer, victim, mallory, _certs: certs }
+        Fixture { server, writer, victim, mallory }
     }
 
     fn policy(&self) -> PathBuf {
@@ -92,46 +81,16 @@ impl Fixture {
 
     /// Uploads an action and its output and stores its result as the writer.
     async fn write(&mut self, salt: &str) -> reapi::Digest {
-        let action = upload_action(&mut self.writer, "", salt).await;
-        let out = self.writer.upload("", &[format!("output of {salt}").as_bytes()]).await.remove(0);
-        let result = reapi::ActionResult { output_files: vec![output("out.txt", &out)], ..Default::default() };
-        self.writer.ac.update_action_result(update("", &action, result)).await.unwrap();
-        action
+        self.writer.store_entry("", salt).await.0
     }
 
     /// The records the server lists for `invocation`, once at least `n` are
     /// there (the hit log is written off the request path).
     async fn records(&self, invocation: &str, n: usize) -> Vec<HitRecord> {
-        let pki = self.server.pki_dir();
-        let ch = self.server.tls_channel(Some((pki.join("auditor.pem"), pki.join("auditor.key")))).await.unwrap();
-        let mut audit = AuditClient::new(ch).max_decoding_message_size(MAX_MSG);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut records = Vec::new();
-            let mut token = String::new();
-            loop {
-                let page = audit
-                    .list_invocation_hits(ListInvocationHitsRequest {
-                        tool_invocation_id: invocation.into(),
-                        page_size: 0,
-                        page_token: token,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                records
-                    .extend(page.records.into_iter().map(|r| HitRecord::decode(r.envelope.unwrap().payload).unwrap()));
-                token = page.next_page_token;
-                if token.is_empty() {
-                    break;
-                }
-            }
-            if records.len() >= n {
-                return records;
-            }
-            assert!(Instant::now() < deadline, "{} of {n} hit records of {invocation} within 10 s", records.len());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let mut audit = AuditClient::new(self.server.dev_channel("auditor").await).max_decoding_message_size(MAX_MSG);
+        let envelopes = wait_for_hit_envelopes(&mut audit, invocation, n, Duration::from_secs(10)).await;
+        assert!(envelopes.len() >= n, "{} of {n} hit records of {invocation} within 10 s", envelopes.len());
+        records_of(&envelopes)
     }
 
     fn key(&self, action: &reapi::Digest) -> Key {
@@ -164,17 +123,7 @@ async fn lookup(
     action: &reapi::Digest,
     claims: (&str, &str),
 ) -> Result<reapi::ActionResult, tonic::Code> {
-    let metadata = reapi::RequestMetadata {
-        tool_invocation_id: invocation.into(),
-        action_mnemonic: claims.0.into(),
-        target_id: claims.1.into(),
-        ..Default::default()
-    };
-    let mut request = tonic::Request::new(get("", action));
-    request
-        .metadata_mut()
-        .insert_bin(REQUEST_METADATA_HEADER, BinaryMetadataValue::from_bytes(&metadata.encode_to_vec()));
-    c.ac.get_action_result(request).await.map(|r| r.into_inner()).map_err(|s| s.code())
+    c.lookup_as("", action, &request_metadata(invocation, claims.0, claims.1)).await
 }
 
 async fn audit(opts: &Options) -> Report {
