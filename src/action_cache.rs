@@ -10,14 +10,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use prost::Message;
 
-use crate::cas::{blocking, Cas, MAX_ACTION_BLOB};
+use crate::cas::{Cas, MAX_ACTION_BLOB};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::limits::Enforcer;
 use crate::proto::prov::storage::StoredActionEntry;
 use crate::proto::reapi;
 use crate::resource::InstanceName;
-use crate::store::{Key, Kind};
+use crate::store::rocks::{Key, Kind, RocksStore};
 
 /// The largest canonical ActionResult accepted (a stored entry must still fit
 /// in a default 4 MiB gRPC message when read back).
@@ -56,6 +56,7 @@ impl InlineRequest {
 #[derive(Debug)]
 pub struct ActionCache {
     cas: Arc<Cas>,
+    store: Arc<RocksStore>,
 }
 
 /// A validated UpdateActionResult, ready to be stored.
@@ -72,9 +73,10 @@ pub struct PreparedResult {
 }
 
 impl ActionCache {
-    /// An Action Cache whose results reference blobs in `cas`.
-    pub fn new(cas: Arc<Cas>) -> Self {
-        ActionCache { cas }
+    /// An Action Cache whose results reference blobs in `cas`, with its
+    /// entries in `store`.
+    pub fn new(cas: Arc<Cas>, store: Arc<RocksStore>) -> Self {
+        ActionCache { cas, store }
     }
 
     /// Checks an UpdateActionResult: within the caller's limits on outputs
@@ -173,10 +175,10 @@ impl ActionCache {
             references_envelope: Bytes::from(references_envelope),
         };
         let key = Key::new(instance, &action);
-        let store = self.cas.store().clone();
+        let store = self.store.clone();
         let value = entry.encode_to_vec();
         let nanos = now.as_nanos() as u64;
-        blocking(move || store.ac_put(&key, &value, nanos)).await?;
+        tokio::task::spawn_blocking(move || store.ac_put(&key, &value, nanos)).await??;
         Ok(entry)
     }
 
@@ -185,11 +187,11 @@ impl ActionCache {
     pub async fn load(&self, instance: &InstanceName, action: Digest) -> Result<Option<(Vec<u8>, StoredActionEntry)>> {
         let key = Key::new(instance, &action);
         // From memory on this thread when possible (see Store::ac_get_cached).
-        let value = match self.cas.store().ac_get_cached(&key) {
+        let value = match self.store.ac_get_cached(&key) {
             Some(value) => value,
             None => {
-                let store = self.cas.store().clone();
-                blocking(move || store.ac_get(&key)).await
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || store.ac_get(&key)).await?
             }
         };
         let value = match value {
@@ -253,7 +255,7 @@ impl ActionCache {
         if let Some(missing) = self.cas.first_missing(instance, digests).await? {
             return Err(Error::NotFound(format!("action result {action} references missing blob {missing}")));
         }
-        self.cas.store().touch(Kind::Action, &Key::new(instance, &action));
+        self.store.touch(Kind::Action, &Key::new(instance, &action));
         Ok(())
     }
 

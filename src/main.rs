@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use provcache::config::{IdentityArg, LogFormat, ServeConfig, Settings, VerifyModeArg};
 use provcache::provenance::{Mode, ProvenanceConfig};
 use provcache::server::{Cache, ServerOptions};
-use provcache::store::StoreOptions;
+use provcache::store::rocks::StoreOptions;
 
 /// A Remote Execution API v2 cache that signs where every cached result came from.
 #[derive(Parser, Debug)]
@@ -290,7 +290,7 @@ fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let db = provcache::server::db_path(&args.data_dir);
     anyhow::ensure!(db.is_dir(), "{} holds no provcache storage (no db/ directory)", args.data_dir.display());
     anyhow::ensure!(!args.dest.exists(), "{} exists already; name a new directory", args.dest.display());
-    let store = provcache::store::Store::open(&db, &provcache::store::StoreOptions::default()).map_err(|e| {
+    let store = provcache::store::rocks::RocksStore::open(&db, &StoreOptions::default()).map_err(|e| {
         if e.to_string().contains("lock") {
             anyhow::anyhow!(
                 "{} is in use by a running server: stop it first (SIGTERM), or snapshot the \

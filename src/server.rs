@@ -28,7 +28,8 @@ use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::service::execution::ExecutionService;
 use crate::service::Context;
-use crate::store::{Store, StoreOptions};
+use crate::store::rocks::{RocksStore, StoreOptions};
+use crate::store::BlobStore;
 use crate::transport::{RequestBudget, TransportLayer};
 use crate::upload::Uploads;
 use tonic_health::pb::health_server::HealthServer;
@@ -71,7 +72,7 @@ impl Background {
 
 /// Writes queued recency refreshes every second and evicts least recently
 /// used records whenever stored bytes exceed the bound, off the request path.
-fn spawn_eviction(store: Arc<Store>) -> tokio::task::JoinHandle<()> {
+fn spawn_eviction(store: Arc<RocksStore>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -79,11 +80,12 @@ fn spawn_eviction(store: Arc<Store>) -> tokio::task::JoinHandle<()> {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             let s = store.clone();
-            match crate::cas::blocking(move || {
+            match tokio::task::spawn_blocking(move || {
                 s.apply_touches()?;
                 s.evict()
             })
             .await
+            .unwrap_or_else(|e| Err(e.into()))
             {
                 Ok(e) if e.blobs + e.actions > 0 => {
                     tracing::debug!(blobs = e.blobs, actions = e.actions, bytes = e.bytes, "evicted")
@@ -106,7 +108,7 @@ pub type Layers = tower_layer::Stack<
 #[derive(Debug)]
 pub struct Cache {
     ctx: Context,
-    store: Arc<Store>,
+    store: Arc<RocksStore>,
     history_retention: Duration,
     shutdown_timeout: Duration,
     metrics: Option<Arc<Metrics>>,
@@ -133,10 +135,11 @@ impl Cache {
     pub fn open_with_clock(options: &ServerOptions, gate: SharedGate, clock: Clock) -> anyhow::Result<Self> {
         let provenance = Arc::new(Provenance::new(options.provenance.clone(), clock)?);
         provenance.spawn_reloader(Duration::from_secs(2));
-        let store = Arc::new(Store::open(&db_path(&options.data_dir), &options.store)?);
-        let cas = Arc::new(Cas::new(store.clone()));
-        let ac = Arc::new(ActionCache::new(cas.clone()));
-        let uploads = Arc::new(Uploads::new(&options.limits));
+        let store = Arc::new(RocksStore::open(&db_path(&options.data_dir), &options.store)?);
+        let blobs: Arc<dyn BlobStore> = Arc::new(store.clone());
+        let cas = Arc::new(Cas::new(blobs.clone()));
+        let ac = Arc::new(ActionCache::new(cas.clone(), store.clone()));
+        let uploads = Arc::new(Uploads::new(blobs, &options.limits));
         store.verified_chunks().set_capacity(options.limits.verified_chunk_cache);
         let limit_hits = Arc::new(LimitHits::default());
         let metrics = options
@@ -156,7 +159,7 @@ impl Cache {
         ));
         // The bare gate (before logging and metrics) is asked quietly who a caller is.
         let transport = TransportLayer::new(gate.clone(), bare_gate, budget.clone(), limit_hits.clone(), &limits);
-        let ctx = Context { gate, cas, ac, uploads, provenance, limits, limit_hits };
+        let ctx = Context { gate, cas, ac, uploads, store: store.clone(), provenance, limits, limit_hits };
         Ok(Cache {
             ctx,
             store,
@@ -272,7 +275,7 @@ impl Cache {
             let mut n: u64 = 0;
             loop {
                 tick.tick().await;
-                uploads.expire(&store).await;
+                uploads.expire().await;
                 if n % 60 == 0 {
                     let cutoff = std::time::SystemTime::now()
                         .checked_sub(retention)
@@ -280,7 +283,10 @@ impl Cache {
                         .map(|d| d.as_nanos() as u64)
                         .unwrap_or(0);
                     let s = store.clone();
-                    match crate::cas::blocking(move || Ok(s.purge_history(cutoff)? + s.purge_audit(cutoff)?)).await {
+                    let purged = tokio::task::spawn_blocking(move || -> crate::error::Result<usize> {
+                        Ok(s.purge_history(cutoff)? + s.purge_audit(cutoff)?)
+                    });
+                    match purged.await.unwrap_or_else(|e| Err(e.into())) {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(records = n, "purged old Action Cache history and hit-log records"),
                         Err(e) => tracing::warn!(error = %e, "history purge failed"),
@@ -292,7 +298,7 @@ impl Cache {
     }
 
     /// The store (for operator tools and tests).
-    pub fn store(&self) -> &Arc<Store> {
+    pub fn store(&self) -> &Arc<RocksStore> {
         &self.store
     }
 

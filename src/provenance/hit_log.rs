@@ -20,7 +20,7 @@ use crate::limits::LimitHits;
 use crate::proto::prov::{Envelope, HitRecord, SignedHitRecord};
 use crate::proto::reapi;
 use crate::signing::{self, SigningKey, HIT_RECORD_PAYLOAD_TYPE};
-use crate::store::{AuditChainHead, Store};
+use crate::store::rocks::{AuditChainHead, RocksStore};
 
 use super::{Origin, Subject};
 
@@ -93,7 +93,7 @@ pub fn record_of(answer: &Answer<'_>, claims: Option<&reapi::RequestMetadata>, a
 /// [`VERDICT_RECORD_LIMIT`]; later ones are dropped; both are counted.
 /// Blocks (store reads and writes): run it on the blocking pool.
 pub fn append(
-    store: &Store,
+    store: &RocksStore,
     signer: Option<&SigningKey>,
     max_per_principal: u64,
     limit_hits: &LimitHits,
@@ -142,7 +142,7 @@ fn answered_nanos(record: &HitRecord) -> u64 {
 /// Reads where an invocation's chain stands from its stored records (a head
 /// not in memory: a new invocation, a restart, or one dropped from the
 /// bounded map). Records written before chaining do not count.
-fn load_head(store: &Store, invocation: &str) -> Result<AuditChainHead> {
+fn load_head(store: &RocksStore, invocation: &str) -> Result<AuditChainHead> {
     let mut head = AuditChainHead { next_sequence: 1, ..Default::default() };
     let mut after: Option<Vec<u8>> = None;
     loop {
@@ -188,7 +188,7 @@ pub struct ListPage {
 /// `page_size` (0: [`PAGE_DEFAULT`], at most [`PAGE_MAX`]) and by
 /// [`PAGE_MAX_BYTES`]. `page_token` is empty or a previous page's token.
 /// Blocks: run it on the blocking pool.
-pub fn list(store: &Store, invocation: &str, page_size: i32, page_token: &str) -> Result<ListPage> {
+pub fn list(store: &RocksStore, invocation: &str, page_size: i32, page_token: &str) -> Result<ListPage> {
     if invocation.is_empty() {
         return Err(Error::InvalidArgument("tool_invocation_id is required".into()));
     }
@@ -202,7 +202,7 @@ pub fn list(store: &Store, invocation: &str, page_size: i32, page_token: &str) -
     } else {
         let bad = || Error::InvalidArgument("page_token was not issued by this server for this invocation".into());
         let raw = hex::decode(page_token).map_err(|_| bad())?;
-        if !raw.starts_with(&crate::store::audit_prefix(invocation)) {
+        if !raw.starts_with(&crate::store::rocks::audit_prefix(invocation)) {
             return Err(bad());
         }
         Some(raw)

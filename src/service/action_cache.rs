@@ -12,7 +12,7 @@ use crate::provenance::hit_log::{self, Answer};
 use crate::provenance::{Mode, Origin, Subject};
 use crate::resource::InstanceName;
 use crate::signing;
-use crate::store::Key;
+use crate::store::rocks::Key;
 use crate::trust::verify::Reason;
 
 use super::{request_metadata, Context};
@@ -141,7 +141,7 @@ impl HitLog<'_> {
         let Some(record) = hit_log::record_of(&answer, self.claims.as_ref(), std::time::SystemTime::now()) else {
             return;
         };
-        let store = self.ctx.cas.store().clone();
+        let store = self.ctx.store.clone();
         let signer = self.ctx.provenance.hit_signer();
         let max = self.ctx.limits.max_hit_records_per_principal;
         let limit_hits = self.ctx.limit_hits.clone();

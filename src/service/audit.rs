@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use prost::Message;
 
 use crate::auth::{Peer, Permission};
-use crate::cas::{blocking, parse_digest};
+use crate::cas::parse_digest;
 use crate::error::Error;
 use crate::proto::prov;
 use crate::proto::prov::audit_server::Audit;
@@ -15,7 +15,7 @@ use crate::proto::reapi;
 use crate::provenance::hit_log;
 use crate::resource::InstanceName;
 use crate::signing;
-use crate::store::Key;
+use crate::store::rocks::Key;
 
 use super::Context;
 
@@ -63,9 +63,12 @@ impl Audit for AuditService {
         // Before any read: a caller who may audit nothing is refused alike
         // for an unknown invocation and a known one.
         gate.authorize_anywhere(&peer, Permission::AuditRead)?;
-        let store = self.0.cas.store().clone();
-        let page =
-            blocking(move || hit_log::list(&store, &req.tool_invocation_id, req.page_size, &req.page_token)).await?;
+        let store = self.0.store.clone();
+        let page = tokio::task::spawn_blocking(move || {
+            hit_log::list(&store, &req.tool_invocation_id, req.page_size, &req.page_token)
+        })
+        .await
+        .map_err(Error::from)??;
         // Every record's instance must be auditable by the caller: a chain
         // with records silently left out would read as tampering (or hide it).
         let instances: BTreeSet<&str> = page.records.iter().map(|r| r.instance_name.as_str()).collect();
@@ -103,16 +106,17 @@ impl Audit for AuditService {
             ))
         };
         let key = Key::new(&instance, &action);
-        let store = self.0.cas.store().clone();
-        let (current, page) = blocking(move || {
+        let store = self.0.store.clone();
+        let (current, page) = tokio::task::spawn_blocking(move || {
             // Only the first page carries the current entry, and it counts
             // against the page's bytes (the page may then hold no history).
             let current = if from.is_none() { store.ac_get(&key)? } else { None };
             let budget = HISTORY_PAGE_MAX_BYTES.saturating_sub(current.as_ref().map_or(0, Vec::len));
             let page = store.ac_history_page(&key, from.unwrap_or(0), count, budget, current.is_none())?;
-            Ok((current, page))
+            Ok::<_, Error>((current, page))
         })
-        .await?;
+        .await
+        .map_err(Error::from)??;
         Ok(tonic::Response::new(prov::GetStoredEntryResponse {
             current: current.as_deref().and_then(decode_served),
             history: page.rows.iter().filter_map(|(_, v)| decode_served(v)).collect(),

@@ -9,6 +9,7 @@ use crate::action_cache::ActionCache;
 use crate::auth::SharedGate;
 use crate::cas::Cas;
 use crate::proto::reapi;
+use crate::store::rocks::RocksStore;
 use crate::upload::Uploads;
 
 pub mod action_cache;
@@ -32,6 +33,9 @@ pub struct Context {
     pub ac: Arc<ActionCache>,
     /// Uploads in progress.
     pub uploads: Arc<Uploads>,
+    /// The RocksDB store, for the Action Cache history and the hit log
+    /// until they have storage traits of their own.
+    pub store: Arc<RocksStore>,
     /// Signing and verification of Action Cache entries.
     pub provenance: Arc<crate::provenance::Provenance>,
     /// What one caller may cost.

@@ -13,7 +13,7 @@ use provcache::proto::reapi::capabilities_client::CapabilitiesClient;
 use provcache::proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use provcache::proto::reapi::{self, batch_update_blobs_request};
 use provcache::server::{Cache, ServerOptions};
-use provcache::store::{Store, StoreOptions};
+use provcache::store::rocks::{RocksStore, StoreOptions};
 use tonic::transport::Channel;
 
 pub const MAX_MSG: usize = 64 << 20;
@@ -54,7 +54,7 @@ pub struct TestServer {
     /// The metrics endpoint, when started with `metrics`.
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub dir: tempfile::TempDir,
-    pub store: Arc<Store>,
+    pub store: Arc<RocksStore>,
     /// The server's signer and verifier: its counters and trust policy.
     pub provenance: Arc<provcache::provenance::Provenance>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -129,14 +129,14 @@ impl TestServer {
             .with_clock(clock.clone());
             let cache = Cache::open_with_clock(&options, Arc::new(gate), clock).unwrap();
             start_metrics(&cache);
-            let store = cache.context().cas.store().clone();
+            let store = cache.store().clone();
             let provenance = cache.context().provenance.clone();
             (store, provenance, tokio::spawn(cache.serve_tls(listener, tls.config.clone(), shutdown)))
         } else {
             let gate = opts.gate.unwrap_or_else(|| Arc::new(AllowAll));
             let cache = Cache::open_with_clock(&options, gate, clock).unwrap();
             start_metrics(&cache);
-            let store = cache.context().cas.store().clone();
+            let store = cache.store().clone();
             let provenance = cache.context().provenance.clone();
             (store, provenance, tokio::spawn(cache.serve_plaintext(listener, shutdown)))
         };

@@ -17,7 +17,7 @@ use provcache::proto::prov::{HitRecord, ListInvocationHitsRequest};
 use provcache::proto::reapi;
 use provcache::resource::InstanceName;
 use provcache::service::REQUEST_METADATA_HEADER;
-use provcache::store::Key;
+use provcache::store::rocks::Key;
 use provcache::verify_build::{self, Code, NothingToAudit, Options, Report};
 use sha2::{Digest as _, Sha256};
 use tonic::metadata::BinaryMetadataValue;

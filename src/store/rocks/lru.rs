@@ -25,7 +25,7 @@ use std::sync::Mutex;
 
 use rocksdb::{MergeOperands, WriteBatch};
 
-use super::{Key, Store, CF_AC, CF_CAS, CF_CHUNKS};
+use super::{Key, RocksStore, CF_AC, CF_CAS, CF_CHUNKS};
 use crate::error::{Error, Result};
 
 pub(super) const CF_LRU: &str = "lru";
@@ -270,7 +270,7 @@ impl Lru {
     }
 }
 
-impl Store {
+impl RocksStore {
     /// Stored bytes and records.
     pub fn usage(&self) -> Usage {
         let get = |a: &AtomicI64| a.load(Ordering::Relaxed).max(0) as u64;
@@ -319,7 +319,7 @@ impl Store {
     }
 
     /// Marks a record as used now. Cheap and non-blocking: at most one refresh
-    /// per key and touch interval is queued; [`Store::apply_touches`] writes them.
+    /// per key and touch interval is queued; [`RocksStore::apply_touches`] writes them.
     pub fn touch(&self, kind: Kind, key: &Key) {
         let now = now_ms();
         if !self.lru.due(kind, key, now) {
@@ -337,7 +337,7 @@ impl Store {
 
     /// Stages, in `batch`, the index change of a record going from `old` to
     /// `new` (either may be absent). The caller holds the key's stripe lock
-    /// and applies the returned delta with [`Store::applied`] once the batch
+    /// and applies the returned delta with [`RocksStore::applied`] once the batch
     /// is written.
     pub(super) fn stage(
         &self,
@@ -548,7 +548,7 @@ impl Store {
                                 batch.delete_cf(self.cf(CF_CAS), key.as_bytes());
                                 let chunks = self.cf(CF_CHUNKS);
                                 for i in 0..meta.chunks() {
-                                    batch.delete_cf(chunks, super::chunk_key(meta.blob_id, i));
+                                    batch.delete_cf(chunks, super::blobs::chunk_key(meta.blob_id, i));
                                 }
                             }
                             done.blobs += 1;
@@ -579,12 +579,12 @@ mod tests {
     use super::*;
     use crate::digest::{Digest, DigestFunction};
     use crate::resource::InstanceName;
-    use crate::store::StoreOptions;
+    use crate::store::rocks::StoreOptions;
     use std::time::Duration;
 
-    fn open(dir: &std::path::Path, max_size: Option<u64>) -> Store {
+    fn open(dir: &std::path::Path, max_size: Option<u64>) -> RocksStore {
         let opts = StoreOptions { sync: false, max_size, touch_interval: Duration::ZERO, ..Default::default() };
-        Store::open(dir, &opts).unwrap()
+        RocksStore::open(dir, &opts).unwrap()
     }
 
     fn blob(i: u32, len: usize) -> (Key, Vec<u8>) {
@@ -593,7 +593,7 @@ mod tests {
         (key, data)
     }
 
-    fn present(s: &Store, keys: &[Key]) -> Vec<bool> {
+    fn present(s: &RocksStore, keys: &[Key]) -> Vec<bool> {
         s.contains(keys).unwrap()
     }
 
