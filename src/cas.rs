@@ -583,6 +583,9 @@ pub fn parse_digest(function: i32, digest: Option<&reapi::Digest>) -> Result<Dig
 }
 
 #[cfg(test)]
+mod domain_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
