@@ -19,7 +19,7 @@ use crate::resource::{Compressor, WriteResource};
 use crate::store::{BlobStore, BlobWriter};
 
 /// The most uploads in progress at once, whoever holds them (each holds up
-/// to one chunk in memory, and a zstd window for compressed uploads). Per
+/// to one [`WRITE_PIECE`] in memory, and a zstd window for compressed uploads). Per
 /// identity and per instance they are bounded further by
 /// `limits.max_uploads_per_identity` and `limits.max_uploads_per_instance`.
 pub const MAX_SESSIONS: usize = 4096;
@@ -345,8 +345,8 @@ impl Uploads {
         });
     }
 
-    /// Drops uploads idle for longer than the idle timeout and deletes their
-    /// chunks (run periodically; the caps also expire idle uploads on demand).
+    /// Drops uploads idle for longer than the idle timeout and abandons their
+    /// writes (run periodically; the caps also expire idle uploads on demand).
     pub async fn expire(&self) {
         let writers = self.expire_locked(&mut self.table());
         self.abort_in_background(writers);

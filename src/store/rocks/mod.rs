@@ -20,6 +20,11 @@
 //! or expiry. Blob ids are random, so concurrent writers of one digest never
 //! share chunks: the first commit wins and the others delete theirs.
 //!
+//! Files by concern: `blobs` (records, chunks, uploads), `blob_store` (the
+//! [`BlobStore`](super::BlobStore) implementation: writer, ranged reads),
+//! `actions` (Action Cache entries and history), `hit_log`, `lru`
+//! (accounting and eviction), `verified` (chunk hashes for ranged reads),
+//! `open` (options, repair, checkpoints).
 //!
 //! Every inherent method blocks; the [`BlobStore`](super::BlobStore)
 //! implementation runs them on the blocking pool, except the lookups RocksDB
