@@ -126,3 +126,20 @@ pub fn rpc_status(result: &Result<()>) -> crate::proto::google::rpc::Status {
         Err(e) => crate::proto::google::rpc::Status { code: e.code() as i32, message: e.to_string(), details: vec![] },
     }
 }
+
+#[cfg(all(test, feature = "server"))]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn a_storage_failure_gets_the_code_its_kind_implies_and_no_space_says_so() {
+        let status = |kind| Status::from(Error::Storage(StoreError::new(kind, "disk said no")));
+        let full = status(StoreErrorKind::NoSpace);
+        assert_eq!((full.code(), full.message()), (Code::ResourceExhausted, "out of space: disk said no"));
+        assert_eq!(status(StoreErrorKind::Corruption).code(), Code::DataLoss);
+        assert_eq!(status(StoreErrorKind::Unavailable).code(), Code::Unavailable);
+        let other = status(StoreErrorKind::Other);
+        assert_eq!((other.code(), other.message()), (Code::Internal, "storage error: disk said no"));
+    }
+}

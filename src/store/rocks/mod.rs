@@ -275,6 +275,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_rocksdb_corruption_error_keeps_its_corruption_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("CURRENT"), b"not a manifest name\n").unwrap();
+        let e = StoreError::from(rocksdb::DB::open_default(dir.path()).unwrap_err());
+        assert_eq!(e.kind(), StoreErrorKind::Corruption, "{e}");
+    }
+
+    #[test]
     fn keys_round_trip_and_separate_instances() {
         let d = Digest::of(DigestFunction::Blake3, b"x");
         let i = InstanceName::parse("a/b").unwrap();
