@@ -1,7 +1,7 @@
 //! Unit tests of the Action Cache use cases ([`ActionCache::get`] and
 //! [`ActionCache::update`]) and the hit log they write, without a server or
-//! gRPC: entries and hit records in [`MemoryActions`], blobs in a CAS built
-//! by [`cas_in`].
+//! gRPC: entries and hit records in [`MemoryActions`], blobs in a
+//! [`MemoryStore`] ([`memory_cas`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,23 +23,21 @@ use crate::proto::reapi;
 use crate::provenance::{Mode, Provenance, ProvenanceConfig};
 use crate::resource::InstanceName;
 use crate::store::action_store::ActionStore;
+use crate::store::memory::MemoryStore;
 use crate::store::memory_actions::MemoryActions;
-use crate::store::{Store, StoreOptions};
 use crate::trust::verify::Reason;
 
 const WRITER: &str = "spiffe://provcache.dev/writer";
 const READER: &str = "spiffe://provcache.dev/reader";
 
-/// The one place these tests get a CAS: over RocksDB in `dir` today (the
-/// in-memory blob store replaces it once there is one).
-fn cas_in(dir: &Path) -> Arc<Cas> {
-    let store = Store::open(dir, &StoreOptions { sync: false, ..Default::default() }).unwrap();
-    Arc::new(Cas::new(Arc::new(store)))
+/// An empty CAS in memory.
+fn memory_cas() -> Arc<Cas> {
+    Arc::new(Cas::new(Arc::new(MemoryStore::new(None))))
 }
 
 /// An Action Cache over in-memory entries, and what its calls need.
 struct Fixture {
-    dir: tempfile::TempDir,
+    _pki: tempfile::TempDir,
     cas: Arc<Cas>,
     actions: Arc<MemoryActions>,
     provenance: Arc<Provenance>,
@@ -67,10 +65,10 @@ impl Fixture {
         let max = limits.max_hit_records_per_principal;
         let audit =
             Arc::new(AuditLog::new(actions.clone(), actions.clone(), provenance.clone(), max, limit_hits.clone()));
-        let cas = cas_in(&dir.path().join("cas"));
+        let cas = memory_cas();
         let ac = ActionCache::new(cas.clone(), actions.clone(), provenance.clone(), audit.clone());
         let limits = Enforcer::new(limits, limit_hits, READER);
-        Fixture { dir, cas, actions, provenance, audit, ac, limits, instance: InstanceName::default() }
+        Fixture { _pki: dir, cas, actions, provenance, audit, ac, limits, instance: InstanceName::default() }
     }
 
     /// Uploads an Action, its Command and one output file; returns the
@@ -207,7 +205,7 @@ async fn a_result_whose_referenced_blob_is_missing_is_a_miss() {
     let (action, result) = f.action_with_output(b"an output that will be lost").await;
     f.update(action, result).await;
     // The same entries over a CAS that never held the output.
-    let empty = f.action_cache(cas_in(&f.dir.path().join("empty-cas")), f.actions.clone());
+    let empty = f.action_cache(memory_cas(), f.actions.clone());
     match f.get_from(&empty, action, "inv-missing").await {
         Err(Error::NotFound(message)) => assert!(message.contains("references missing blob"), "{message}"),
         other => panic!("an incomplete entry was not a miss: {other:?}"),
@@ -247,11 +245,13 @@ async fn a_hit_is_recorded_in_the_hit_log_with_the_reader() {
 #[cfg(feature = "failpoints")]
 #[tokio::test]
 async fn a_crash_between_signing_and_storing_leaves_no_entry() {
-    use crate::store::rocks_actions::RocksActions;
+    use crate::store::rocks::{RocksStore, StoreOptions};
     const CHILD_DIR: &str = "PROVCACHE_UNIT_CRASH_DIR";
-    let open_actions = |dir: &Path| -> Arc<RocksActions> {
-        let store = Store::open(&dir.join("actions"), &StoreOptions { sync: false, ..Default::default() }).unwrap();
-        Arc::new(RocksActions::new(Arc::new(store)))
+    // The trait is implemented on the shared handle the server holds.
+    let open_actions = |dir: &Path| -> Arc<dyn ActionStore> {
+        let store =
+            RocksStore::open(&dir.join("actions"), &StoreOptions { sync: false, ..Default::default() }).unwrap();
+        Arc::new(Arc::new(store))
     };
     if let Ok(dir) = std::env::var(CHILD_DIR) {
         let (f, dir) = (Fixture::new(Mode::Reject), std::path::PathBuf::from(dir));

@@ -1,10 +1,11 @@
 //! The Content Addressable Storage domain: hash-checked writes, verified
-//! reads, batch calls and GetTree, on top of [`Store`].
+//! reads, batch calls and GetTree, on top of any [`BlobStore`].
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use prost::Message;
 use tokio::sync::mpsc;
 
@@ -13,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::limits::Enforcer;
 use crate::proto::reapi;
 use crate::resource::{Compressor, InstanceName};
-use crate::store::{chunk_hash, BlobMeta, ChunkHash, Key, Kind, Store, CHUNK_SIZE, MIN_BLOB_FILE_VALUE};
+use crate::store::{corrupt_blob, BlobStore, BlobStream};
 
 /// The largest total of blob sizes in one batch call (advertised in Capabilities).
 pub const MAX_BATCH_TOTAL_BYTES: u64 = 4 * 1024 * 1024;
@@ -33,15 +34,11 @@ const TREE_PAGE_DEFAULT: usize = 1000;
 /// GetTree responses stay below this encoded size (gRPC's default limit is 4 MiB).
 const TREE_PAGE_BYTES: usize = 2 * 1024 * 1024;
 
-/// Runs a blocking storage operation on the blocking pool.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await?
-}
-
-/// The CAS.
+/// The CAS: the rules (digests checked on every write and read, the empty
+/// blob always present, batch and decode limits) over a [`BlobStore`].
 #[derive(Debug)]
 pub struct Cas {
-    store: Arc<Store>,
+    blobs: Arc<dyn BlobStore>,
 }
 
 /// One blob of a BatchUpdateBlobs call.
@@ -56,14 +53,9 @@ pub struct BatchBlob {
 }
 
 impl Cas {
-    /// A CAS over `store`.
-    pub fn new(store: Arc<Store>) -> Self {
-        Cas { store }
-    }
-
-    /// The underlying store.
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
+    /// A CAS over `blobs`.
+    pub fn new(blobs: Arc<dyn BlobStore>) -> Self {
+        Cas { blobs }
     }
 
     /// The digests among `digests` that are not stored (the empty blob is
@@ -74,30 +66,7 @@ impl Cas {
         if wanted.is_empty() {
             return Ok(vec![]);
         }
-        let keys: Vec<Key> = wanted.iter().map(|d| Key::new(instance, d)).collect();
-        let touch = |store: &Store, keys: &[Key], present: &[bool]| {
-            for (key, _) in keys.iter().zip(present).filter(|(_, p)| **p) {
-                store.touch(Kind::Blob, key);
-            }
-        };
-        // From memory on this thread when possible; a disk read goes to a
-        // blocking thread.
-        let present = match self.store.contains_cached(&keys) {
-            Some(present) => {
-                let present = present?;
-                touch(&self.store, &keys, &present);
-                present
-            }
-            None => {
-                let store = self.store.clone();
-                blocking(move || {
-                    let present = store.contains(&keys)?;
-                    touch(&store, &keys, &present);
-                    Ok(present)
-                })
-                .await?
-            }
-        };
+        let present = self.blobs.contains(instance, &wanted).await?;
         Ok(wanted.into_iter().zip(present).filter(|(_, p)| !p).map(|(d, _)| d).collect())
     }
 
@@ -106,19 +75,30 @@ impl Cas {
         Ok(self.find_missing(instance, digests).await?.into_iter().next())
     }
 
+    /// Whether a blob is stored (ByteStream ends a write of a stored blob
+    /// early, and answers QueryWriteStatus for it). It counts as used.
+    pub async fn contains(&self, instance: &InstanceName, digest: Digest) -> Result<bool> {
+        Ok(self.first_missing(instance, vec![digest]).await?.is_none())
+    }
+
+    /// Refuses, before any byte is sent, a blob of `size` bytes that could
+    /// never fit in this cache (RESOURCE_EXHAUSTED).
+    pub fn check_fits(&self, size: u64) -> Result<()> {
+        self.blobs.check_fits(size)
+    }
+
     /// Verifies and stores a blob held in memory.
     pub async fn put(&self, instance: &InstanceName, digest: Digest, data: Bytes) -> Result<()> {
         digest.verify(&data)?;
         if digest.is_empty_blob() {
             return Ok(());
         }
-        let key = Key::new(instance, &digest);
-        let store = self.store.clone();
-        blocking(move || store.put_blob(&key, &data).map(|_| ())).await
+        self.blobs.put(instance, digest, data).await
     }
 
     /// Reads a whole blob of at most `max` bytes into memory, verifying its
-    /// digest. `Ok(None)` if it is not stored.
+    /// digest: a stored blob that does not match is removed and the read is
+    /// DATA_LOSS. `Ok(None)` if it is not stored.
     pub async fn get(&self, instance: &InstanceName, digest: Digest, max: u64) -> Result<Option<Bytes>> {
         if digest.is_empty_blob() {
             return Ok(Some(Bytes::new()));
@@ -128,36 +108,11 @@ impl Cas {
                 "blob {digest} is larger than the {max}-byte limit for this call"
             )));
         }
-        let key = Key::new(instance, &digest);
-        // A small blob is usually in memory: read it on this thread. A blob
-        // that fails its digest is left to the path below, which deletes it.
-        if digest.size < MIN_BLOB_FILE_VALUE as u64 {
-            match self.store.small_blob_cached(&key) {
-                Some(Ok(None)) => return Ok(None),
-                Some(Ok(Some(data))) if digest.verify(&data).is_ok() => {
-                    self.store.touch(Kind::Blob, &key);
-                    return Ok(Some(Bytes::from(data)));
-                }
-                Some(Err(e)) => return Err(e),
-                Some(Ok(Some(_))) | None => {}
-            }
+        let Some(data) = self.blobs.get(instance, digest).await? else { return Ok(None) };
+        if digest.verify(&data).is_err() {
+            return Err(corrupt_blob(digest, self.blobs.delete(instance, digest).await));
         }
-        let store = self.store.clone();
-        blocking(move || {
-            let Some(meta) = store.blob_meta(&key)? else { return Ok(None) };
-            store.touch(Kind::Blob, &key);
-            let mut data = Vec::with_capacity(meta.size as usize);
-            for i in 0..meta.chunks() {
-                data.extend_from_slice(&store.read_chunk(&meta, i)?);
-            }
-            if digest.verify(&data).is_err() {
-                tracing::error!(%digest, "stored blob does not match its digest; deleting it");
-                store.delete_blob(&key)?;
-                return Err(Error::DataLoss(format!("stored blob {digest} was corrupt and has been removed")));
-            }
-            Ok(Some(Bytes::from(data)))
-        })
-        .await
+        Ok(Some(data))
     }
 
     /// Reads and decodes a small protobuf message stored in the CAS (an
@@ -279,8 +234,9 @@ impl Cas {
     }
 
     /// Streams `limit` bytes (0: to the end) of a blob from `offset`, in
-    /// chunks, optionally as one zstd frame. Memory stays bounded by a few
-    /// chunks whatever the blob's size.
+    /// pieces, optionally as one zstd frame; always at least one piece (an
+    /// empty one for an empty range). Memory stays bounded by a few pieces
+    /// whatever the blob's size.
     pub async fn read(
         &self,
         instance: &InstanceName,
@@ -288,41 +244,23 @@ impl Cas {
         offset: u64,
         limit: u64,
         compressor: Option<Compressor>,
-    ) -> Result<mpsc::Receiver<Result<Bytes>>> {
+    ) -> Result<BlobStream> {
         if offset > digest.size {
             return Err(Error::OutOfRange(format!("read_offset {offset} is past the end of blob {digest}")));
         }
-        let meta = if digest.is_empty_blob() {
-            None
-        } else {
-            let key = Key::new(instance, &digest);
-            let store = self.store.clone();
-            let meta = blocking(move || {
-                let meta = store.blob_meta(&key)?;
-                if meta.is_some() {
-                    store.touch(Kind::Blob, &key);
-                }
-                Ok(meta)
-            })
-            .await?;
-            Some(meta.ok_or_else(|| Error::NotFound(format!("blob {digest} not found")))?)
-        };
         let end = if limit == 0 { digest.size } else { digest.size.min(offset.saturating_add(limit)) };
-        let (tx, rx) = mpsc::channel(2);
-        let store = self.store.clone();
-        let key = Key::new(instance, &digest);
-        tokio::task::spawn_blocking(move || {
-            let mut sender = ChunkSender::new(tx, compressor);
-            let result = match meta {
-                None => Ok(()),
-                Some(meta) => stream_chunks(&store, &key, &meta, digest, offset, end, &mut sender),
-            };
-            match result {
-                Ok(()) => sender.finish(),
-                Err(e) => sender.fail(e),
-            }
-        });
-        Ok(rx)
+        let pieces: BlobStream = if digest.is_empty_blob() {
+            Box::pin(futures::stream::empty())
+        } else {
+            self.blobs
+                .read(instance, digest, offset, end)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("blob {digest} not found")))?
+        };
+        Ok(match compressor {
+            None => at_least_one_piece(pieces),
+            Some(compressor) => compressed(pieces, compressor),
+        })
     }
 
     /// GetTree: every directory reachable from `root`, breadth first, in
@@ -567,30 +505,52 @@ pub fn zstd_error(e: std::io::Error, limits: &Enforcer) -> Error {
     Error::InvalidArgument(format!("invalid zstd data: {e}"))
 }
 
-/// Sends read chunks, optionally through one zstd frame.
-struct ChunkSender {
+/// `pieces`, or one empty piece if there are none: a ByteStream read
+/// always answers at least once.
+fn at_least_one_piece(pieces: BlobStream) -> BlobStream {
+    Box::pin(futures::stream::unfold((pieces.fuse(), false), |(mut pieces, sent)| async move {
+        match pieces.next().await {
+            Some(piece) => Some((piece, (pieces, true))),
+            None if !sent => Some((Ok(Bytes::new()), (pieces, true))),
+            None => None,
+        }
+    }))
+}
+
+/// `pieces` as one zstd frame, compressed on a blocking thread.
+fn compressed(mut pieces: BlobStream, Compressor::Zstd: Compressor) -> BlobStream {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::task::spawn_blocking(move || {
+        let mut sender = ZstdSender::new(tx);
+        while let Some(piece) = futures::executor::block_on(pieces.next()) {
+            match piece.and_then(|data| sender.send(&data)) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => return sender.fail(e),
+            }
+        }
+        sender.finish();
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Sends read pieces through one zstd frame.
+struct ZstdSender {
     tx: mpsc::Sender<Result<Bytes>>,
-    encoder: Option<zstd::stream::write::Encoder<'static, Vec<u8>>>,
+    encoder: zstd::stream::write::Encoder<'static, Vec<u8>>,
     sent_any: bool,
 }
 
-impl ChunkSender {
-    fn new(tx: mpsc::Sender<Result<Bytes>>, compressor: Option<Compressor>) -> Self {
-        let encoder = compressor.map(|Compressor::Zstd| {
-            zstd::stream::write::Encoder::new(Vec::new(), 1).expect("zstd encoder with a valid level")
-        });
-        ChunkSender { tx, encoder, sent_any: false }
+impl ZstdSender {
+    fn new(tx: mpsc::Sender<Result<Bytes>>) -> Self {
+        let encoder = zstd::stream::write::Encoder::new(Vec::new(), 1).expect("zstd encoder with a valid level");
+        ZstdSender { tx, encoder, sent_any: false }
     }
 
     /// Returns false when the reader went away.
-    fn send(&mut self, data: Vec<u8>) -> Result<bool> {
-        let out = match &mut self.encoder {
-            None => data,
-            Some(enc) => {
-                std::io::Write::write_all(enc, &data).map_err(|e| Error::Internal(format!("zstd: {e}")))?;
-                std::mem::take(enc.get_mut())
-            }
-        };
+    fn send(&mut self, data: &[u8]) -> Result<bool> {
+        std::io::Write::write_all(&mut self.encoder, data).map_err(|e| Error::Internal(format!("zstd: {e}")))?;
+        let out = std::mem::take(self.encoder.get_mut());
         if out.is_empty() {
             return Ok(true);
         }
@@ -598,16 +558,16 @@ impl ChunkSender {
         Ok(self.tx.blocking_send(Ok(Bytes::from(out))).is_ok())
     }
 
-    fn finish(mut self) {
-        let tail = match self.encoder.take() {
-            Some(enc) => match enc.finish() {
-                Ok(v) => v,
-                Err(e) => return self.fail(Error::Internal(format!("zstd: {e}"))),
-            },
-            None => Vec::new(),
-        };
-        if !tail.is_empty() || !self.sent_any {
-            let _ = self.tx.blocking_send(Ok(Bytes::from(tail)));
+    /// Ends the frame (the reader gets at least one piece).
+    fn finish(self) {
+        match self.encoder.finish() {
+            Ok(tail) if !tail.is_empty() || !self.sent_any => {
+                let _ = self.tx.blocking_send(Ok(Bytes::from(tail)));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = self.tx.blocking_send(Err(Error::Internal(format!("zstd: {e}"))));
+            }
         }
     }
 
@@ -616,103 +576,14 @@ impl ChunkSender {
     }
 }
 
-/// Reads `[offset, end)` of a blob chunk by chunk. A read that covers the
-/// whole blob is hash-checked as it goes; a single-chunk blob is checked
-/// before any byte is sent; a part of a multi-chunk blob is checked chunk by
-/// chunk against the remembered hashes of a whole-blob check (made on the
-/// first such read); a corrupt blob is deleted and the read fails.
-fn stream_chunks(
-    store: &Store,
-    key: &Key,
-    meta: &BlobMeta,
-    digest: Digest,
-    offset: u64,
-    end: u64,
-    sender: &mut ChunkSender,
-) -> Result<()> {
-    if meta.size != digest.size {
-        return Err(Error::DataLoss(format!("stored blob {digest} has size {}", meta.size)));
-    }
-    let chunk = meta.chunk_size as u64;
-    let whole = offset == 0 && end == digest.size;
-    let mut hasher = whole.then(|| digest.function.hasher());
-    let corrupt = |store: &Store| -> Error {
-        tracing::error!(%digest, "stored blob does not match its digest; deleting it");
-        if let Err(e) = store.delete_blob(key) {
-            tracing::error!(%digest, error = %e, "could not delete corrupt blob");
-        }
-        Error::DataLoss(format!("stored blob {digest} was corrupt and has been removed"))
-    };
-    if meta.chunks() == 1 && offset < end {
-        let data = store.read_chunk(meta, 0)?;
-        if digest.verify(&data).is_err() {
-            return Err(corrupt(store));
-        }
-        sender.send(data[offset as usize..end as usize].to_vec())?;
-        return Ok(());
-    }
-    // A ranged read of a multi-chunk blob cannot be hash-checked as it goes.
-    // The first one checks the whole blob (one extra pass, a chunk at a
-    // time) and remembers each chunk's hash; later ones check only the
-    // chunks they touch against those. Either way no read ever succeeds with
-    // bytes that do not match the digest.
-    let chunk_hashes: Option<std::sync::Arc<[ChunkHash]>> = if !whole && offset < end {
-        match store.verified_chunks().get(key, meta) {
-            Some(hashes) => Some(hashes),
-            None => {
-                let mut h = digest.function.hasher();
-                let mut hashes = Vec::with_capacity(meta.chunks() as usize);
-                for index in 0..meta.chunks() {
-                    let data = store.read_chunk(meta, index)?;
-                    h.update(&data);
-                    hashes.push(chunk_hash(&data));
-                }
-                if h.finalize() != digest.hash {
-                    return Err(corrupt(store));
-                }
-                let hashes: std::sync::Arc<[ChunkHash]> = hashes.into();
-                store.verified_chunks().insert(key, meta, hashes.clone());
-                Some(hashes)
-            }
-        }
-    } else {
-        None
-    };
-    let mut pos = offset;
-    while pos < end {
-        let index = (pos / chunk) as u32;
-        let data = store.read_chunk(meta, index)?;
-        if let Some(h) = &mut hasher {
-            h.update(&data);
-        }
-        if chunk_hashes.as_ref().is_some_and(|hashes| hashes.get(index as usize) != Some(&chunk_hash(&data))) {
-            return Err(corrupt(store));
-        }
-        let from = (pos - index as u64 * chunk) as usize;
-        let to = ((end - index as u64 * chunk) as usize).min(data.len());
-        let piece = if from == 0 && to == data.len() { data } else { data[from..to].to_vec() };
-        pos += piece.len() as u64;
-        if pos >= end {
-            if let Some(h) = hasher.take() {
-                if h.finalize() != digest.hash {
-                    return Err(corrupt(store));
-                }
-            }
-        }
-        if !sender.send(piece)? {
-            return Ok(());
-        }
-    }
-    Ok(())
-}
-
 /// Resolves the digest function of a request and parses a digest with it.
 pub fn parse_digest(function: i32, digest: Option<&reapi::Digest>) -> Result<Digest> {
     let f = DigestFunction::from_proto(function)?;
     Ok(Digest::from_proto(f, digest)?)
 }
 
-const _: () = assert!(CHUNK_SIZE as u64 <= MAX_BATCH_TOTAL_BYTES);
+#[cfg(test)]
+mod domain_tests;
 
 #[cfg(test)]
 mod tests {

@@ -4,6 +4,8 @@ use tonic::{Code, Status};
 
 use crate::digest::DigestError;
 use crate::resource::ResourceError;
+#[cfg(feature = "server")]
+use crate::store::StoreErrorKind;
 
 /// An error classified by the gRPC status a client must see.
 #[derive(Debug, thiserror::Error)]
@@ -38,10 +40,10 @@ pub enum Error {
     /// The caller lacks a permission.
     #[error("{0}")]
     PermissionDenied(String),
-    /// The storage engine failed.
+    /// The storage backend failed (its kind decides the code).
     #[cfg(feature = "server")]
     #[error("storage error: {0}")]
-    Storage(#[from] rocksdb::Error),
+    Storage(#[from] crate::store::StoreError),
     /// A bug or an unexpected condition.
     #[error("internal error: {0}")]
     Internal(String),
@@ -65,22 +67,17 @@ impl Error {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             #[cfg(feature = "server")]
-            Error::Storage(e) if is_no_space(e) => Code::ResourceExhausted,
-            // A block or record failed its checksum: stored data is damaged
-            // (threat model R8), which clients may treat as a miss.
-            #[cfg(feature = "server")]
-            Error::Storage(e) if e.kind() == rocksdb::ErrorKind::Corruption => Code::DataLoss,
-            #[cfg(feature = "server")]
-            Error::Storage(_) => Code::Internal,
+            Error::Storage(e) => match e.kind() {
+                StoreErrorKind::NoSpace => Code::ResourceExhausted,
+                // A block or record failed its checksum: stored data is
+                // damaged (threat model R8), which clients may treat as a miss.
+                StoreErrorKind::Corruption => Code::DataLoss,
+                StoreErrorKind::Unavailable => Code::Unavailable,
+                StoreErrorKind::Other => Code::Internal,
+            },
             Error::Internal(_) => Code::Internal,
         }
     }
-}
-
-#[cfg(feature = "server")]
-fn is_no_space(e: &rocksdb::Error) -> bool {
-    let s = e.to_string();
-    s.contains("No space left") || s.contains("NoSpace")
 }
 
 impl From<DigestError> for Error {
@@ -127,5 +124,22 @@ pub fn rpc_status(result: &Result<()>) -> crate::proto::google::rpc::Status {
     match result {
         Ok(()) => crate::proto::google::rpc::Status { code: 0, message: String::new(), details: vec![] },
         Err(e) => crate::proto::google::rpc::Status { code: e.code() as i32, message: e.to_string(), details: vec![] },
+    }
+}
+
+#[cfg(all(test, feature = "server"))]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn a_storage_failure_gets_the_code_its_kind_implies_and_no_space_says_so() {
+        let status = |kind| Status::from(Error::Storage(StoreError::new(kind, "disk said no")));
+        let full = status(StoreErrorKind::NoSpace);
+        assert_eq!((full.code(), full.message()), (Code::ResourceExhausted, "out of space: disk said no"));
+        assert_eq!(status(StoreErrorKind::Corruption).code(), Code::DataLoss);
+        assert_eq!(status(StoreErrorKind::Unavailable).code(), Code::Unavailable);
+        let other = status(StoreErrorKind::Other);
+        assert_eq!((other.code(), other.message()), (Code::Internal, "storage error: disk said no"));
     }
 }

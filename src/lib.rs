@@ -5,7 +5,7 @@
 //! for every RPC) → [`service`] (one thin file per gRPC service: parse at the
 //! edge into [`digest::Digest`] and [`resource`] types, call the domain, map
 //! errors through [`error`]) → the domain ([`action_cache`], [`cas`],
-//! [`upload`]) → [`store`] (RocksDB, on the blocking pool).
+//! [`upload`]) → [`store`] (storage traits; RocksDB behind them).
 //! [`server`] wires these together; `main.rs` is the command line.
 //!
 //! The storage and everything built on it need the `server` feature (on by

@@ -79,17 +79,18 @@ fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let db = provcache::server::db_path(&args.data_dir);
     anyhow::ensure!(db.is_dir(), "{} holds no provcache storage (no db/ directory)", args.data_dir.display());
     anyhow::ensure!(!args.dest.exists(), "{} exists already; name a new directory", args.dest.display());
-    let store = provcache::store::Store::open(&db, &provcache::store::StoreOptions::default()).map_err(|e| {
-        if e.to_string().contains("lock") {
-            anyhow::anyhow!(
-                "{} is in use by a running server: stop it first (SIGTERM), or snapshot the \
+    let store = provcache::store::rocks::RocksStore::open(&db, &provcache::store::rocks::StoreOptions::default())
+        .map_err(|e| {
+            if e.to_string().contains("lock") {
+                anyhow::anyhow!(
+                    "{} is in use by a running server: stop it first (SIGTERM), or snapshot the \
                  filesystem (provcache recovers from a crash-consistent copy)",
-                args.data_dir.display()
-            )
-        } else {
-            anyhow::anyhow!("opening {}: {e}", db.display())
-        }
-    })?;
+                    args.data_dir.display()
+                )
+            } else {
+                anyhow::anyhow!("opening {}: {e}", db.display())
+            }
+        })?;
     store.checkpoint(&args.dest)?;
     let usage = store.usage();
     println!(

@@ -29,8 +29,10 @@ use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::service::execution::ExecutionService;
 use crate::service::Context;
-use crate::store::rocks_actions::RocksActions;
-use crate::store::{Store, StoreOptions};
+use crate::store::action_store::ActionStore;
+use crate::store::hit_log_store::HitLogStore;
+use crate::store::rocks::{RocksStore, StoreOptions};
+use crate::store::BlobStore;
 use crate::transport::{RequestBudget, TransportLayer};
 use crate::upload::Uploads;
 use tonic_health::pb::health_server::HealthServer;
@@ -73,7 +75,7 @@ impl Background {
 
 /// Writes queued recency refreshes every second and evicts least recently
 /// used records whenever stored bytes exceed the bound, off the request path.
-fn spawn_eviction(store: Arc<Store>) -> tokio::task::JoinHandle<()> {
+fn spawn_eviction(store: Arc<RocksStore>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -81,11 +83,12 @@ fn spawn_eviction(store: Arc<Store>) -> tokio::task::JoinHandle<()> {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             let s = store.clone();
-            match crate::cas::blocking(move || {
+            match tokio::task::spawn_blocking(move || {
                 s.apply_touches()?;
                 s.evict()
             })
             .await
+            .unwrap_or_else(|e| Err(e.into()))
             {
                 Ok(e) if e.blobs + e.actions > 0 => {
                     tracing::debug!(blobs = e.blobs, actions = e.actions, bytes = e.bytes, "evicted")
@@ -108,7 +111,7 @@ pub type Layers = tower_layer::Stack<
 #[derive(Debug)]
 pub struct Cache {
     ctx: Context,
-    store: Arc<Store>,
+    store: Arc<RocksStore>,
     history_retention: Duration,
     shutdown_timeout: Duration,
     metrics: Option<Arc<Metrics>>,
@@ -135,15 +138,16 @@ impl Cache {
     pub fn open_with_clock(options: &ServerOptions, gate: SharedGate, clock: Clock) -> anyhow::Result<Self> {
         let provenance = Arc::new(Provenance::new(options.provenance.clone(), clock)?);
         provenance.spawn_reloader(Duration::from_secs(2));
-        let store = Arc::new(Store::open(&db_path(&options.data_dir), &options.store)?);
-        let cas = Arc::new(Cas::new(store.clone()));
-        let uploads = Arc::new(Uploads::new(&options.limits));
+        let store = Arc::new(RocksStore::open(&db_path(&options.data_dir), &options.store)?);
+        let blobs: Arc<dyn BlobStore> = Arc::new(store.clone());
+        let cas = Arc::new(Cas::new(blobs.clone()));
+        let uploads = Arc::new(Uploads::new(blobs, &options.limits));
         store.verified_chunks().set_capacity(options.limits.verified_chunk_cache);
         let limit_hits = Arc::new(LimitHits::default());
-        let actions = Arc::new(RocksActions::new(store.clone()));
+        let actions: Arc<dyn ActionStore> = Arc::new(store.clone());
+        let hits: Arc<dyn HitLogStore> = Arc::new(store.clone());
         let max_hits = options.limits.max_hit_records_per_principal;
-        let audit =
-            Arc::new(AuditLog::new(actions.clone(), actions.clone(), provenance.clone(), max_hits, limit_hits.clone()));
+        let audit = Arc::new(AuditLog::new(actions.clone(), hits, provenance.clone(), max_hits, limit_hits.clone()));
         let ac = Arc::new(ActionCache::new(cas.clone(), actions, provenance.clone(), audit.clone()));
         let metrics = options
             .metrics
@@ -271,7 +275,6 @@ impl Cache {
 
     fn spawn_housekeeping(&self) -> tokio::task::JoinHandle<()> {
         let uploads = self.ctx.uploads.clone();
-        let store = self.store.clone();
         let audit = self.ctx.audit.clone();
         let retention = self.history_retention;
         tokio::spawn(async move {
@@ -279,7 +282,7 @@ impl Cache {
             let mut n: u64 = 0;
             loop {
                 tick.tick().await;
-                uploads.expire(&store).await;
+                uploads.expire().await;
                 if n % 60 == 0 {
                     let cutoff = std::time::SystemTime::now()
                         .checked_sub(retention)
@@ -298,7 +301,7 @@ impl Cache {
     }
 
     /// The store (for operator tools and tests).
-    pub fn store(&self) -> &Arc<Store> {
+    pub fn store(&self) -> &Arc<RocksStore> {
         &self.store
     }
 

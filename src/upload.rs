@@ -1,7 +1,7 @@
 //! Resumable ByteStream uploads: each upload name owns a session that hashes
-//! the (decompressed) bytes as they arrive and stores them chunk by chunk under
-//! a private blob id. The blob becomes visible only when the whole stream is
-//! in and its digest matches. A dropped stream keeps its session, so the
+//! the (decompressed) bytes as they arrive and hands them, a piece at a time,
+//! to a [`BlobWriter`] of the blob store. The blob becomes visible only when
+//! the whole stream is in and its digest matches. A dropped stream keeps its session, so the
 //! client can ask QueryWriteStatus and resume.
 
 use std::collections::HashMap;
@@ -12,26 +12,22 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::cas::blocking;
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
 use crate::limits::{Enforcer, Limits};
 use crate::resource::{Compressor, WriteResource};
-use crate::store::{Key, Store, CHUNK_SIZE};
+use crate::store::{BlobStore, BlobWriter};
 
 /// The most uploads in progress at once, whoever holds them (each holds up
-/// to one chunk in memory, and a zstd window for compressed uploads). Per
+/// to one [`WRITE_PIECE`] in memory, and a zstd window for compressed uploads). Per
 /// identity and per instance they are bounded further by
 /// `limits.max_uploads_per_identity` and `limits.max_uploads_per_instance`.
 pub const MAX_SESSIONS: usize = 4096;
-/// Blobs larger than this are written to disk once, bypassing the WAL, and
-/// flushed before commit; smaller ones go through the WAL, which is cheaper
-/// than a flush per upload.
-pub const NO_WAL_THRESHOLD: u64 = 64 * 1024 * 1024;
-
-fn use_wal(digest: &Digest) -> bool {
-    digest.size <= NO_WAL_THRESHOLD
-}
+/// Decompressed bytes a session gathers before handing them to the store's
+/// writer: the memory one upload holds. A blob of at most this size is
+/// handed over whole at the end. (The RocksDB store's chunks are this size
+/// too, so a piece is stored without being copied again.)
+pub const WRITE_PIECE: usize = 1024 * 1024;
 
 /// Receives the decompressed bytes of an upload.
 #[derive(Debug)]
@@ -85,18 +81,17 @@ pub struct Session {
     resource: WriteResource,
     /// Whose upload this is: only they can resume it.
     principal: Arc<str>,
-    key: Key,
     feed: Feed,
     /// Bytes of the wire stream accepted so far (compressed bytes for compressed uploads).
     committed: i64,
     /// `committed`, readable without the session lock (for QueryWriteStatus).
     progress: Arc<AtomicI64>,
-    blob_id: Option<u64>,
-    next_chunk: u32,
+    /// Where the bytes go, once the first piece is handed over.
+    writer: Option<Box<dyn BlobWriter>>,
     /// When it was last written (ms since [`Uploads`]' epoch), readable
     /// without the session lock, so expiry never waits for a stream.
     last_used: Arc<AtomicU64>,
-    /// Expired while idle: its chunks are gone and it must not be written.
+    /// Expired while idle: its bytes are gone and it must not be written.
     expired: bool,
 }
 
@@ -146,18 +141,13 @@ impl Table {
 /// one instance may hold, each dropped after `limits.upload_idle_timeout`
 /// without a write.
 pub struct Uploads {
+    blobs: Arc<dyn BlobStore>,
     table: Mutex<Table>,
     epoch: Instant,
     idle: Duration,
     window_log_max: u32,
     per_identity: usize,
     per_instance: usize,
-}
-
-impl Default for Uploads {
-    fn default() -> Self {
-        Uploads::new(&Limits::default())
-    }
 }
 
 impl std::fmt::Debug for Uploads {
@@ -174,9 +164,10 @@ fn session_name(r: &WriteResource, principal: &str) -> String {
 }
 
 impl Uploads {
-    /// No uploads yet; `limits` bound them.
-    pub fn new(limits: &Limits) -> Self {
+    /// No uploads yet; they write into `blobs`, and `limits` bound them.
+    pub fn new(blobs: Arc<dyn BlobStore>, limits: &Limits) -> Self {
         Uploads {
+            blobs,
             table: Mutex::default(),
             epoch: Instant::now(),
             idle: limits.upload_idle_timeout,
@@ -213,12 +204,7 @@ impl Uploads {
     /// the caller, the instance and the server are below their caps (idle
     /// uploads past their expiry are dropped first). Refusals are
     /// RESOURCE_EXHAUSTED naming the limit: the client can retry later.
-    pub fn session(
-        &self,
-        store: &Arc<Store>,
-        resource: &WriteResource,
-        limits: &Enforcer,
-    ) -> Result<Arc<tokio::sync::Mutex<Session>>> {
+    pub fn session(&self, resource: &WriteResource, limits: &Enforcer) -> Result<Arc<tokio::sync::Mutex<Session>>> {
         let principal = limits.principal();
         let name = session_name(resource, principal);
         let instance = resource.instance.as_str();
@@ -259,12 +245,12 @@ impl Uploads {
                     *table.per_identity.entry(entry.principal.clone()).or_default() += 1;
                     *table.per_instance.entry(entry.instance.clone()).or_default() += 1;
                     table.entries.insert(name, entry);
-                    self.abort_in_background(store, expired);
+                    self.abort_in_background(expired);
                     return Ok(session);
                 }
             }
         };
-        self.abort_in_background(store, expired);
+        self.abort_in_background(expired);
         let (limit, who, max) = refusal.expect("refused");
         let idle = humantime::format_duration(self.idle);
         Err(limits.refuse(
@@ -295,14 +281,12 @@ impl Uploads {
             }
         };
         Ok(Arc::new(tokio::sync::Mutex::new(Session {
-            key: Key::new(&resource.instance, &resource.digest),
             resource: resource.clone(),
             principal: principal.into(),
             feed,
             committed: 0,
             progress: Arc::new(AtomicI64::new(0)),
-            blob_id: None,
-            next_chunk: 0,
+            writer: None,
             last_used: Arc::new(AtomicU64::new(self.now_ms())),
             expired: false,
         })))
@@ -324,9 +308,9 @@ impl Uploads {
     }
 
     /// Removes the uploads nobody has written for the idle timeout (and
-    /// that no stream holds), marks them expired, and returns the blob ids
-    /// whose chunks must be deleted.
-    fn expire_locked(&self, table: &mut Table) -> Vec<u64> {
+    /// that no stream holds), marks them expired, and returns the writers
+    /// whose bytes must be deleted.
+    fn expire_locked(&self, table: &mut Table) -> Vec<Box<dyn BlobWriter>> {
         let now = self.now_ms();
         let idle_ms = self.idle.as_millis() as u64;
         let stale: Vec<String> = table
@@ -335,38 +319,37 @@ impl Uploads {
             .filter(|(_, e)| now.saturating_sub(e.last_used.load(Ordering::Acquire)) >= idle_ms)
             .map(|(name, _)| name.clone())
             .collect();
-        let mut blobs = Vec::new();
+        let mut writers = Vec::new();
         for name in stale {
             let Some(entry) = table.entries.get(&name) else { continue };
             // A stream holding the session is not idle.
             let Ok(mut s) = entry.session.try_lock() else { continue };
             s.expired = true;
-            blobs.extend(s.blob_id.take());
+            writers.extend(s.writer.take());
             drop(s);
             table.remove(&name);
         }
-        blobs
+        writers
     }
 
-    fn abort_in_background(&self, store: &Arc<Store>, blob_ids: Vec<u64>) {
-        if blob_ids.is_empty() {
+    fn abort_in_background(&self, writers: Vec<Box<dyn BlobWriter>>) {
+        if writers.is_empty() {
             return;
         }
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || {
-            for id in blob_ids {
-                if let Err(e) = store.abort_upload(id) {
+        tokio::spawn(async move {
+            for writer in writers {
+                if let Err(e) = writer.abort().await {
                     tracing::warn!(error = %e, "could not delete an expired upload's chunks");
                 }
             }
         });
     }
 
-    /// Drops uploads idle for longer than the idle timeout and deletes their
-    /// chunks (run periodically; the caps also expire idle uploads on demand).
-    pub async fn expire(&self, store: &Arc<Store>) {
-        let blobs = self.expire_locked(&mut self.table());
-        self.abort_in_background(store, blobs);
+    /// Drops uploads idle for longer than the idle timeout and abandons their
+    /// writes (run periodically; the caps also expire idle uploads on demand).
+    pub async fn expire(&self) {
+        let writers = self.expire_locked(&mut self.table());
+        self.abort_in_background(writers);
     }
 
     /// Feeds one WriteRequest's data into a locked session; on `finish`,
@@ -374,7 +357,6 @@ impl Uploads {
     /// compression) end the session; the client must start over.
     pub async fn feed(
         &self,
-        store: &Arc<Store>,
         session: &mut Session,
         write_offset: i64,
         data: Bytes,
@@ -413,46 +395,40 @@ impl Uploads {
                     other => other,
                 }
             };
-            self.discard(store, session).await;
+            self.discard(session).await;
             return Err(error);
         }
         session.committed += data.len() as i64;
         session.progress.store(session.committed, Ordering::Release);
-        // A blob of one chunk or less stays in memory and is stored in one batch at the end.
-        while session.resource.digest.size > CHUNK_SIZE as u64 && session.feed.sink().buf.len() >= CHUNK_SIZE {
-            let chunk = session.feed.sink().buf.split_to(CHUNK_SIZE).freeze();
-            self.store_chunk(store, session, chunk).await?;
+        // A blob of one piece or less stays in memory and is handed over whole at the end.
+        while session.resource.digest.size > WRITE_PIECE as u64 && session.feed.sink().buf.len() >= WRITE_PIECE {
+            let piece = session.feed.sink().buf.split_to(WRITE_PIECE).freeze();
+            self.hand_over(session, piece).await?;
         }
         if !finish {
             return Ok(None);
         }
-        self.finish(store, session).await.map(Some)
+        self.finish(session).await.map(Some)
     }
 
-    async fn store_chunk(&self, store: &Arc<Store>, session: &mut Session, chunk: Bytes) -> Result<()> {
-        let id = match session.blob_id {
-            Some(id) => id,
+    /// Writes `piece` into the session's writer (opened on first use).
+    async fn hand_over(&self, session: &mut Session, piece: Bytes) -> Result<()> {
+        let writer = match &mut session.writer {
+            Some(writer) => writer,
             None => {
-                let s = store.clone();
-                let id = blocking(move || s.begin_upload()).await?;
-                session.blob_id = Some(id);
-                id
+                let r = &session.resource;
+                session.writer.insert(self.blobs.begin_write(&r.instance, r.digest).await?)
             }
         };
-        let index = session.next_chunk;
-        let s = store.clone();
-        let wal = use_wal(&session.resource.digest);
-        blocking(move || s.write_chunk(id, index, &chunk, wal)).await?;
-        session.next_chunk += 1;
-        Ok(())
+        writer.write(piece).await
     }
 
-    async fn finish(&self, store: &Arc<Store>, session: &mut Session) -> Result<WriteOutcome> {
+    async fn finish(&self, session: &mut Session) -> Result<WriteOutcome> {
         let digest = session.resource.digest;
         let received = session.feed.sink().received;
         if received != digest.size {
             let committed = session.committed;
-            self.discard(store, session).await;
+            self.discard(session).await;
             return Err(Error::InvalidArgument(format!(
                 "finish_write after {received} bytes ({committed} on the wire), but blob {digest} has {} bytes",
                 digest.size
@@ -461,40 +437,28 @@ impl Uploads {
         let sink = session.feed.sink();
         let hash = std::mem::replace(&mut sink.hasher, digest.function.hasher()).finalize();
         if hash != digest.hash {
-            self.discard(store, session).await;
+            self.discard(session).await;
             return Err(Error::InvalidArgument(format!(
                 "uploaded data does not match digest {digest}: its hash is {}",
                 hex::encode(hash)
             )));
         }
         let tail = session.feed.sink().buf.split().freeze();
-        match session.blob_id {
-            None => {
-                let key = session.key.clone();
-                let s = store.clone();
-                if !digest.is_empty_blob() {
-                    blocking(move || s.put_blob(&key, &tail)).await?;
-                }
+        if !digest.is_empty_blob() {
+            if !tail.is_empty() {
+                self.hand_over(session, tail).await?;
             }
-            Some(id) => {
-                if !tail.is_empty() {
-                    self.store_chunk(store, session, tail).await?;
-                }
-                let key = session.key.clone();
-                let s = store.clone();
-                let flush = !use_wal(&digest);
-                blocking(move || s.commit_upload(&key, id, digest.size, flush)).await?;
-                session.blob_id = None;
+            if let Some(writer) = session.writer.take() {
+                writer.commit().await?;
             }
         }
         self.remove(&session.resource, &session.principal);
         Ok(WriteOutcome::Complete(session.committed))
     }
 
-    async fn discard(&self, store: &Arc<Store>, session: &mut Session) {
-        if let Some(id) = session.blob_id.take() {
-            let s = store.clone();
-            if let Err(e) = blocking(move || s.abort_upload(id)).await {
+    async fn discard(&self, session: &mut Session) {
+        if let Some(writer) = session.writer.take() {
+            if let Err(e) = writer.abort().await {
                 tracing::warn!(error = %e, "could not delete a failed upload's chunks");
             }
         }

@@ -23,7 +23,7 @@ use crate::pki::DEV_TRUST_DOMAIN;
 use crate::provenance::{Mode, ProvenanceConfig};
 use crate::server::ServerOptions;
 use crate::signing::SigningKey;
-use crate::store::StoreOptions;
+use crate::store::rocks::StoreOptions;
 use crate::tls::{TlsServer, TlsSettings};
 use crate::trust::TrustPolicy;
 

@@ -24,7 +24,7 @@ use crate::auth::{Caller, Gate, Peer, Permission, SharedGate};
 use crate::error::Error;
 use crate::provenance::Provenance;
 use crate::resource::InstanceName;
-use crate::store::Store;
+use crate::store::rocks::RocksStore;
 use crate::upload::Uploads;
 
 pub use layer::MetricsLayer;
@@ -171,7 +171,7 @@ impl Metrics {
     /// A registry with the request metrics and the state of `store`,
     /// `provenance` and `uploads`.
     pub fn new(
-        store: Arc<Store>,
+        store: Arc<RocksStore>,
         provenance: Arc<Provenance>,
         uploads: Arc<Uploads>,
         limit_hits: Arc<crate::limits::LimitHits>,
@@ -269,7 +269,7 @@ impl CountingGate {
 /// Reads, at each scrape, what other components count.
 #[derive(Debug)]
 struct StateCollector {
-    store: Arc<Store>,
+    store: Arc<RocksStore>,
     provenance: Arc<Provenance>,
     uploads: Arc<Uploads>,
 }

@@ -5,11 +5,9 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt};
 
 use crate::auth::{Peer, Permission};
-use crate::digest::Digest;
 use crate::error::Error;
 use crate::proto::bytestream::{self, byte_stream_server::ByteStream};
-use crate::resource::{parse_read, parse_write, InstanceName};
-use crate::store::Key;
+use crate::resource::{parse_read, parse_write};
 use crate::upload::WriteOutcome;
 
 use super::Context;
@@ -19,17 +17,6 @@ use super::Context;
 pub struct ByteStreamService(pub Context);
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<bytestream::ReadResponse, tonic::Status>> + Send>>;
-
-impl ByteStreamService {
-    async fn blob_exists(&self, instance: &InstanceName, digest: Digest) -> Result<bool, Error> {
-        if digest.is_empty_blob() {
-            return Ok(true);
-        }
-        let store = self.0.cas.store().clone();
-        let key = Key::new(instance, &digest);
-        Ok(crate::cas::blocking(move || store.blob_meta(&key)).await?.is_some())
-    }
-}
 
 #[tonic::async_trait]
 impl ByteStream for ByteStreamService {
@@ -52,13 +39,12 @@ impl ByteStream for ByteStreamService {
         if res.compressor.is_some() && req.read_limit != 0 {
             return Err(Error::InvalidArgument("read_limit must be 0 for compressed-blobs reads".into()).into());
         }
-        let rx = self
+        let pieces = self
             .0
             .cas
             .read(&res.instance, res.digest, req.read_offset as u64, req.read_limit as u64, res.compressor)
             .await?;
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
-            .map(|r| r.map(|data| bytestream::ReadResponse { data }).map_err(tonic::Status::from));
+        let stream = pieces.map(|r| r.map(|data| bytestream::ReadResponse { data }).map_err(tonic::Status::from));
         Ok(tonic::Response::new(Box::pin(stream)))
     }
 
@@ -76,18 +62,17 @@ impl ByteStream for ByteStreamService {
         let caller = self.0.gate.authorize(&peer, &res.instance, Permission::CasWrite)?;
         let limits = self.0.enforcer(&caller.principal);
         let compressed = res.compressor.is_some();
-        self.0.cas.store().check_fits(res.digest.size)?;
+        self.0.cas.check_fits(res.digest.size)?;
 
         // Already stored: end the write early, as the spec allows.
-        if self.blob_exists(&res.instance, res.digest).await?
+        if self.0.cas.contains(&res.instance, res.digest).await?
             && self.0.uploads.existing(&res, &caller.principal).is_none()
         {
             let committed = if compressed { -1 } else { res.digest.size as i64 };
             return Ok(tonic::Response::new(bytestream::WriteResponse { committed_size: committed }));
         }
 
-        let store = self.0.cas.store().clone();
-        let session = self.0.uploads.session(&store, &res, &limits)?;
+        let session = self.0.uploads.session(&res, &limits)?;
         let Ok(mut session) = session.try_lock_owned() else {
             return Err(Error::Aborted(format!("upload {name} is already being written by another stream")).into());
         };
@@ -99,11 +84,8 @@ impl ByteStream for ByteStreamService {
                 ))
                 .into());
             }
-            let outcome = self
-                .0
-                .uploads
-                .feed(&store, &mut session, msg.write_offset, msg.data, msg.finish_write, &limits)
-                .await?;
+            let outcome =
+                self.0.uploads.feed(&mut session, msg.write_offset, msg.data, msg.finish_write, &limits).await?;
             if let Some(WriteOutcome::Complete(committed)) = outcome {
                 return Ok(tonic::Response::new(bytestream::WriteResponse { committed_size: committed }));
             }
@@ -135,7 +117,7 @@ impl ByteStream for ByteStreamService {
                 complete: false,
             }));
         }
-        if self.blob_exists(&res.instance, res.digest).await? {
+        if self.0.cas.contains(&res.instance, res.digest).await? {
             let committed = if res.compressor.is_some() { -1 } else { res.digest.size as i64 };
             return Ok(tonic::Response::new(bytestream::QueryWriteStatusResponse {
                 committed_size: committed,

@@ -1,7 +1,7 @@
 use provcache::digest::{Digest, DigestFunction};
 use provcache::proto::reapi;
 use provcache::resource::InstanceName;
-use provcache::store::Key;
+use provcache::store::rocks::Key;
 use tonic::Code;
 
 use crate::common::*;

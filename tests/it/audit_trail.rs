@@ -22,7 +22,7 @@ use provcache::provenance::hit_log::{MAX_CLAIM_BYTES, VERDICT_RECORD_LIMIT};
 use provcache::provenance::Mode;
 use provcache::resource::InstanceName;
 use provcache::signing::{self, SigningKey, ENVELOPE_TYPE_URL, HIT_RECORD_PAYLOAD_TYPE};
-use provcache::store::Key;
+use provcache::store::rocks::Key;
 use provcache::trust::verify::{verify_hit_record, verify_served, Expected};
 use provcache::trust::{render_key_entry, KeyState, TrustPolicy};
 use sha2::{Digest as _, Sha256};

@@ -13,7 +13,7 @@ use prost::Message;
 use provcache::proto::prov::audit_client::AuditClient;
 use provcache::proto::prov::storage::StoredActionEntry;
 use provcache::proto::prov::HitRecord;
-use provcache::store::{Key, Store};
+use provcache::store::rocks::{Key, RocksStore};
 
 use crate::bazel::BazelWorkspace;
 use crate::bazel_tls::{netty_tcnative_startup_flags, refs, verify_build_as, DevPkiFlags};
@@ -110,7 +110,7 @@ fn verify_build_audits_a_real_build_and_names_what_fails() {
     // Alter one stored entry at rest (server stopped): exactly that action is named.
     server.stop();
     let altered = {
-        let store = Store::open(&provcache::server::db_path(server.data_dir()), &Default::default()).unwrap();
+        let store = RocksStore::open(&provcache::server::db_path(server.data_dir()), &Default::default()).unwrap();
         let (key, value) = store.ac_entries().next().unwrap().unwrap();
         let mut entry = StoredActionEntry::decode(&value[..]).unwrap();
         let mut bytes = entry.canonical_result.to_vec();

@@ -8,7 +8,7 @@ use std::path::Path;
 use prost::Message;
 use provcache::proto::prov::storage::StoredActionEntry;
 use provcache::proto::reapi;
-use provcache::store::{Key, Store};
+use provcache::store::rocks::{Key, RocksStore};
 
 use crate::bazel::{assert_all_hits, assert_cold, assert_no_server_errors, assert_same_outputs, BazelWorkspace};
 use crate::common::ServerProcess;
@@ -21,7 +21,7 @@ const READ_ONLY: &str = "--remote_upload_local_results=false";
 /// signature check can notice). Returns the altered action's digest as the
 /// server prints it (`hash/size`).
 fn alter_entry_with_output(data_dir: &Path, output: &str) -> String {
-    let store = Store::open(&provcache::server::db_path(data_dir), &Default::default()).unwrap();
+    let store = RocksStore::open(&provcache::server::db_path(data_dir), &Default::default()).unwrap();
     let suffix = format!("/{output}");
     let mut found = Vec::new();
     for item in store.ac_entries() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use provcache::digest::{Digest, DigestFunction};
 use provcache::proto::reapi;
 use provcache::resource::InstanceName;
-use provcache::store::{Key, Kind};
+use provcache::store::rocks::{Key, Kind};
 use tonic::Code;
 
 use crate::common::*;
@@ -181,9 +181,9 @@ fn time_to_first_request_after_a_restart_with_many_records() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     {
-        let store = provcache::store::Store::open(
+        let store = provcache::store::rocks::RocksStore::open(
             &provcache::server::db_path(&data_dir),
-            &provcache::store::StoreOptions { sync: false, ..Default::default() },
+            &provcache::store::rocks::StoreOptions { sync: false, ..Default::default() },
         )
         .unwrap();
         let instance = InstanceName::parse("").unwrap();

@@ -15,7 +15,7 @@ use prost::Message;
 use provcache::attack::domain::{self as attack, DirectoryAmplification, HalfUploads, InlineNames, RangedReads};
 use provcache::limits::Limits;
 use provcache::proto::reapi;
-use provcache::store::{Key, CHUNK_SIZE};
+use provcache::store::rocks::{Key, CHUNK_SIZE};
 use tonic::Code;
 
 use crate::common::*;

@@ -15,7 +15,7 @@ use provcache::provenance::Mode;
 use provcache::resource::InstanceName;
 use provcache::service::REQUEST_METADATA_HEADER;
 use provcache::signing::{self, SigningKey, ENVELOPE_TYPE_URL, STATUS_TYPE_URL};
-use provcache::store::Key;
+use provcache::store::rocks::Key;
 use provcache::trust::verify::{verify_served, verify_stored, Expected, Reason};
 use provcache::trust::{render_key_entry, KeyState};
 use rustls_pki_types::pem::PemObject;
@@ -585,7 +585,7 @@ async fn t8_a_flipped_byte_in_a_cas_blob_is_never_served_and_results_using_it_mi
 
     // A one-chunk blob, and one of three chunks.
     let small = noise(1000, 1);
-    let big = noise(provcache::store::CHUNK_SIZE * 2 + 12345, 2);
+    let big = noise(provcache::store::rocks::CHUNK_SIZE * 2 + 12345, 2);
     let mut actions = Vec::new();
     for (salt, data) in [("t8-small", &small), ("t8-big", &big)] {
         let d = sha(data);
@@ -596,8 +596,8 @@ async fn t8_a_flipped_byte_in_a_cas_blob_is_never_served_and_results_using_it_mi
         actions.push((action, d, data.clone()));
     }
     let tamper = |d: &reapi::Digest, index: u32, data: &[u8], at: usize| {
-        let chunk_start = index as usize * provcache::store::CHUNK_SIZE;
-        let chunk_end = (chunk_start + provcache::store::CHUNK_SIZE).min(data.len());
+        let chunk_start = index as usize * provcache::store::rocks::CHUNK_SIZE;
+        let chunk_end = (chunk_start + provcache::store::rocks::CHUNK_SIZE).min(data.len());
         let mut chunk = data[chunk_start..chunk_end].to_vec();
         chunk[at] ^= 0x20;
         server.store.tamper_chunk_for_tests(&blob_key("", d), index, &chunk).unwrap();
@@ -623,7 +623,7 @@ async fn t8_a_flipped_byte_in_a_cas_blob_is_never_served_and_results_using_it_mi
     let (big_action, big_d, _) = &actions[1];
     tamper(big_d, 0, &big, 10);
     assert!(!read_is_error_or_right(&mut c, big_d, 0, 100, &big).await, "a ranged read over the tampered byte");
-    for (offset, limit) in [(5, 1000), (provcache::store::CHUNK_SIZE + 7, 100), (0, 0)] {
+    for (offset, limit) in [(5, 1000), (provcache::store::rocks::CHUNK_SIZE + 7, 100), (0, 0)] {
         read_is_error_or_right(&mut c, big_d, offset, limit, &big).await;
     }
     assert!(!read_is_error_or_right(&mut c, big_d, 0, 0, &big).await, "a whole read of a corrupt blob");

@@ -132,7 +132,7 @@ async fn check_blobs(server: &ServerProcess, attempted: &[Blob], acked: &HashSet
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn r1_kill9_during_concurrent_uploads_loses_no_acknowledged_blob() {
     const UPLOADERS: u64 = 16;
-    let no_wal_size = provcache::upload::NO_WAL_THRESHOLD as usize + MIB + 7;
+    let no_wal_size = provcache::store::rocks::NO_WAL_THRESHOLD as usize + MIB + 7;
     let mut server = ServerProcess::start_plaintext();
     let attempted: Arc<Mutex<Vec<Blob>>> = Arc::default();
     let acked: Arc<Mutex<HashSet<u64>>> = Arc::default();
@@ -572,7 +572,8 @@ async fn corrupt_tables_then_check(seed: u64, from_end: bool) {
     blocking(|| server.stop()); // flushes: everything is in table and blob files now
     let db = server.data_dir().join("db");
     let tables = {
-        let store = provcache::store::Store::open(&db, &provcache::store::StoreOptions::default()).unwrap();
+        let store =
+            provcache::store::rocks::RocksStore::open(&db, &provcache::store::rocks::StoreOptions::default()).unwrap();
         store.sst_files_for_tests().unwrap()
     };
     let flip = |path: &Path, at: u64| {

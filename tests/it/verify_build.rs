@@ -16,7 +16,7 @@ use provcache::proto::prov::storage::StoredActionEntry;
 use provcache::proto::prov::HitRecord;
 use provcache::proto::reapi;
 use provcache::resource::InstanceName;
-use provcache::store::Key;
+use provcache::store::rocks::Key;
 use provcache::verify_build::{self, Code, NothingToAudit, Options, Report};
 use sha2::{Digest as _, Sha256};
 

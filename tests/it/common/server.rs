@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use provcache::auth::{AllowAll, SharedGate};
 use provcache::server::{Cache, ServerOptions};
-use provcache::store::{Store, StoreOptions};
+use provcache::store::rocks::{RocksStore, StoreOptions};
 use tonic::transport::Channel;
 
 use super::certs::{tls_channel, CertFiles};
@@ -51,7 +51,7 @@ pub struct TestServer {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// The data directory, with the dev PKI in `dev-pki/`.
     pub dir: tempfile::TempDir,
-    pub store: Arc<Store>,
+    pub store: Arc<RocksStore>,
     /// The server's signer and verifier: its counters and trust policy.
     pub provenance: Arc<provcache::provenance::Provenance>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -128,14 +128,14 @@ impl TestServer {
             .with_clock(clock.clone());
             let cache = Cache::open_with_clock(&options, Arc::new(gate), clock).unwrap();
             start_metrics(&cache);
-            let store = cache.context().cas.store().clone();
+            let store = cache.store().clone();
             let provenance = cache.context().provenance.clone();
             (store, provenance, tokio::spawn(cache.serve_tls(listener, tls.config.clone(), shutdown)))
         } else {
             let gate = opts.gate.unwrap_or_else(|| Arc::new(AllowAll));
             let cache = Cache::open_with_clock(&options, gate, clock).unwrap();
             start_metrics(&cache);
-            let store = cache.context().cas.store().clone();
+            let store = cache.store().clone();
             let provenance = cache.context().provenance.clone();
             (store, provenance, tokio::spawn(cache.serve_plaintext(listener, shutdown)))
         };

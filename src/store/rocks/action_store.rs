@@ -1,51 +1,39 @@
-//! [`ActionStore`] and [`HitLogStore`] over the RocksDB [`Store`]: keys,
+//! [`ActionStore`] and [`HitLogStore`] over the [`RocksStore`]: keys,
 //! memory-only reads and hops to the blocking pool stay here.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::action_store::{ActionStore, HistoryPage, Version};
-use super::hit_log_store::{HitLogStore, HitPage, HitRow};
-use super::{audit_prefix, Key, Kind, Store};
-use crate::cas::blocking;
+use super::{audit_prefix, blocking, Key, Kind, RocksStore};
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::resource::InstanceName;
-
-/// The Action Cache entries, their history and the hit log in RocksDB.
-#[derive(Debug, Clone)]
-pub struct RocksActions(Arc<Store>);
-
-impl RocksActions {
-    /// The action and hit-log storage of `store`.
-    pub fn new(store: Arc<Store>) -> Self {
-        RocksActions(store)
-    }
-}
+use crate::store::action_store::{ActionStore, HistoryPage, Version};
+use crate::store::hit_log_store::{HitLogStore, HitPage, HitRow};
 
 #[async_trait]
-impl ActionStore for RocksActions {
+impl ActionStore for Arc<RocksStore> {
     async fn get(&self, instance: &InstanceName, action: &Digest) -> Result<Option<Vec<u8>>> {
         let key = Key::new(instance, action);
         // From memory on this thread when possible: a hop to the blocking
-        // pool costs more than the lookup itself (see Store::ac_get_cached).
-        match self.0.ac_get_cached(&key) {
+        // pool costs more than the lookup itself (see RocksStore::ac_get_cached).
+        match self.ac_get_cached(&key) {
             Some(value) => value,
             None => {
-                let store = self.0.clone();
+                let store = self.clone();
                 blocking(move || store.ac_get(&key)).await
             }
         }
     }
 
     async fn put(&self, instance: &InstanceName, action: &Digest, entry: Vec<u8>, stored_at_nanos: u64) -> Result<u64> {
-        let (key, store) = (Key::new(instance, action), self.0.clone());
+        let (key, store) = (Key::new(instance, action), self.clone());
         blocking(move || store.ac_put(&key, &entry, stored_at_nanos)).await
     }
 
     async fn history(&self, instance: &InstanceName, action: &Digest) -> Result<Vec<Version>> {
-        let (key, store) = (Key::new(instance, action), self.0.clone());
+        let (key, store) = (Key::new(instance, action), self.clone());
         blocking(move || store.ac_history(&key)).await
     }
 
@@ -58,7 +46,7 @@ impl ActionStore for RocksActions {
         max_bytes: usize,
         must_progress: bool,
     ) -> Result<HistoryPage> {
-        let (key, store) = (Key::new(instance, action), self.0.clone());
+        let (key, store) = (Key::new(instance, action), self.clone());
         let page =
             blocking(move || store.ac_history_page(&key, from_nanos, max_count, max_bytes, must_progress)).await?;
         let next = page.next.and_then(|n| <[u8; 8]>::try_from(n).ok()).map(u64::from_be_bytes);
@@ -66,19 +54,19 @@ impl ActionStore for RocksActions {
     }
 
     async fn purge_history(&self, before_nanos: u64) -> Result<usize> {
-        let store = self.0.clone();
-        blocking(move || store.purge_history(before_nanos)).await
+        let store = self.clone();
+        blocking(move || RocksStore::purge_history(&store, before_nanos)).await
     }
 
     fn touch(&self, instance: &InstanceName, action: &Digest) {
-        self.0.touch(Kind::Action, &Key::new(instance, action));
+        RocksStore::touch(self, Kind::Action, &Key::new(instance, action));
     }
 }
 
 #[async_trait]
-impl HitLogStore for RocksActions {
+impl HitLogStore for Arc<RocksStore> {
     async fn append(&self, invocation: &str, sequence: u64, answered_at_nanos: u64, record: Vec<u8>) -> Result<()> {
-        let (invocation, store) = (invocation.to_string(), self.0.clone());
+        let (invocation, store) = (invocation.to_string(), self.clone());
         blocking(move || store.audit_append(&invocation, sequence, answered_at_nanos, &record)).await
     }
 
@@ -89,7 +77,7 @@ impl HitLogStore for RocksActions {
         max_count: usize,
         max_bytes: usize,
     ) -> Result<HitPage> {
-        let (invocation, after, store) = (invocation.to_string(), after.map(<[u8]>::to_vec), self.0.clone());
+        let (invocation, after, store) = (invocation.to_string(), after.map(<[u8]>::to_vec), self.clone());
         let page = blocking(move || store.audit_list(&invocation, after.as_deref(), max_count, max_bytes)).await?;
         let rows = page.rows.into_iter().map(|r| HitRow { sequence: r.sequence, value: r.value.into_vec() }).collect();
         Ok(HitPage { rows, next: page.next })
@@ -100,7 +88,7 @@ impl HitLogStore for RocksActions {
     }
 
     async fn purge(&self, before_nanos: u64) -> Result<usize> {
-        let store = self.0.clone();
+        let store = self.clone();
         blocking(move || store.purge_audit(before_nanos)).await
     }
 }
