@@ -2,8 +2,8 @@
 
 use tonic::{Code, Status};
 
-use crate::digest::DigestError;
-use crate::resource::ResourceError;
+use crate::cache::digest::DigestError;
+use crate::cache::resource::ResourceError;
 
 /// An error classified by the gRPC status a client must see.
 #[derive(Debug, thiserror::Error)]

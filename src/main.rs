@@ -174,13 +174,13 @@ struct ClientArgs {
 }
 
 impl ClientArgs {
-    fn target(self) -> anyhow::Result<provcache::client::Target> {
+    fn target(self) -> anyhow::Result<provcache::tools::client::Target> {
         let tls = match (self.ca, self.cert, self.key) {
             (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
             (None, None, None) => None,
             _ => anyhow::bail!("--ca, --cert and --key go together"),
         };
-        Ok(provcache::client::Target { url: self.server, tls, instance: self.instance })
+        Ok(provcache::tools::client::Target { url: self.server, tls, instance: self.instance })
     }
 }
 
@@ -262,16 +262,19 @@ fn main() -> anyhow::Result<()> {
             match runtime.block_on(verify_build(args)) {
                 Ok(report) => {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&provcache::verify_build::to_json(&report))?);
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&provcache::tools::verify_build::to_json(&report))?
+                        );
                     } else {
-                        print!("{}", provcache::verify_build::to_text(&report));
+                        print!("{}", provcache::tools::verify_build::to_text(&report));
                     }
                     std::process::exit(report.exit_code());
                 }
                 Err(e) => {
-                    let empty = e.downcast_ref::<provcache::verify_build::NothingToAudit>().is_some();
+                    let empty = e.downcast_ref::<provcache::tools::verify_build::NothingToAudit>().is_some();
                     if json {
-                        let doc = provcache::verify_build::error_json(empty, &format!("{e:#}"));
+                        let doc = provcache::tools::verify_build::error_json(empty, &format!("{e:#}"));
                         println!("{}", serde_json::to_string_pretty(&doc)?);
                     }
                     if empty {
@@ -338,7 +341,7 @@ fn init_logging(format: LogFormat, filter: &str) {
 /// `serve --check-config`: everything `serve` would load, without binding
 /// or creating anything; prints the effective settings (paths, no key material).
 fn check_config(s: &Settings, file: Option<&std::path::Path>) -> anyhow::Result<()> {
-    use provcache::authz::Policy;
+    use provcache::access::policy::Policy;
     let dev_dir = s.data_dir.join("dev-pki");
     let mut notes = Vec::new();
     let policy = match (&s.policy, s.plaintext_insecure, &s.tls_cert) {
@@ -359,16 +362,19 @@ fn check_config(s: &Settings, file: Option<&std::path::Path>) -> anyhow::Result<
         Policy::load(p).with_context(|| format!("authorization policy {}", p.display()))?;
     }
     if let (Some(cert), Some(key)) = (&s.tls_cert, &s.tls_key) {
-        let mut t = provcache::tls::TlsSettings::new(cert.clone(), key.clone(), s.client_ca.clone(), s.crl.clone());
+        let mut t =
+            provcache::access::tls::TlsSettings::new(cert.clone(), key.clone(), s.client_ca.clone(), s.crl.clone());
         t.crl_reload_interval = s.crl_reload_interval;
-        provcache::tls::TlsServer::from_settings(&t).context("TLS settings")?;
+        provcache::access::tls::TlsServer::from_settings(&t).context("TLS settings")?;
     }
     if s.identity == IdentityArg::UriSan && s.trust_domain.is_empty() && s.tls_cert.is_some() && !s.plaintext_insecure {
         anyhow::bail!("identity uri-san needs at least one trust_domain (--trust-domain)");
     }
     if let (Some(key), Some(trust)) = (&s.signing_key, &s.trust_policy) {
-        let k = provcache::signing::SigningKey::load(key).with_context(|| format!("signing key {}", key.display()))?;
-        provcache::trust::TrustPolicy::load(trust).with_context(|| format!("trust policy {}", trust.display()))?;
+        let k = provcache::provenance::signing::SigningKey::load(key)
+            .with_context(|| format!("signing key {}", key.display()))?;
+        provcache::provenance::trust::TrustPolicy::load(trust)
+            .with_context(|| format!("trust policy {}", trust.display()))?;
         notes.push(format!("signing key id {}", k.key_id()));
     } else {
         notes.push(format!("the development signing key and trust policy in {}", dev_dir.display()));
@@ -383,8 +389,8 @@ fn check_config(s: &Settings, file: Option<&std::path::Path>) -> anyhow::Result<
     Ok(())
 }
 
-async fn verify_build(args: VerifyBuildArgs) -> anyhow::Result<provcache::verify_build::Report> {
-    let opts = provcache::verify_build::Options {
+async fn verify_build(args: VerifyBuildArgs) -> anyhow::Result<provcache::tools::verify_build::Report> {
+    let opts = provcache::tools::verify_build::Options {
         target: args.client.target()?,
         policy: args.policy,
         invocation: args.invocation,
@@ -392,7 +398,7 @@ async fn verify_build(args: VerifyBuildArgs) -> anyhow::Result<provcache::verify
         deep: args.deep,
         reader: args.reader,
     };
-    provcache::verify_build::run(&opts).await
+    provcache::tools::verify_build::run(&opts).await
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -405,9 +411,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         attacker_target.tls = Some((ca.clone(), cert.clone(), key.clone()));
     }
     if let Some(path) = &args.write_request {
-        return provcache::bench::write_get_request(&target, path).await;
+        return provcache::tools::bench::write_get_request(&target, path).await;
     }
-    let params = provcache::bench::Params {
+    let params = provcache::tools::bench::Params {
         concurrency: args.concurrency,
         duration: args.duration,
         keys: args.keys,
@@ -419,11 +425,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     for scenario in &args.scenario {
         if let Some(kind) = &args.attacker {
-            let attacker = provcache::bench::Attacker { target: &attacker_target, kind, loops: args.attackers };
-            provcache::bench::run_under_attack(&target, scenario, &params, &attacker, args.server_pid).await?;
+            let attacker = provcache::tools::bench::Attacker { target: &attacker_target, kind, loops: args.attackers };
+            provcache::tools::bench::run_under_attack(&target, scenario, &params, &attacker, args.server_pid).await?;
             continue;
         }
-        let report = provcache::bench::run(&target, scenario, &params).await?;
+        let report = provcache::tools::bench::run(&target, scenario, &params).await?;
         println!("{report}");
     }
     Ok(())
@@ -431,22 +437,22 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
 async fn soak(args: &BenchArgs, duration: std::time::Duration) -> anyhow::Result<()> {
     let default_dir = args.soak_dir.is_none();
-    let params = provcache::soak::SoakParams {
+    let params = provcache::tools::soak::SoakParams {
         duration,
         kill_every: args.kill_every,
         concurrency: args.concurrency,
-        data_dir: args.soak_dir.clone().unwrap_or_else(provcache::soak::default_data_dir),
+        data_dir: args.soak_dir.clone().unwrap_or_else(provcache::tools::soak::default_data_dir),
         exe: std::env::current_exe().context("finding this provcache binary")?,
         byte_budget: args.soak_budget,
     };
     println!("soak: {duration:?}, kill -9 every ~{:?}, data in {}", args.kill_every, params.data_dir.display());
-    let report = provcache::soak::run(&params).await?;
+    let report = provcache::tools::soak::run(&params).await?;
     println!("{report}");
     if report.violations > 0 {
         println!("soak: data and server log kept in {}", params.data_dir.display());
         std::process::exit(1);
     }
-    if default_dir && provcache::soak::is_soak_dir(&params.data_dir) {
+    if default_dir && provcache::tools::soak::is_soak_dir(&params.data_dir) {
         let _ = std::fs::remove_dir_all(&params.data_dir);
         let _ = std::fs::remove_file(params.data_dir.with_extension("server.log"));
     }
@@ -454,13 +460,13 @@ async fn soak(args: &BenchArgs, duration: std::time::Duration) -> anyhow::Result
 }
 
 fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
-    let key = provcache::signing::SigningKey::generate()?;
+    let key = provcache::provenance::signing::SigningKey::generate()?;
     key.write_pem(&args.out)?;
     let now = std::time::SystemTime::now();
-    let entry = provcache::trust::render_key_entry(
+    let entry = provcache::provenance::trust::render_key_entry(
         &args.name,
         &key.verifying_key(),
-        provcache::trust::KeyState::Active,
+        provcache::provenance::trust::KeyState::Active,
         now,
         now + args.valid_for,
     );
@@ -471,15 +477,15 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
 }
 
 fn issue_cert(args: IssueCertArgs) -> anyhow::Result<()> {
-    let issued = provcache::pki::issue_client_cert(&args.ca_dir, &args.principal, &args.out, args.valid_for)?;
+    let issued = provcache::access::pki::issue_client_cert(&args.ca_dir, &args.principal, &args.out, args.valid_for)?;
     println!("wrote {} and {}", issued.cert.display(), issued.key.display());
     Ok(())
 }
 
 async fn serve(args: Settings) -> anyhow::Result<()> {
-    use provcache::authz::{MtlsGate, PlaintextGate, Policy};
-    use provcache::identity::IdentityMode;
-    use provcache::pki::{ensure_dev_pki, ensure_dev_signing, DevClient};
+    use provcache::access::identity::IdentityMode;
+    use provcache::access::pki::{ensure_dev_pki, ensure_dev_signing, DevClient};
+    use provcache::access::policy::{MtlsGate, PlaintextGate, Policy};
 
     let dev_dir = args.data_dir.join("dev-pki");
     let (signing_key, trust_policy) = match (&args.signing_key, &args.trust_policy) {
@@ -555,7 +561,7 @@ async fn serve(args: Settings) -> anyhow::Result<()> {
 
     let (settings, policy_path, dev) = match &args.tls_cert {
         Some(cert) => {
-            let mut s = provcache::tls::TlsSettings::new(
+            let mut s = provcache::access::tls::TlsSettings::new(
                 cert.clone(),
                 args.tls_key.clone().context("--tls-key is required with --tls-cert")?,
                 args.client_ca.clone(),
@@ -579,7 +585,7 @@ async fn serve(args: Settings) -> anyhow::Result<()> {
     let mode = match args.identity {
         IdentityArg::UriSan => {
             let domains = if args.trust_domain.is_empty() && dev.is_some() {
-                vec![provcache::pki::DEV_TRUST_DOMAIN.to_string()]
+                vec![provcache::access::pki::DEV_TRUST_DOMAIN.to_string()]
             } else {
                 args.trust_domain.clone()
             };
@@ -592,7 +598,7 @@ async fn serve(args: Settings) -> anyhow::Result<()> {
             IdentityMode::CommonName
         }
     };
-    let tls = provcache::tls::TlsServer::from_settings(&settings)?;
+    let tls = provcache::access::tls::TlsServer::from_settings(&settings)?;
     let gate = Arc::new(MtlsGate::new(Arc::new(policy), mode, tls.verifier.clone()));
     let cache = Cache::open(&options, gate)
         .with_context(|| format!("opening the data directory {}", args.data_dir.display()))?;

@@ -3,17 +3,17 @@
 
 use prost::Message;
 
-use crate::action_cache::InlineRequest;
-use crate::auth::{Peer, Permission};
-use crate::cas::parse_digest;
+use crate::access::gate::{Peer, Permission};
+use crate::cache::action_cache::InlineRequest;
+use crate::cache::cas::parse_digest;
+use crate::cache::resource::InstanceName;
 use crate::error::Error;
 use crate::proto::reapi::{self, action_cache_server::ActionCache};
 use crate::provenance::hit_log::{self, Answer};
+use crate::provenance::signing;
+use crate::provenance::verify::Reason;
 use crate::provenance::{Mode, Origin, Subject};
-use crate::resource::InstanceName;
-use crate::signing;
 use crate::store::Key;
-use crate::trust::verify::Reason;
 
 use super::{request_metadata, Context};
 

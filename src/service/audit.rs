@@ -5,16 +5,16 @@ use std::collections::BTreeSet;
 
 use prost::Message;
 
-use crate::auth::{Peer, Permission};
-use crate::cas::{blocking, parse_digest};
+use crate::access::gate::{Peer, Permission};
+use crate::cache::cas::{blocking, parse_digest};
+use crate::cache::resource::InstanceName;
 use crate::error::Error;
 use crate::proto::prov;
 use crate::proto::prov::audit_server::Audit;
 use crate::proto::prov::storage::StoredActionEntry;
 use crate::proto::reapi;
 use crate::provenance::hit_log;
-use crate::resource::InstanceName;
-use crate::signing;
+use crate::provenance::signing;
 use crate::store::Key;
 
 use super::Context;

@@ -4,13 +4,13 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 
-use crate::auth::{Peer, Permission};
-use crate::digest::Digest;
+use crate::access::gate::{Peer, Permission};
+use crate::cache::digest::Digest;
+use crate::cache::resource::{parse_read, parse_write, InstanceName};
+use crate::cache::upload::WriteOutcome;
 use crate::error::Error;
 use crate::proto::bytestream::{self, byte_stream_server::ByteStream};
-use crate::resource::{parse_read, parse_write, InstanceName};
 use crate::store::Key;
-use crate::upload::WriteOutcome;
 
 use super::Context;
 
@@ -27,7 +27,7 @@ impl ByteStreamService {
         }
         let store = self.0.cas.store().clone();
         let key = Key::new(instance, &digest);
-        Ok(crate::cas::blocking(move || store.blob_meta(&key)).await?.is_some())
+        Ok(crate::cache::cas::blocking(move || store.blob_meta(&key)).await?.is_some())
     }
 }
 

@@ -577,8 +577,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::{Digest, DigestFunction};
-    use crate::resource::InstanceName;
+    use crate::cache::digest::{Digest, DigestFunction};
+    use crate::cache::resource::InstanceName;
     use crate::store::StoreOptions;
     use std::time::Duration;
 

@@ -39,9 +39,9 @@ use rocksdb::{
     SingleThreaded, WriteBatch, WriteOptions,
 };
 
-use crate::digest::{Digest, DigestFunction};
+use crate::cache::digest::{Digest, DigestFunction};
+use crate::cache::resource::InstanceName;
 use crate::error::{Error, Result};
-use crate::resource::InstanceName;
 use lru::{Access, Lru, CF_ATIME, CF_LRU, CF_USAGE};
 
 /// Size of one stored chunk of a blob. Reads and writes move at most this much

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use prost::Message;
-use provcache::digest::{Digest, DigestFunction};
+use provcache::cache::digest::{Digest, DigestFunction};
+use provcache::cache::resource::InstanceName;
 use provcache::limits::Limits;
 use provcache::proto::prov::audit_client::AuditClient;
 use provcache::proto::prov::storage::StoredActionEntry;
@@ -21,13 +22,12 @@ use provcache::proto::prov::{
 };
 use provcache::proto::reapi;
 use provcache::provenance::hit_log::{MAX_CLAIM_BYTES, VERDICT_RECORD_LIMIT};
+use provcache::provenance::signing::{self, SigningKey, ENVELOPE_TYPE_URL, HIT_RECORD_PAYLOAD_TYPE};
+use provcache::provenance::trust::{render_key_entry, KeyState, TrustPolicy};
+use provcache::provenance::verify::{verify_hit_record, verify_served, Expected};
 use provcache::provenance::Mode;
-use provcache::resource::InstanceName;
 use provcache::service::REQUEST_METADATA_HEADER;
-use provcache::signing::{self, SigningKey, ENVELOPE_TYPE_URL, HIT_RECORD_PAYLOAD_TYPE};
 use provcache::store::Key;
-use provcache::trust::verify::{verify_hit_record, verify_served, Expected};
-use provcache::trust::{render_key_entry, KeyState, TrustPolicy};
 use sha2::{Digest as _, Sha256};
 use tonic::metadata::{BinaryMetadataValue, MetadataValue};
 use tonic::transport::Channel;

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use prost::Message;
-use provcache::auth::{AllowAll, SharedGate};
-use provcache::digest::{Digest, DigestFunction};
+use provcache::access::gate::{AllowAll, SharedGate};
+use provcache::cache::digest::{Digest, DigestFunction};
 use provcache::proto::bytestream::byte_stream_client::ByteStreamClient;
 use provcache::proto::bytestream::WriteRequest;
 use provcache::proto::reapi::action_cache_client::ActionCacheClient;
@@ -32,7 +32,7 @@ pub struct TestOptions {
     /// Reject (default) or flag.
     pub mode: provcache::provenance::Mode,
     /// Injected clock.
-    pub clock: Option<provcache::provenance::Clock>,
+    pub clock: Option<provcache::clock::Clock>,
     /// Signing key and trust policy paths (default: the dev ones).
     pub signing_key: Option<std::path::PathBuf>,
     /// See `signing_key`.
@@ -75,7 +75,7 @@ impl TestServer {
     pub async fn start_opts(opts: TestOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let dev = dir.path().join("dev-pki");
-        let (signing_key, trust_policy) = provcache::pki::ensure_dev_signing(&dev).unwrap();
+        let (signing_key, trust_policy) = provcache::access::pki::ensure_dev_signing(&dev).unwrap();
         let options = ServerOptions {
             data_dir: dir.path().to_path_buf(),
             store: StoreOptions {
@@ -112,18 +112,18 @@ impl TestServer {
             }
         };
         let (store, provenance, task) = if opts.tls {
-            let pki = provcache::pki::ensure_dev_pki(&dev).unwrap();
+            let pki = provcache::access::pki::ensure_dev_pki(&dev).unwrap();
             let mut settings = pki.tls_settings();
             settings.crls = opts.crls.clone();
             settings.crl_reload_interval = std::time::Duration::from_millis(200);
-            let tls = provcache::tls::TlsServer::from_settings(&settings).unwrap();
+            let tls = provcache::access::tls::TlsServer::from_settings(&settings).unwrap();
             let policy = match &opts.policy {
-                Some(text) => provcache::authz::Policy::parse(text).unwrap(),
-                None => provcache::authz::Policy::load(&pki.policy).unwrap(),
+                Some(text) => provcache::access::policy::Policy::parse(text).unwrap(),
+                None => provcache::access::policy::Policy::load(&pki.policy).unwrap(),
             };
-            let gate = provcache::authz::MtlsGate::new(
+            let gate = provcache::access::policy::MtlsGate::new(
                 Arc::new(policy),
-                provcache::identity::IdentityMode::spiffe(["provcache.dev"]),
+                provcache::access::identity::IdentityMode::spiffe(["provcache.dev"]),
                 tls.verifier.clone(),
             )
             .with_clock(clock.clone());
@@ -314,7 +314,7 @@ pub fn rn(d: &reapi::Digest) -> String {
 
 /// Deterministic pseudo-random bytes.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    provcache::bench::pseudo_random_bytes(seed, len).to_vec()
+    provcache::tools::bench::pseudo_random_bytes(seed, len).to_vec()
 }
 
 /// Uploads an Action with its Command and returns the action digest.

@@ -6,9 +6,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use provcache::attack::transport::{self as attack, ClientTls, IdleSockets, StalledStreams};
 use provcache::limits::{Limits, LimitsConfig};
 use provcache::proto::reapi;
+use provcache::tools::attack::transport::{self as attack, ClientTls, IdleSockets, StalledStreams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
@@ -33,7 +33,7 @@ fn policy() -> String {
     format!(
         "{}\n[[rules]]\nname = \"honest-writer\"\nprincipals = [\"{HONEST}\"]\ninstances = [\"*\"]\n\
          permissions = [\"ac:read\", \"ac:write\", \"cas:read\", \"cas:write\"]\n",
-        provcache::pki::dev_policy_toml()
+        provcache::access::pki::dev_policy_toml()
     )
 }
 
@@ -60,7 +60,8 @@ fn identity(server: &TestServer, dir: &std::path::Path, who: &str) -> ClientTls 
         return ClientTls::dev(&server.pki_dir(), who).unwrap();
     }
     let prefix = dir.join(who.rsplit('/').next().unwrap());
-    let issued = provcache::pki::issue_client_cert(&server.pki_dir(), who, &prefix, Duration::from_secs(3600)).unwrap();
+    let issued =
+        provcache::access::pki::issue_client_cert(&server.pki_dir(), who, &prefix, Duration::from_secs(3600)).unwrap();
     ClientTls::from_files(&server.pki_dir().join("ca.pem"), Some((&issued.cert, &issued.key))).unwrap()
 }
 
@@ -391,7 +392,7 @@ async fn measure_transport_attacks() {
     // Attack 2: stalled streams (no permission: 60; reader on a write method: 100).
     let server = ServerProcess::start(&bin);
     let certs = tempfile::tempdir().unwrap();
-    let issued = provcache::pki::issue_client_cert(
+    let issued = provcache::access::pki::issue_client_cert(
         &server.pki(),
         NOBODY,
         &certs.path().join("nobody"),

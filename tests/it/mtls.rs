@@ -122,7 +122,7 @@ fn issue(issuer: &Issuer<'_, KeyPair>, params: &CertificateParams, dir: &Path, n
 /// Replaces `dir/ca.crl.pem` atomically with a CRL of `issuer` revoking
 /// `serials`.
 fn write_crl(issuer: &Issuer<'_, KeyPair>, dir: &Path, serials: &[Vec<u8>], number: u64) {
-    provcache::pki::write_crl(issuer, &dir.join("ca.crl.pem"), serials, number, Duration::from_secs(24 * 3600))
+    provcache::access::pki::write_crl(issuer, &dir.join("ca.crl.pem"), serials, number, Duration::from_secs(24 * 3600))
         .unwrap();
 }
 
@@ -141,7 +141,7 @@ impl TestClock {
         self.0.store(offset.as_secs() as i64, Ordering::SeqCst);
     }
 
-    fn clock(&self) -> provcache::provenance::Clock {
+    fn clock(&self) -> provcache::clock::Clock {
         let offset = self.0.clone();
         Arc::new(move || SystemTime::now() + Duration::from_secs(offset.load(Ordering::SeqCst).unsigned_abs()))
     }
@@ -785,11 +785,11 @@ async fn t9_a_writer_limited_to_dev_cannot_touch_main() {
     let policy = format!(
         "{}\n[[rules]]\nname = \"dev-only-writer\"\nprincipals = [\"{DEV_WRITER}\"]\ninstances = [\"dev/*\"]\n\
          permissions = [\"ac:read\", \"ac:write\", \"cas:read\", \"cas:write\"]\n",
-        provcache::pki::dev_policy_toml()
+        provcache::access::pki::dev_policy_toml()
     );
     let server = TestServer::start_opts(TestOptions { tls: true, policy: Some(policy), ..Default::default() }).await;
     let certs = tempfile::tempdir().unwrap();
-    let issued = provcache::pki::issue_client_cert(
+    let issued = provcache::access::pki::issue_client_cert(
         &server.pki_dir(),
         DEV_WRITER,
         &certs.path().join("dev-writer"),
@@ -877,7 +877,7 @@ async fn t10_spoofed_identities_are_refused_by_the_real_server() {
         ("CA certificate as leaf", ca_as_leaf, Some("CaUsedAsEndEntity"), Expect::Refused("CertificateUnknown")),
     ];
     // The verifier the server's handshakes use, built the same way.
-    let verifier = provcache::tls::ClientVerifier::new(&[server.pki_dir().join("ca.pem")], &[], false).unwrap();
+    let verifier = provcache::access::tls::ClientVerifier::new(&[server.pki_dir().join("ca.pem")], &[], false).unwrap();
 
     let mut cells = Cells::default();
     for (i, (name, params, tls_error, expect)) in cases.into_iter().enumerate() {
@@ -971,7 +971,7 @@ async fn t12_a_certificate_expiring_mid_connection_is_refused_on_the_next_call()
     let server =
         TestServer::start_opts(TestOptions { tls: true, clock: Some(clock.clock()), ..Default::default() }).await;
     let certs = tempfile::tempdir().unwrap();
-    let short = provcache::pki::issue_client_cert(
+    let short = provcache::access::pki::issue_client_cert(
         &server.pki_dir(),
         WRITER,
         &certs.path().join("short-lived"),

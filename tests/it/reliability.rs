@@ -13,9 +13,9 @@ use std::time::{Duration, Instant, SystemTime};
 use provcache::proto::prov::audit_client::AuditClient;
 use provcache::proto::prov::GetStoredEntryRequest;
 use provcache::proto::reapi;
-use provcache::signing::canonical_bytes;
-use provcache::trust::verify::{verify_served, Expected};
-use provcache::trust::TrustPolicy;
+use provcache::provenance::signing::canonical_bytes;
+use provcache::provenance::trust::TrustPolicy;
+use provcache::provenance::verify::{verify_served, Expected};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -167,7 +167,7 @@ async fn check_blobs(server: &ServerProcess, attempted: &[Blob], acked: &HashSet
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn r1_kill9_during_concurrent_uploads_loses_no_acknowledged_blob() {
     const UPLOADERS: u64 = 16;
-    let no_wal_size = provcache::upload::NO_WAL_THRESHOLD as usize + MIB + 7;
+    let no_wal_size = provcache::cache::upload::NO_WAL_THRESHOLD as usize + MIB + 7;
     let mut server = ServerProcess::start_plaintext();
     let attempted: Arc<Mutex<Vec<Blob>>> = Arc::default();
     let acked: Arc<Mutex<HashSet<u64>>> = Arc::default();

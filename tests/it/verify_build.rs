@@ -9,16 +9,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
-use provcache::client::Target;
-use provcache::digest::{Digest, DigestFunction};
+use provcache::cache::digest::{Digest, DigestFunction};
+use provcache::cache::resource::InstanceName;
 use provcache::proto::prov::audit_client::AuditClient;
 use provcache::proto::prov::storage::StoredActionEntry;
 use provcache::proto::prov::{HitRecord, ListInvocationHitsRequest};
 use provcache::proto::reapi;
-use provcache::resource::InstanceName;
 use provcache::service::REQUEST_METADATA_HEADER;
 use provcache::store::Key;
-use provcache::verify_build::{self, Code, NothingToAudit, Options, Report};
+use provcache::tools::client::Target;
+use provcache::tools::verify_build::{self, Code, NothingToAudit, Options, Report};
 use sha2::{Digest as _, Sha256};
 use tonic::metadata::BinaryMetadataValue;
 
@@ -51,12 +51,12 @@ impl Fixture {
         let policy = format!(
             "{}\n[[rules]]\nname = \"mallory\"\nprincipals = [\"{MALLORY}\"]\ninstances = [\"*\"]\n\
              permissions = [\"ac:read\", \"cas:read\"]\n",
-            provcache::pki::dev_policy_toml()
+            provcache::access::pki::dev_policy_toml()
         );
         let server =
             TestServer::start_opts(TestOptions { tls: true, policy: Some(policy), mode, ..Default::default() }).await;
         let certs = tempfile::tempdir().unwrap();
-        let issued = provcache::pki::issue_client_cert(
+        let issued = provcache::access::pki::issue_client_cert(
             &server.pki_dir(),
             MALLORY,
             &certs.path().join("mallory"),

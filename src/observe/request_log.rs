@@ -5,16 +5,16 @@
 //! [`RequestSpanLayer`] opens the span in front of every service, with the
 //! method and the `tool_invocation_id` of the REAPI `RequestMetadata` header;
 //! the gate records the principal into it once it knows the caller
-//! ([`crate::auth::record_principal`]); [`LoggingGate`] logs refused calls.
+//! ([`crate::access::gate::record_principal`]); [`LoggingGate`] logs refused calls.
 //! Nothing secret is logged: no key material, certificates or blob contents.
 
 use std::task::{Context, Poll};
 
 use tracing::instrument::{Instrument, Instrumented};
 
-use crate::auth::{Caller, Gate, Peer, Permission, SharedGate};
+use crate::access::gate::{Caller, Gate, Peer, Permission, SharedGate};
+use crate::cache::resource::InstanceName;
 use crate::error::Error;
-use crate::resource::InstanceName;
 
 /// Opens the request span around every call.
 #[derive(Clone, Copy, Debug, Default)]

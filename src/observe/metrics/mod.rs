@@ -20,12 +20,12 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::auth::{Caller, Gate, Peer, Permission, SharedGate};
+use crate::access::gate::{Caller, Gate, Peer, Permission, SharedGate};
+use crate::cache::resource::InstanceName;
+use crate::cache::upload::Uploads;
 use crate::error::Error;
 use crate::provenance::Provenance;
-use crate::resource::InstanceName;
 use crate::store::Store;
-use crate::upload::Uploads;
 
 pub use layer::MetricsLayer;
 

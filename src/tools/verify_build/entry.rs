@@ -14,14 +14,14 @@ use tonic::transport::Channel;
 use super::exec_log::{result_outputs, Outputs};
 use super::report::{AuditedHit, Claims, Code, Finding};
 use super::MAX_REPLY_BYTES;
-use crate::digest::{Digest, DigestFunction};
+use crate::cache::digest::{Digest, DigestFunction};
 use crate::proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest};
 use crate::proto::prov::audit_client::AuditClient;
 use crate::proto::prov::{ActionResultStatement, Envelope, GetStoredEntryRequest, HitRecord, StoredEntry};
 use crate::proto::reapi::{self, content_addressable_storage_client::ContentAddressableStorageClient};
-use crate::signing;
-use crate::trust::verify::{verify_stored, Expected, Reason, Verified};
-use crate::trust::TrustPolicy;
+use crate::provenance::signing;
+use crate::provenance::trust::TrustPolicy;
+use crate::provenance::verify::{verify_stored, Expected, Reason, Verified};
 
 /// Where a lookup to audit comes from.
 #[derive(Debug, Clone)]

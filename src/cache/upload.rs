@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::cas::blocking;
-use crate::digest::{Digest, Hasher};
+use crate::cache::cas::blocking;
+use crate::cache::digest::{Digest, Hasher};
+use crate::cache::resource::{Compressor, WriteResource};
 use crate::error::{Error, Result};
 use crate::limits::{Enforcer, Limits};
-use crate::resource::{Compressor, WriteResource};
 use crate::store::{Key, Store, CHUNK_SIZE};
 
 /// The most uploads in progress at once, whoever holds them (each holds up
@@ -406,7 +406,7 @@ impl Uploads {
                     session.resource.digest, session.resource.digest.size
                 ))
             } else {
-                match crate::cas::zstd_error(e, limits) {
+                match crate::cache::cas::zstd_error(e, limits) {
                     Error::InvalidArgument(why) => {
                         Error::InvalidArgument(format!("upload of {}: {why}", session.resource.digest))
                     }

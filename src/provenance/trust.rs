@@ -11,15 +11,13 @@ use ed25519_dalek::pkcs8::DecodePublicKey;
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
-use crate::signing::key_id;
+use crate::provenance::signing::key_id;
 
-pub mod verify;
-
-pub use verify::{verify_served, verify_stored, Expected, Reason, Verified};
+pub use super::verify::{verify_served, verify_stored, Expected, Reason, Verified};
 
 /// Why a trust policy was refused. Messages name the offending entry and field.
 #[derive(Debug, thiserror::Error)]
-pub enum PolicyError {
+pub enum TrustPolicyError {
     /// The file could not be read.
     #[error("cannot read trust policy {}: {source}", path.display())]
     Read {
@@ -45,7 +43,7 @@ pub enum PolicyError {
         /// The policy file.
         path: PathBuf,
         /// The error.
-        inner: Box<PolicyError>,
+        inner: Box<TrustPolicyError>,
     },
 }
 
@@ -201,22 +199,22 @@ struct QuarantineEntry {
     action_digest: String,
 }
 
-fn field_err(field: impl Into<String>, detail: impl Into<String>) -> PolicyError {
-    PolicyError::Field { field: field.into(), detail: detail.into() }
+fn field_err(field: impl Into<String>, detail: impl Into<String>) -> TrustPolicyError {
+    TrustPolicyError::Field { field: field.into(), detail: detail.into() }
 }
 
-fn parse_time(field: &str, value: &str) -> Result<SystemTime, PolicyError> {
+fn parse_time(field: &str, value: &str) -> Result<SystemTime, TrustPolicyError> {
     humantime::parse_rfc3339(value)
         .map_err(|e| field_err(field, format!("{value:?} is not an RFC 3339 UTC time like 2026-11-01T00:00:00Z: {e}")))
 }
 
-fn parse_duration(field: &str, value: &str) -> Result<Duration, PolicyError> {
+fn parse_duration(field: &str, value: &str) -> Result<Duration, TrustPolicyError> {
     humantime::parse_duration(value)
         .map_err(|e| field_err(field, format!("{value:?} is not a duration like \"30d\" or \"5m\": {e}")))
 }
 
 /// Parses a public key: PEM SubjectPublicKeyInfo, or base64 of the 32 raw bytes.
-fn parse_public_key(field: &str, value: &str) -> Result<VerifyingKey, PolicyError> {
+fn parse_public_key(field: &str, value: &str) -> Result<VerifyingKey, TrustPolicyError> {
     let trimmed = value.trim();
     let key = if trimmed.starts_with("-----BEGIN") {
         VerifyingKey::from_public_key_pem(trimmed)
@@ -236,7 +234,7 @@ fn parse_public_key(field: &str, value: &str) -> Result<VerifyingKey, PolicyErro
     Ok(key)
 }
 
-fn check_pattern(field: &str, pattern: &str) -> Result<(), PolicyError> {
+fn check_pattern(field: &str, pattern: &str) -> Result<(), TrustPolicyError> {
     let body = pattern.strip_suffix('*').unwrap_or(pattern);
     if body.contains('*') {
         return Err(field_err(field, format!("{pattern:?}: '*' may only end a pattern (\"*\", \"dev/*\")")));
@@ -245,17 +243,17 @@ fn check_pattern(field: &str, pattern: &str) -> Result<(), PolicyError> {
 }
 
 /// Parses `"<hash>/<size>"` (64 lowercase hex characters, a size >= 0).
-fn parse_action_digest(field: &str, value: &str) -> Result<(String, i64), PolicyError> {
+fn parse_action_digest(field: &str, value: &str) -> Result<(String, i64), TrustPolicyError> {
     let bad = || field_err(field, format!("{value:?} is not \"<64 lowercase hex>/<size>\""));
     let (hash, size) = value.split_once('/').ok_or_else(bad)?;
     let size: i64 = size.parse().map_err(|_| bad())?;
-    crate::digest::Digest::parse(crate::digest::DigestFunction::Sha256, hash, size)
+    crate::cache::digest::Digest::parse(crate::cache::digest::DigestFunction::Sha256, hash, size)
         .map_err(|e| field_err(field, e.to_string()))?;
     Ok((hash.to_string(), size))
 }
 
 impl KeyEntry {
-    fn check(self, index: usize) -> Result<TrustedKey, PolicyError> {
+    fn check(self, index: usize) -> Result<TrustedKey, TrustPolicyError> {
         let at = |f: &str| format!("keys[{index}] ({:?}).{f}", self.name);
         if self.name.is_empty() {
             return Err(field_err(format!("keys[{index}].name"), "must not be empty"));
@@ -295,8 +293,8 @@ impl KeyEntry {
 
 impl TrustPolicy {
     /// Parses and checks a policy from TOML text.
-    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
-        let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Syntax(e.to_string()))?;
+    pub fn from_toml(text: &str) -> Result<Self, TrustPolicyError> {
+        let file: PolicyFile = toml::from_str(text).map_err(|e| TrustPolicyError::Syntax(e.to_string()))?;
         let mut keys: Vec<TrustedKey> = Vec::with_capacity(file.keys.len());
         for (i, entry) in file.keys.into_iter().enumerate() {
             let key = entry.check(i)?;
@@ -340,10 +338,10 @@ impl TrustPolicy {
     }
 
     /// Reads, parses and checks a policy file. Errors name the file.
-    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+    pub fn load(path: &Path) -> Result<Self, TrustPolicyError> {
         let text =
-            std::fs::read_to_string(path).map_err(|source| PolicyError::Read { path: path.to_owned(), source })?;
-        Self::from_toml(&text).map_err(|e| PolicyError::InFile { path: path.to_owned(), inner: Box::new(e) })
+            std::fs::read_to_string(path).map_err(|source| TrustPolicyError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text).map_err(|e| TrustPolicyError::InFile { path: path.to_owned(), inner: Box::new(e) })
     }
 
     /// The key with this id, whatever its state.

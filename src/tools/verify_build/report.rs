@@ -442,7 +442,7 @@ mod tests {
 
     #[test]
     fn every_code_is_documented_in_docs_audit_md() {
-        let doc = include_str!("../../docs/audit.md");
+        let doc = include_str!("../../../docs/audit.md");
         for c in Code::ALL {
             assert!(doc.contains(&format!("`{}`", c.as_str())), "docs/audit.md does not document {}", c.as_str());
         }

@@ -21,8 +21,8 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-use crate::identity::{spiffe_trust_domain, IdentityError};
-use crate::tls::TlsSettings;
+use crate::access::identity::{spiffe_trust_domain, IdentityError};
+use crate::access::tls::TlsSettings;
 
 /// The trust domain of the development identities.
 pub const DEV_TRUST_DOMAIN: &str = "provcache.dev";
@@ -437,8 +437,8 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
 /// `trust-policy.toml`), created once: an ed25519 key and a policy that
 /// trusts it as `active` for ten years. Never overwrites a file.
 pub fn ensure_dev_signing(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
-    use crate::signing::SigningKey;
-    use crate::trust::{render_key_entry, KeyState};
+    use crate::provenance::signing::SigningKey;
+    use crate::provenance::trust::{render_key_entry, KeyState};
     std::fs::create_dir_all(dir)?;
     let key_path = dir.join("signing.key");
     let policy_path = dir.join("trust-policy.toml");
@@ -470,10 +470,10 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
-    use crate::auth::Permission;
-    use crate::authz::Policy;
-    use crate::identity::{identify, IdentityMode};
-    use crate::resource::InstanceName;
+    use crate::access::gate::Permission;
+    use crate::access::identity::{identify, IdentityMode};
+    use crate::access::policy::Policy;
+    use crate::cache::resource::InstanceName;
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
 
@@ -564,7 +564,7 @@ mod tests {
         let hours = id.cert.not_after.duration_since(std::time::SystemTime::now()).unwrap().as_secs();
         assert!((3500..=3600).contains(&hours), "{hours}");
         // Signed by the dev CA: the TLS verifier accepts it.
-        let verifier = crate::tls::ClientVerifier::new(std::slice::from_ref(&pki.ca_cert), &[], false).unwrap();
+        let verifier = crate::access::tls::ClientVerifier::new(std::slice::from_ref(&pki.ca_cert), &[], false).unwrap();
         verifier.check_chain(&[der], std::time::SystemTime::now()).unwrap();
 
         let again = issue_client_cert(tmp.path(), "spiffe://provcache.dev/ci/linux", &prefix, Duration::from_secs(60));

@@ -12,14 +12,14 @@ use bytes::Bytes;
 use prost::Message;
 use tonic::transport::Channel;
 
-use crate::digest::{Digest, DigestFunction};
+use crate::cache::digest::{Digest, DigestFunction};
 use crate::proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
 use crate::proto::reapi::{
     self, action_cache_client::ActionCacheClient, batch_update_blobs_request,
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
 
-pub use crate::client::{connect, Target};
+pub use crate::tools::client::{connect, Target};
 
 /// Latency samples and counters of one run.
 #[derive(Default)]
@@ -578,7 +578,7 @@ pub fn process_memory_mib(pid: u32) -> Option<(f64, f64)> {
 struct Rounds(std::sync::Mutex<std::collections::BTreeMap<String, u64>>);
 
 impl Rounds {
-    fn add(&self, outcome: &crate::attack::domain::Round) {
+    fn add(&self, outcome: &crate::tools::attack::domain::Round) {
         let code = match outcome {
             Ok(()) => "done".to_string(),
             Err(s) => format!("{:?}", s.code()),
@@ -601,7 +601,7 @@ pub struct Attacker<'a> {
     /// The attacker's server and identity (its own client certificate, so
     /// that per-identity limits tell it from the honest client).
     pub target: &'a Target,
-    /// One of [`crate::attack::domain::KINDS`].
+    /// One of [`crate::tools::attack::domain::KINDS`].
     pub kind: &'a str,
     /// Concurrent attack loops.
     pub loops: usize,
@@ -609,11 +609,11 @@ pub struct Attacker<'a> {
 
 /// `provcache bench --attacker KIND`: runs the honest `scenario` alone, then
 /// again while the attacker's loops repeat the attack `kind`
-/// ([`crate::attack::domain::KINDS`]), and prints the honest figures of both
+/// ([`crate::tools::attack::domain::KINDS`]), and prints the honest figures of both
 /// runs, how the attacker's rounds ended and, given the server's pid, its
 /// memory after each run. The attacker runs on its own connection; an
 /// attack whose harm accumulates stops after its rounds (see
-/// [`crate::attack::domain::Attack::max_rounds`]).
+/// [`crate::tools::attack::domain::Attack::max_rounds`]).
 #[cfg(feature = "server")]
 pub async fn run_under_attack(
     target: &Target,
@@ -630,7 +630,7 @@ pub async fn run_under_attack(
     let quiet = run(target, scenario, p).await?;
     println!("without attacker: {quiet}  {}", memory());
     let ch = connect(attacker.target).await?;
-    let attack = crate::attack::domain::Attack::prepare(kind, &ch, &attacker.target.instance).await?;
+    let attack = crate::tools::attack::domain::Attack::prepare(kind, &ch, &attacker.target.instance).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(Rounds::default());
     let loops: Vec<_> = (0..attackers.max(1))

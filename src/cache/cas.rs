@@ -8,11 +8,11 @@ use bytes::Bytes;
 use prost::Message;
 use tokio::sync::mpsc;
 
-use crate::digest::{Digest, DigestFunction};
+use crate::cache::digest::{Digest, DigestFunction};
+use crate::cache::resource::{Compressor, InstanceName};
 use crate::error::{Error, Result};
 use crate::limits::Enforcer;
 use crate::proto::reapi;
-use crate::resource::{Compressor, InstanceName};
 use crate::store::{chunk_hash, BlobMeta, ChunkHash, Key, Kind, Store, CHUNK_SIZE, MIN_BLOB_FILE_VALUE};
 
 /// The largest total of blob sizes in one batch call (advertised in Capabilities).

@@ -12,11 +12,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 
-use super::{KeyState, TrustPolicy, TrustedKey};
+use super::trust::{KeyState, TrustPolicy, TrustedKey};
 use crate::proto::prov::storage::{ReferencedBlobs, ReferencesStatement};
 use crate::proto::prov::{ActionResultStatement, Envelope, HitRecord, VerificationStatus};
 use crate::proto::reapi::{self, ActionResult};
-use crate::signing::{self, HIT_RECORD_PAYLOAD_TYPE, PAYLOAD_TYPE, REFERENCES_PAYLOAD_TYPE, STATEMENT_TYPE};
+use crate::provenance::signing::{
+    self, HIT_RECORD_PAYLOAD_TYPE, PAYLOAD_TYPE, REFERENCES_PAYLOAD_TYPE, STATEMENT_TYPE,
+};
 
 /// Largest encoded envelope that is decoded at all.
 pub const MAX_ENVELOPE_BYTES: usize = 64 * 1024;

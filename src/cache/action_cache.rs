@@ -10,13 +10,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use prost::Message;
 
-use crate::cas::{blocking, Cas, MAX_ACTION_BLOB};
-use crate::digest::Digest;
+use crate::cache::cas::{blocking, Cas, MAX_ACTION_BLOB};
+use crate::cache::digest::Digest;
+use crate::cache::resource::InstanceName;
 use crate::error::{Error, Result};
 use crate::limits::Enforcer;
 use crate::proto::prov::storage::StoredActionEntry;
 use crate::proto::reapi;
-use crate::resource::InstanceName;
 use crate::store::{Key, Kind};
 
 /// The largest canonical ActionResult accepted (a stored entry must still fit
@@ -137,8 +137,8 @@ impl ActionCache {
             )));
         }
         // A writer cannot smuggle in signatures or verification marks, whatever the host of their type URL.
-        crate::signing::strip_writer_marks(&mut result);
-        let result = crate::signing::canonicalize(&result);
+        crate::provenance::signing::strip_writer_marks(&mut result);
+        let result = crate::provenance::signing::canonicalize(&result);
         if result.encoded_len() > MAX_RESULT_BYTES {
             return Err(Error::InvalidArgument(format!(
                 "the action result encodes to {} bytes, over the {MAX_RESULT_BYTES}-byte limit",
@@ -299,7 +299,7 @@ impl ActionCache {
     async fn de_inline(
         &self,
         instance: &InstanceName,
-        f: crate::digest::DigestFunction,
+        f: crate::cache::digest::DigestFunction,
         raw: Bytes,
         given: Option<reapi::Digest>,
         what: &str,
@@ -333,7 +333,7 @@ impl ActionCache {
     async fn referenced_blobs(
         &self,
         instance: &InstanceName,
-        f: crate::digest::DigestFunction,
+        f: crate::cache::digest::DigestFunction,
         result: &reapi::ActionResult,
         limits: &Enforcer,
     ) -> Result<Vec<(Digest, String)>> {
@@ -378,7 +378,7 @@ impl ActionCache {
     }
 }
 
-fn fits(f: crate::digest::DigestFunction, d: Option<&reapi::Digest>, budget: &mut usize) -> Option<Digest> {
+fn fits(f: crate::cache::digest::DigestFunction, d: Option<&reapi::Digest>, budget: &mut usize) -> Option<Digest> {
     let d = Digest::from_proto(f, d).ok()?;
     if d.size as usize <= *budget {
         *budget -= d.size as usize;

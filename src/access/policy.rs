@@ -25,11 +25,12 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use crate::auth::{Caller, Gate, Peer, Permission};
+use crate::access::gate::{Caller, Gate, Peer, Permission};
+use crate::access::identity::{identify, Identity, IdentityMode};
+use crate::access::tls::ClientVerifier;
+use crate::cache::resource::InstanceName;
+use crate::clock::{system_clock, Clock};
 use crate::error::Error;
-use crate::identity::{identify, Identity, IdentityMode};
-use crate::resource::InstanceName;
-use crate::tls::ClientVerifier;
 
 /// A principal or instance pattern: exact, `*` (anything) or `prefix*`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,7 +95,7 @@ fn describe_instance(instance: &str) -> String {
 
 /// Why a policy file was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum PolicyError {
+pub enum AccessPolicyError {
     /// The file could not be read.
     #[error("cannot read policy file {path}: {source}")]
     Read {
@@ -148,23 +149,23 @@ struct RuleFile {
 
 impl Policy {
     /// Loads and validates a policy file.
-    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+    pub fn load(path: &Path) -> Result<Self, AccessPolicyError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| PolicyError::Read { path: path.display().to_string(), source })?;
+            .map_err(|source| AccessPolicyError::Read { path: path.display().to_string(), source })?;
         Self::parse_inner(&text, Some(path.display().to_string()))
     }
 
     /// Parses and validates a policy from TOML text.
-    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+    pub fn parse(text: &str) -> Result<Self, AccessPolicyError> {
         Self::parse_inner(text, None)
     }
 
-    fn parse_inner(text: &str, path: Option<String>) -> Result<Self, PolicyError> {
+    fn parse_inner(text: &str, path: Option<String>) -> Result<Self, AccessPolicyError> {
         let file: PolicyFile = toml::from_str(text)
-            .map_err(|e| PolicyError::Syntax { path: path.clone(), message: e.to_string().trim().to_owned() })?;
+            .map_err(|e| AccessPolicyError::Syntax { path: path.clone(), message: e.to_string().trim().to_owned() })?;
         let mut rules = Vec::with_capacity(file.rules.len());
         for (i, r) in file.rules.into_iter().enumerate() {
-            let rule_err = |rule: &str, key, why: String| PolicyError::Rule {
+            let rule_err = |rule: &str, key, why: String| AccessPolicyError::Rule {
                 path: path.clone(),
                 rule: if rule.is_empty() { format!("#{}", i + 1) } else { rule.to_owned() },
                 key,
@@ -176,7 +177,7 @@ impl Policy {
             if rules.iter().any(|x: &Rule| x.name == r.name) {
                 return Err(rule_err(&r.name, "name", "duplicate rule name".into()));
             }
-            let list = |key, values: Vec<String>, instance: bool| -> Result<Vec<Pattern>, PolicyError> {
+            let list = |key, values: Vec<String>, instance: bool| -> Result<Vec<Pattern>, AccessPolicyError> {
                 if values.is_empty() {
                     return Err(rule_err(&r.name, key, "must not be empty".into()));
                 }
@@ -256,14 +257,6 @@ impl Policy {
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
-}
-
-/// The time source of a gate; tests inject a fixed clock.
-pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
-
-/// The system clock.
-pub fn system_clock() -> Clock {
-    Arc::new(SystemTime::now)
 }
 
 /// How long a chain's revocation verdict is reused while the CRLs are
@@ -364,14 +357,14 @@ impl MtlsGate {
 impl Gate for MtlsGate {
     fn authorize(&self, peer: &Peer, instance: &InstanceName, permission: Permission) -> Result<Caller, Error> {
         let identity = self.authenticate(peer)?;
-        crate::auth::record_principal(&identity.principal);
+        crate::access::gate::record_principal(&identity.principal);
         let rule = self.policy.check(&identity.principal, instance, permission).map_err(denied)?;
         Ok(Caller { rule: rule.to_owned(), principal: identity.principal, cert: Some(identity.cert) })
     }
 
     fn authorize_anywhere(&self, peer: &Peer, permission: Permission) -> Result<Caller, Error> {
         let identity = self.authenticate(peer)?;
-        crate::auth::record_principal(&identity.principal);
+        crate::access::gate::record_principal(&identity.principal);
         let rule = self.policy.check_anywhere(&identity.principal, permission).map_err(denied)?;
         Ok(Caller { rule: rule.to_owned(), principal: identity.principal, cert: Some(identity.cert) })
     }
@@ -398,13 +391,13 @@ impl PlaintextGate {
 
 impl Gate for PlaintextGate {
     fn authorize(&self, _: &Peer, instance: &InstanceName, permission: Permission) -> Result<Caller, Error> {
-        crate::auth::record_principal(&self.principal);
+        crate::access::gate::record_principal(&self.principal);
         let rule = self.policy.check(&self.principal, instance, permission).map_err(denied)?;
         Ok(Caller { principal: self.principal.clone(), rule: rule.to_owned(), cert: None })
     }
 
     fn authorize_anywhere(&self, _: &Peer, permission: Permission) -> Result<Caller, Error> {
-        crate::auth::record_principal(&self.principal);
+        crate::access::gate::record_principal(&self.principal);
         let rule = self.policy.check_anywhere(&self.principal, permission).map_err(denied)?;
         Ok(Caller { principal: self.principal.clone(), rule: rule.to_owned(), cert: None })
     }

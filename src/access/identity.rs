@@ -19,7 +19,7 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
-use crate::auth::CertInfo;
+use crate::access::gate::CertInfo;
 
 /// Longest principal accepted (SPIFFE limits IDs to 2048 bytes).
 const MAX_PRINCIPAL_LEN: usize = 2048;

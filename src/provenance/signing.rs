@@ -1,7 +1,7 @@
 //! The signing half of docs/signing.md: the statement, the canonical
 //! ActionResult, DSSE pre-authentication encoding, and the secret key. This is
 //! the only module that touches the secret key; verification lives in
-//! [`crate::trust`] and needs nothing but public keys.
+//! [`crate::provenance::trust`] and needs nothing but public keys.
 
 use std::fmt;
 use std::io::Write;

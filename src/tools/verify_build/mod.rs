@@ -23,10 +23,10 @@ use anyhow::{bail, Context as _};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 
-use crate::client::{connect, Target};
 use crate::proto::prov::HitRecord;
 use crate::proto::reapi;
-use crate::trust::TrustPolicy;
+use crate::provenance::trust::TrustPolicy;
+use crate::tools::client::{connect, Target};
 
 pub use report::{error_json, to_json, to_text, AuditedHit, Code, Finding, Report};
 
@@ -269,5 +269,5 @@ fn compare_exec_log(logged: &[exec_log::LoggedHit], used: &HashMap<String, Vec<e
 
 /// Decodes an Envelope from a served result (for tools and tests).
 pub fn envelope_of(result: &reapi::ActionResult) -> Option<crate::proto::prov::Envelope> {
-    crate::signing::envelopes(result).first().and_then(|b| crate::proto::prov::Envelope::decode(*b).ok())
+    crate::provenance::signing::envelopes(result).first().and_then(|b| crate::proto::prov::Envelope::decode(*b).ok())
 }

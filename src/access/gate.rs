@@ -8,8 +8,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::cache::resource::InstanceName;
 use crate::error::Error;
-use crate::resource::InstanceName;
 
 /// A permission a policy rule can grant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

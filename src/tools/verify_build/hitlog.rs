@@ -20,8 +20,8 @@ use super::report::{ranges, Code, Finding, HitLogSummary};
 use super::MAX_REPLY_BYTES;
 use crate::proto::prov::audit_client::AuditClient;
 use crate::proto::prov::{Envelope, HitRecord, ListInvocationHitsRequest, SignedHitRecord};
-use crate::signing::{pae, HIT_RECORD_PAYLOAD_TYPE};
-use crate::trust::{KeyState, TrustPolicy};
+use crate::provenance::signing::{pae, HIT_RECORD_PAYLOAD_TYPE};
+use crate::provenance::trust::{KeyState, TrustPolicy};
 
 /// Records asked for per page (the server also caps a page by bytes).
 const PAGE_SIZE: i32 = 1000;
@@ -83,7 +83,7 @@ fn check_signature(policy: &TrustPolicy, envelope: &Envelope) -> Result<(), Sign
     let message = pae(HIT_RECORD_PAYLOAD_TYPE, &envelope.payload);
     let signatures: Vec<ed25519_dalek::Signature> =
         envelope.signatures.iter().filter_map(|s| ed25519_dalek::Signature::from_slice(&s.sig).ok()).collect();
-    let verifies = |key: &crate::trust::TrustedKey| {
+    let verifies = |key: &crate::provenance::trust::TrustedKey| {
         signatures.iter().any(|sig| key.public_key.verify_strict(&message, sig).is_ok())
     };
     if policy.keys.iter().any(|k| k.state.trusted() && verifies(k)) {
@@ -266,7 +266,7 @@ fn check_chain(chain: &[(u64, [u8; 32], Vec<u8>)]) -> Vec<Finding> {
 mod tests {
     use super::*;
     use crate::proto::prov::Signature;
-    use crate::trust::render_key_entry;
+    use crate::provenance::trust::render_key_entry;
     use ed25519_dalek::Signer;
     use std::time::{Duration, SystemTime};
 
@@ -294,7 +294,7 @@ mod tests {
                 payload_type: HIT_RECORD_PAYLOAD_TYPE.into(),
                 signatures: vec![Signature {
                     sig: sig.to_bytes().to_vec().into(),
-                    keyid: crate::signing::key_id(&key().verifying_key()),
+                    keyid: crate::provenance::signing::key_id(&key().verifying_key()),
                 }],
             }),
         }

@@ -615,12 +615,13 @@ mod tests {
     use tokio_rustls::TlsConnector;
 
     use super::*;
-    use crate::auth::{Gate, Peer, Permission};
-    use crate::authz::{system_clock, Clock, MtlsGate, Policy};
-    use crate::identity::tests::{client_params, uri, TestCa};
-    use crate::identity::IdentityMode;
+    use crate::access::gate::{Gate, Peer, Permission};
+    use crate::access::identity::tests::{client_params, uri, TestCa};
+    use crate::access::identity::IdentityMode;
+    use crate::access::policy::{MtlsGate, Policy};
+    use crate::cache::resource::InstanceName;
+    use crate::clock::{system_clock, Clock};
     use crate::proto::reapi;
-    use crate::resource::InstanceName;
 
     type Incoming = std::pin::Pin<Box<dyn Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send>>;
 
@@ -733,7 +734,7 @@ mod tests {
 
         fn write_crl(&self, name: &str, revoked: &[Vec<u8>], number: u64) {
             let path = self.dir.path().join("crls").join(name);
-            crate::pki::write_crl(&self.ca.issuer, &path, revoked, number, Duration::from_secs(86400)).unwrap();
+            crate::access::pki::write_crl(&self.ca.issuer, &path, revoked, number, Duration::from_secs(86400)).unwrap();
         }
 
         async fn wait_for_generation(&self, above: u64) {

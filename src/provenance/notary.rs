@@ -6,9 +6,7 @@
 //! (a rollback), keeps the last good policy; an unreadable signing key means
 //! no Action Cache writes (fail closed) until it is fixed.
 //!
-//! The same key signs the per-invocation hit log ([`hit_log`]).
-
-pub mod hit_log;
+//! The same key signs the per-invocation hit log ([`super::hit_log`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,17 +17,18 @@ use std::time::{Duration, SystemTime};
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 
-use crate::action_cache::PreparedResult;
-use crate::auth::Caller;
-use crate::digest::Digest;
+use crate::access::gate::Caller;
+use crate::cache::action_cache::PreparedResult;
+use crate::cache::digest::Digest;
+use crate::cache::resource::InstanceName;
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::proto::prov::storage::{ReferencedBlobs, ReferencesStatement, StoredActionEntry};
 use crate::proto::prov::{ClientClaims, OriginMetadata, Writer};
 use crate::proto::reapi;
-use crate::resource::InstanceName;
-use crate::signing::{self, SigningKey, StatementParams};
-use crate::trust::verify::{verify_references, verify_stored, Expected, Reason, Verified};
-use crate::trust::TrustPolicy;
+use crate::provenance::signing::{self, SigningKey, StatementParams};
+use crate::provenance::trust::TrustPolicy;
+use crate::provenance::verify::{verify_references, verify_stored, Expected, Reason, Verified};
 
 /// What the server does with an entry that fails verification.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -152,9 +151,6 @@ impl Origin {
         }
     }
 }
-
-/// A clock, injected so tests can move time.
-pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
 const VERIFIED_CACHE_MAX: usize = 200_000;
 

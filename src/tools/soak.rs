@@ -30,15 +30,15 @@ use prost::Message;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::bench::{pseudo_random_bytes as blob, sha};
 use crate::proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
 use crate::proto::reapi::{
     self, action_cache_client::ActionCacheClient, batch_update_blobs_request,
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
-use crate::signing::canonical_bytes;
-use crate::trust::verify::{verify_served, Expected};
-use crate::trust::TrustPolicy;
+use crate::provenance::signing::canonical_bytes;
+use crate::provenance::trust::TrustPolicy;
+use crate::provenance::verify::{verify_served, Expected};
+use crate::tools::bench::{pseudo_random_bytes as blob, sha};
 
 /// Soak parameters.
 #[derive(Clone, Debug)]

@@ -11,12 +11,12 @@ use bytes::Bytes;
 use prost::Message;
 use tonic::transport::Channel;
 
-use crate::bench::{pseudo_random_bytes, sha};
 use crate::proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
 use crate::proto::reapi::{
     self, action_cache_client::ActionCacheClient, batch_update_blobs_request,
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
+use crate::tools::bench::{pseudo_random_bytes, sha};
 
 /// Messages of up to this size (the server accepts 8 MiB).
 const MAX_MESSAGE: usize = 16 << 20;

@@ -11,7 +11,7 @@
 
 use std::fmt;
 
-use crate::digest::{Digest, DigestError, DigestFunction};
+use crate::cache::digest::{Digest, DigestError, DigestFunction};
 
 /// Path segments that can never be part of an instance name, because they
 /// would make resource names ambiguous.
