@@ -575,9 +575,11 @@ pub fn process_memory_mib(pid: u32) -> Option<(f64, f64)> {
 
 /// How the attacker's rounds ended, by gRPC code.
 #[derive(Debug, Default)]
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 struct Rounds(std::sync::Mutex<std::collections::BTreeMap<String, u64>>);
 
 impl Rounds {
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     fn add(&self, outcome: &crate::tools::attack::domain::Round) {
         let code = match outcome {
             Ok(()) => "done".to_string(),

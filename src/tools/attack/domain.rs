@@ -242,6 +242,7 @@ pub fn unfinished_zstd_frame(window_log: u32, bytes: usize) -> Bytes {
 /// unfixed server keeps each one, with its buffer and zstd window, for an
 /// hour, in one pool shared by every writer.
 #[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub struct HalfUploads {
     ch: Channel,
     instance: String,
