@@ -2,8 +2,8 @@
 
 use tonic::{Code, Status};
 
-use crate::digest::DigestError;
-use crate::resource::ResourceError;
+use crate::cache::digest::DigestError;
+use crate::cache::resource::ResourceError;
 #[cfg(feature = "server")]
 use crate::store::StoreErrorKind;
 

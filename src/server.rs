@@ -8,20 +8,22 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::net::TcpListener;
 
-use crate::action_cache::ActionCache;
-use crate::audit_log::AuditLog;
-use crate::auth::SharedGate;
-use crate::cas::Cas;
+use crate::access::gate::SharedGate;
+use crate::cache::action_cache::ActionCache;
+use crate::cache::audit::AuditLog;
+use crate::cache::cas::Cas;
+use crate::cache::upload::Uploads;
+use crate::clock::{system_clock, Clock};
 use crate::limits::{LimitHits, Limits};
-use crate::metrics::{Metrics, MetricsLayer};
+use crate::observe::metrics::{Metrics, MetricsLayer};
+use crate::observe::request_log::RequestSpanLayer;
 use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
 use crate::proto::prov::audit_server::AuditServer;
 use crate::proto::reapi::action_cache_server::ActionCacheServer;
 use crate::proto::reapi::capabilities_server::CapabilitiesServer;
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use crate::proto::reapi::execution_server::ExecutionServer;
-use crate::provenance::{Clock, Provenance, ProvenanceConfig};
-use crate::request_log::RequestSpanLayer;
+use crate::provenance::{Provenance, ProvenanceConfig};
 use crate::service::action_cache::ActionCacheService;
 use crate::service::audit::AuditService;
 use crate::service::bytestream::ByteStreamService;
@@ -34,7 +36,6 @@ use crate::store::hit_log_store::HitLogStore;
 use crate::store::rocks::{RocksStore, StoreOptions};
 use crate::store::BlobStore;
 use crate::transport::{RequestBudget, TransportLayer};
-use crate::upload::Uploads;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
@@ -131,7 +132,7 @@ pub fn db_path(data_dir: &Path) -> PathBuf {
 impl Cache {
     /// Opens the store and builds the domain.
     pub fn open(options: &ServerOptions, gate: SharedGate) -> anyhow::Result<Self> {
-        Self::open_with_clock(options, gate, Arc::new(std::time::SystemTime::now))
+        Self::open_with_clock(options, gate, system_clock())
     }
 
     /// [`Cache::open`] with an injected clock (tests move time).
@@ -157,7 +158,7 @@ impl Cache {
             Some(m) => m.gate(gate),
             None => gate,
         };
-        let gate = crate::request_log::LoggingGate::wrap(gate);
+        let gate = crate::observe::request_log::LoggingGate::wrap(gate);
         let limits = Arc::new(options.limits.clone());
         let budget = Arc::new(RequestBudget::new(
             limits.max_request_bytes,
@@ -188,7 +189,7 @@ impl Cache {
     /// Serves the metrics endpoint on `listener` (until the cache stops serving).
     pub fn serve_metrics(&self, listener: TcpListener) -> anyhow::Result<()> {
         let metrics = self.metrics.clone().ok_or_else(|| anyhow::anyhow!("metrics are not enabled"))?;
-        let task = tokio::spawn(crate::metrics::serve_http(listener, metrics, std::future::pending()));
+        let task = tokio::spawn(crate::observe::metrics::serve_http(listener, metrics, std::future::pending()));
         *self.metrics_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         Ok(())
     }
@@ -313,8 +314,9 @@ impl Cache {
         tls: Arc<rustls::ServerConfig>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        let options = crate::tls::IncomingOptions::from_limits(&self.ctx.limits, Some(self.ctx.limit_hits.clone()));
-        self.serve(crate::tls::tls_incoming_with(listener, tls, options), shutdown).await
+        let options =
+            crate::access::tls::IncomingOptions::from_limits(&self.ctx.limits, Some(self.ctx.limit_hits.clone()));
+        self.serve(crate::access::tls::tls_incoming_with(listener, tls, options), shutdown).await
     }
 
     /// Serves plaintext gRPC on `listener` until `shutdown` resolves, then
@@ -330,7 +332,7 @@ impl Cache {
             // Without this, replies larger than one segment wait for the
             // client's delayed ACK (40 ms).
             conn.set_nodelay(true)?;
-            crate::tls::set_tcp_keepalive(&conn, keepalive)?;
+            crate::access::tls::set_tcp_keepalive(&conn, keepalive)?;
             Ok::<_, std::io::Error>(conn)
         });
         self.serve(incoming, shutdown).await

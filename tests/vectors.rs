@@ -14,8 +14,8 @@ use prost::Message;
 use serde::Deserialize;
 
 use provcache::proto::reapi::{self, ActionResult};
-use provcache::signing;
-use provcache::trust::{verify_served, verify_stored, Expected, Reason, TrustPolicy};
+use provcache::provenance::signing;
+use provcache::provenance::trust::{verify_served, verify_stored, Expected, Reason, TrustPolicy};
 
 /// The environment variable that makes the ignored `regenerate` test write the vectors.
 const REGENERATE_VAR: &str = "PROVCACHE_REGENERATE_VECTORS";

@@ -91,9 +91,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         attacker_target.tls = Some((ca.clone(), cert.clone(), key.clone()));
     }
     if let Some(path) = &args.write_request {
-        return provcache::bench::write_get_request(&target, path).await;
+        return provcache::tools::bench::write_get_request(&target, path).await;
     }
-    let params = provcache::bench::Params {
+    let params = provcache::tools::bench::Params {
         concurrency: args.concurrency,
         duration: args.duration,
         keys: args.keys,
@@ -106,11 +106,11 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     for scenario in &args.scenario {
         if let Some(kind) = &args.attacker {
-            let attacker = provcache::bench::Attacker { target: &attacker_target, kind, loops: args.attackers };
-            provcache::bench::run_under_attack(&target, scenario, &params, &attacker, args.server_pid).await?;
+            let attacker = provcache::tools::bench::Attacker { target: &attacker_target, kind, loops: args.attackers };
+            provcache::tools::bench::run_under_attack(&target, scenario, &params, &attacker, args.server_pid).await?;
             continue;
         }
-        let report = provcache::bench::run(&target, scenario, &params).await?;
+        let report = provcache::tools::bench::run(&target, scenario, &params).await?;
         println!("{report}");
     }
     Ok(())
@@ -118,22 +118,22 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
 async fn soak(args: &BenchArgs, duration: std::time::Duration) -> anyhow::Result<()> {
     let default_dir = args.soak_dir.is_none();
-    let params = provcache::soak::SoakParams {
+    let params = provcache::tools::soak::SoakParams {
         duration,
         kill_every: args.kill_every,
         concurrency: args.concurrency,
-        data_dir: args.soak_dir.clone().unwrap_or_else(provcache::soak::default_data_dir),
+        data_dir: args.soak_dir.clone().unwrap_or_else(provcache::tools::soak::default_data_dir),
         exe: std::env::current_exe().context("finding this provcache binary")?,
         byte_budget: args.soak_budget,
     };
     println!("soak: {duration:?}, kill -9 every ~{:?}, data in {}", args.kill_every, params.data_dir.display());
-    let report = provcache::soak::run(&params).await?;
+    let report = provcache::tools::soak::run(&params).await?;
     println!("{report}");
     if report.violations > 0 {
         println!("soak: data and server log kept in {}", params.data_dir.display());
         std::process::exit(1);
     }
-    if default_dir && provcache::soak::is_soak_dir(&params.data_dir) {
+    if default_dir && provcache::tools::soak::is_soak_dir(&params.data_dir) {
         let _ = std::fs::remove_dir_all(&params.data_dir);
         let _ = std::fs::remove_file(params.data_dir.with_extension("server.log"));
     }

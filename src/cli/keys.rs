@@ -33,13 +33,13 @@ pub struct IssueCertArgs {
 
 /// Writes a new signing key and prints the trust-policy entry that trusts it.
 pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
-    let key = provcache::signing::SigningKey::generate()?;
+    let key = provcache::provenance::signing::SigningKey::generate()?;
     key.write_pem(&args.out)?;
     let now = std::time::SystemTime::now();
-    let entry = provcache::trust::render_key_entry(
+    let entry = provcache::provenance::trust::render_key_entry(
         &args.name,
         &key.verifying_key(),
-        provcache::trust::KeyState::Active,
+        provcache::provenance::trust::KeyState::Active,
         now,
         now + args.valid_for,
     );
@@ -51,7 +51,7 @@ pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
 
 /// Issues a client certificate for a principal from the development CA.
 pub fn issue_cert(args: IssueCertArgs) -> anyhow::Result<()> {
-    let issued = provcache::pki::issue_client_cert(&args.ca_dir, &args.principal, &args.out, args.valid_for)?;
+    let issued = provcache::access::pki::issue_client_cert(&args.ca_dir, &args.principal, &args.out, args.valid_for)?;
     println!("wrote {} and {}", issued.cert.display(), issued.key.display());
     Ok(())
 }

@@ -30,12 +30,12 @@ pub struct ClientArgs {
 
 impl ClientArgs {
     /// The server to reach, with the client certificate when one is given.
-    pub fn target(self) -> anyhow::Result<provcache::client::Target> {
+    pub fn target(self) -> anyhow::Result<provcache::tools::client::Target> {
         let tls = match (self.ca, self.cert, self.key) {
             (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
             (None, None, None) => None,
             _ => anyhow::bail!("--ca, --cert and --key go together"),
         };
-        Ok(provcache::client::Target { url: self.server, tls, instance: self.instance })
+        Ok(provcache::tools::client::Target { url: self.server, tls, instance: self.instance })
     }
 }

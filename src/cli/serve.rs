@@ -7,13 +7,13 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 
-use provcache::auth::SharedGate;
-use provcache::authz::{MtlsGate, PlaintextGate, Policy};
+use provcache::access::gate::SharedGate;
+use provcache::access::identity::IdentityMode;
+use provcache::access::pki::{ensure_dev_pki, ensure_dev_signing, DevClient, DevPki};
+use provcache::access::policy::{MtlsGate, PlaintextGate, Policy};
+use provcache::access::tls::TlsServer;
 use provcache::config::{load_policy, resolve, tls_server, Access, Pki, Plan, ServeConfig, Settings, Signing};
-use provcache::identity::IdentityMode;
-use provcache::pki::{ensure_dev_pki, ensure_dev_signing, DevClient, DevPki};
 use provcache::server::{Cache, ServerOptions};
-use provcache::tls::TlsServer;
 
 /// `serve --check-config`: everything `serve` would load, without binding
 /// or creating anything; prints the effective settings (paths, no key material).

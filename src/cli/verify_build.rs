@@ -30,8 +30,8 @@ pub struct VerifyBuildArgs {
     json: bool,
 }
 
-async fn verify_build(args: VerifyBuildArgs) -> anyhow::Result<provcache::verify_build::Report> {
-    let opts = provcache::verify_build::Options {
+async fn verify_build(args: VerifyBuildArgs) -> anyhow::Result<provcache::tools::verify_build::Report> {
+    let opts = provcache::tools::verify_build::Options {
         target: args.client.target()?,
         policy: args.policy,
         invocation: args.invocation,
@@ -39,7 +39,7 @@ async fn verify_build(args: VerifyBuildArgs) -> anyhow::Result<provcache::verify
         deep: args.deep,
         reader: args.reader,
     };
-    provcache::verify_build::run(&opts).await
+    provcache::tools::verify_build::run(&opts).await
 }
 
 /// Runs the audit and prints its report (text or JSON); exits 0, 1 (a
@@ -49,16 +49,16 @@ pub fn run(args: VerifyBuildArgs, runtime: &tokio::runtime::Runtime) -> anyhow::
     match runtime.block_on(verify_build(args)) {
         Ok(report) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&provcache::verify_build::to_json(&report))?);
+                println!("{}", serde_json::to_string_pretty(&provcache::tools::verify_build::to_json(&report))?);
             } else {
-                print!("{}", provcache::verify_build::to_text(&report));
+                print!("{}", provcache::tools::verify_build::to_text(&report));
             }
             std::process::exit(report.exit_code());
         }
         Err(e) => {
-            let empty = e.downcast_ref::<provcache::verify_build::NothingToAudit>().is_some();
+            let empty = e.downcast_ref::<provcache::tools::verify_build::NothingToAudit>().is_some();
             if json {
-                let doc = provcache::verify_build::error_json(empty, &format!("{e:#}"));
+                let doc = provcache::tools::verify_build::error_json(empty, &format!("{e:#}"));
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             }
             if empty {

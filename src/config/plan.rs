@@ -16,16 +16,16 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use super::{IdentityArg, Settings, VerifyModeArg};
-use crate::authz::Policy;
-use crate::identity::IdentityMode;
+use crate::access::identity::IdentityMode;
+use crate::access::pki::DEV_TRUST_DOMAIN;
+use crate::access::policy::Policy;
+use crate::access::tls::{TlsServer, TlsSettings};
 use crate::limits::Limits;
-use crate::pki::DEV_TRUST_DOMAIN;
+use crate::provenance::signing::SigningKey;
+use crate::provenance::trust::TrustPolicy;
 use crate::provenance::{Mode, ProvenanceConfig};
 use crate::server::ServerOptions;
-use crate::signing::SigningKey;
 use crate::store::rocks::StoreOptions;
-use crate::tls::{TlsServer, TlsSettings};
-use crate::trust::TrustPolicy;
 
 /// The rule a plaintext listener without a policy grants everything by.
 const PLAINTEXT_RULE: &str = "plaintext-all";
@@ -314,9 +314,9 @@ pub fn tls_server(settings: &TlsSettings) -> anyhow::Result<TlsServer> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Permission;
+    use crate::access::gate::Permission;
+    use crate::cache::resource::InstanceName;
     use crate::config::{resolve, ServeConfig};
-    use crate::resource::InstanceName;
 
     fn settings(c: ServeConfig) -> Settings {
         resolve(c, None, None).unwrap()
@@ -337,7 +337,7 @@ mod tests {
 
     /// Certificates of an operator's own PKI (generated like the dev PKI, in another directory).
     fn own_pki(dir: &Path) -> ServeConfig {
-        let pki = crate::pki::ensure_dev_pki(&dir.join("own-pki")).unwrap();
+        let pki = crate::access::pki::ensure_dev_pki(&dir.join("own-pki")).unwrap();
         ServeConfig {
             tls_cert: Some(pki.server_cert),
             tls_key: Some(pki.server_key),

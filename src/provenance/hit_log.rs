@@ -20,10 +20,10 @@ use crate::error::{Error, Result};
 use crate::limits::LimitHits;
 use crate::proto::prov::{Envelope, HitRecord, SignedHitRecord};
 use crate::proto::reapi;
-use crate::signing::{self, SigningKey, HIT_RECORD_PAYLOAD_TYPE};
+use crate::provenance::signing::{self, SigningKey, HIT_RECORD_PAYLOAD_TYPE};
 use crate::store::hit_log_store::HitRow;
 
-use super::{Origin, Subject};
+use super::notary::{Origin, Subject};
 
 /// The verdict of the last record a principal gets in an invocation once it
 /// reached `limits.max_hit_records_per_principal`.

@@ -1,13 +1,13 @@
 //! ActionCache: GetActionResult (verified on every read) and
 //! UpdateActionResult (signed on every write). The use cases are
-//! [`crate::action_cache::ActionCache::get`] and `update`.
+//! [`crate::cache::action_cache::ActionCache::get`] and `update`.
 
-use crate::action_cache::{InlineRequest, Lookup, Update};
-use crate::auth::{Peer, Permission};
-use crate::cas::parse_digest;
+use crate::access::gate::{Peer, Permission};
+use crate::cache::action_cache::{InlineRequest, Lookup, Update};
+use crate::cache::cas::parse_digest;
+use crate::cache::resource::InstanceName;
 use crate::error::Error;
 use crate::proto::reapi::{self, action_cache_server::ActionCache};
-use crate::resource::InstanceName;
 
 use super::{request_metadata, Context};
 

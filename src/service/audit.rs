@@ -1,15 +1,15 @@
 //! Audit: the per-invocation hit log and the stored entries behind it, for
 //! `provcache verify-build`. Every call needs `audit:read`; the reads are
-//! [`crate::audit_log::AuditLog`]'s.
+//! [`crate::cache::audit::AuditLog`]'s.
 
 use std::collections::BTreeSet;
 
-use crate::auth::{Peer, Permission};
-use crate::cas::parse_digest;
+use crate::access::gate::{Peer, Permission};
+use crate::cache::cas::parse_digest;
+use crate::cache::resource::InstanceName;
 use crate::error::Error;
 use crate::proto::prov;
 use crate::proto::prov::audit_server::Audit;
-use crate::resource::InstanceName;
 
 use super::Context;
 

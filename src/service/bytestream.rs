@@ -4,11 +4,11 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 
-use crate::auth::{Peer, Permission};
+use crate::access::gate::{Peer, Permission};
+use crate::cache::resource::{parse_read, parse_write};
+use crate::cache::upload::WriteOutcome;
 use crate::error::Error;
 use crate::proto::bytestream::{self, byte_stream_server::ByteStream};
-use crate::resource::{parse_read, parse_write};
-use crate::upload::WriteOutcome;
 
 use super::Context;
 

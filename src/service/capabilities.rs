@@ -1,14 +1,14 @@
 //! Capabilities: what this cache offers, computed per caller.
 
-use crate::auth::{Peer, Permission};
-use crate::cas::MAX_BATCH_TOTAL_BYTES;
-use crate::digest::DigestFunction;
+use crate::access::gate::{Peer, Permission};
+use crate::cache::cas::MAX_BATCH_TOTAL_BYTES;
+use crate::cache::digest::DigestFunction;
+use crate::cache::resource::InstanceName;
 use crate::proto::build::bazel::semver::SemVer;
 use crate::proto::reapi::{
     self, capabilities_server::Capabilities, compressor, priority_capabilities::PriorityRange,
     symlink_absolute_path_strategy,
 };
-use crate::resource::InstanceName;
 
 use super::Context;
 

@@ -5,12 +5,12 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 
-use crate::auth::{Peer, Permission};
-use crate::cas::{parse_digest, BatchBlob};
-use crate::digest::{Digest, DigestFunction};
+use crate::access::gate::{Peer, Permission};
+use crate::cache::cas::{parse_digest, BatchBlob};
+use crate::cache::digest::{Digest, DigestFunction};
+use crate::cache::resource::{Compressor, InstanceName};
 use crate::error::{rpc_status, Error};
 use crate::proto::reapi::{self, compressor, content_addressable_storage_server::ContentAddressableStorage};
-use crate::resource::{Compressor, InstanceName};
 
 use super::Context;
 

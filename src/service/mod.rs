@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use prost::Message;
 
-use crate::action_cache::ActionCache;
-use crate::audit_log::AuditLog;
-use crate::auth::SharedGate;
-use crate::cas::Cas;
+use crate::access::gate::SharedGate;
+use crate::cache::action_cache::ActionCache;
+use crate::cache::audit::AuditLog;
+use crate::cache::cas::Cas;
+use crate::cache::upload::Uploads;
 use crate::proto::reapi;
-use crate::upload::Uploads;
 
 pub mod action_cache;
 pub mod audit;
@@ -58,7 +58,7 @@ impl Context {
 }
 
 /// A `RequestMetadata` header already decoded in front of the services (by
-/// [`crate::request_log::RequestSpan`]), carried in the request's extensions
+/// [`crate::observe::request_log::RequestSpan`]), carried in the request's extensions
 /// so the handler does not decode it a second time.
 #[derive(Clone, Debug)]
 pub struct DecodedRequestMetadata(pub Option<reapi::RequestMetadata>);

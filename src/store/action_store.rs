@@ -8,9 +8,9 @@
 
 use async_trait::async_trait;
 
-use crate::digest::Digest;
+use crate::cache::digest::Digest;
+use crate::cache::resource::InstanceName;
 use crate::error::Result;
-use crate::resource::InstanceName;
 
 /// One stored version of an action: (history time in ns, entry bytes).
 pub type Version = (u64, Vec<u8>);

@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
 use super::{corrupt_blob, BlobStore, BlobStream, BlobWriter};
-use crate::digest::Digest;
+use crate::cache::digest::Digest;
+use crate::cache::resource::InstanceName;
 use crate::error::{Error, Result};
-use crate::resource::InstanceName;
 
 type Blobs = HashMap<(InstanceName, Digest), Bytes>;
 

@@ -9,9 +9,9 @@ use async_trait::async_trait;
 
 use super::action_store::{ActionStore, HistoryPage, Version};
 use super::hit_log_store::{HitLogStore, HitPage, HitRow};
-use crate::digest::Digest;
+use crate::cache::digest::Digest;
+use crate::cache::resource::InstanceName;
 use crate::error::Result;
-use crate::resource::InstanceName;
 
 /// An action, as this store keys it.
 type ActionKey = (String, Digest);

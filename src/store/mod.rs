@@ -23,9 +23,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::digest::Digest;
+use crate::cache::digest::Digest;
+use crate::cache::resource::InstanceName;
 use crate::error::{Error, Result};
-use crate::resource::InstanceName;
 
 /// What went wrong in a backend, as far as a client's answer depends on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

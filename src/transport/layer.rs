@@ -25,7 +25,7 @@ use tokio::time::{Instant, Sleep};
 use tonic::Status;
 
 use super::budget::{Refusal, RequestBudget, Reservation, Share};
-use crate::auth::{Peer, Permission, SharedGate};
+use crate::access::gate::{Peer, Permission, SharedGate};
 use crate::limits::{LimitHits, Limits};
 
 /// The only method whose request is a stream of unbounded length.
@@ -367,7 +367,7 @@ impl HttpBody for BudgetedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::AllowAll;
+    use crate::access::gate::AllowAll;
     use crate::limits::LimitsConfig;
     use futures::StreamExt;
     use http_body_util::BodyExt;

@@ -1,6 +1,6 @@
-use provcache::digest::{Digest, DigestFunction};
+use provcache::cache::digest::{Digest, DigestFunction};
+use provcache::cache::resource::InstanceName;
 use provcache::proto::reapi;
-use provcache::resource::InstanceName;
 use provcache::store::rocks::Key;
 use tonic::Code;
 

@@ -67,7 +67,7 @@ impl DevPkiFlags {
 
     /// The flags `provcache serve` prints for `client` (writer, reader).
     pub(crate) fn client(&self, client: &str, read_only: bool) -> Vec<String> {
-        let flags = provcache::pki::bazel_flags(
+        let flags = provcache::access::pki::bazel_flags(
             &self.dir.join("ca.pem"),
             &self.dir.join(format!("{client}.pem")),
             &self.dir.join(format!("{client}.key")),

@@ -234,15 +234,15 @@ async fn a_256_mib_blob_streams_both_ways() {
     let mut c = server.clients().await;
     const LEN: usize = 256 * 1024 * 1024;
     // Generate and hash on the fly; never hold more than one message on the client either.
-    let mut hasher = provcache::digest::DigestFunction::Sha256.hasher();
+    let mut hasher = provcache::cache::digest::DigestFunction::Sha256.hasher();
     let block = noise(1 << 20, 99);
     for i in 0..(LEN >> 20) {
         let mut b = block.clone();
         b[0] = i as u8;
         hasher.update(&b);
     }
-    let d = provcache::digest::Digest {
-        function: provcache::digest::DigestFunction::Sha256,
+    let d = provcache::cache::digest::Digest {
+        function: provcache::cache::digest::DigestFunction::Sha256,
         hash: hasher.finalize(),
         size: LEN as u64,
     }
@@ -266,7 +266,7 @@ async fn a_256_mib_blob_streams_both_ways() {
             .await
             .unwrap()
             .into_inner();
-    let mut check = provcache::digest::DigestFunction::Sha256.hasher();
+    let mut check = provcache::cache::digest::DigestFunction::Sha256.hasher();
     let mut total = 0usize;
     while let Some(m) = stream.message().await.unwrap() {
         total += m.data.len();

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use provcache::digest::{Digest, DigestFunction};
+use provcache::cache::digest::{Digest, DigestFunction};
+use provcache::cache::resource::InstanceName;
 use provcache::proto::reapi;
-use provcache::resource::InstanceName;
 use provcache::store::rocks::{Key, Kind};
 use tonic::Code;
 

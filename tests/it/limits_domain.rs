@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use provcache::attack::domain::{self as attack, DirectoryAmplification, HalfUploads, InlineNames, RangedReads};
 use provcache::limits::Limits;
 use provcache::proto::reapi;
 use provcache::store::rocks::{Key, CHUNK_SIZE};
+use provcache::tools::attack::domain::{self as attack, DirectoryAmplification, HalfUploads, InlineNames, RangedReads};
 use tonic::Code;
 
 use crate::common::*;
@@ -45,7 +45,7 @@ fn isolated(name: &str) -> bool {
 
 /// This process's resident memory and its peak since [`reset_peak`], MiB.
 fn memory_mib() -> (f64, f64) {
-    provcache::bench::process_memory_mib(std::process::id()).expect("/proc/self/status")
+    provcache::tools::bench::process_memory_mib(std::process::id()).expect("/proc/self/status")
 }
 
 /// Resets the peak (VmHWM) to the current resident memory.
@@ -270,7 +270,7 @@ async fn a_writer_filling_its_share_of_uploads_does_not_stop_another_writer() {
     let policy = format!(
         "{}\n[[rules]]\nname = \"dev-only-writer\"\nprincipals = [\"{DEV_WRITER}\"]\ninstances = [\"dev/*\"]\n\
          permissions = [\"cas:read\", \"cas:write\"]\n",
-        provcache::pki::dev_policy_toml()
+        provcache::access::pki::dev_policy_toml()
     );
     let limits = limits(|l| {
         l.max_uploads_per_identity = 16;
@@ -377,7 +377,8 @@ async fn ranged_reads_check_only_the_chunks_they_touch_and_never_serve_tampered_
     assert_eq!(reads.read(across, 10).await.unwrap(), &data[across as usize..across as usize + 10]);
 
     // Tamper with chunk 7 at rest (same length, other bytes).
-    let parsed = provcache::digest::Digest::from_proto(provcache::digest::DigestFunction::Sha256, Some(&digest));
+    let parsed =
+        provcache::cache::digest::Digest::from_proto(provcache::cache::digest::DigestFunction::Sha256, Some(&digest));
     let key = Key::new(&Default::default(), &parsed.unwrap());
     let mut evil = data[7 * CHUNK_SIZE..8 * CHUNK_SIZE].to_vec();
     evil.iter_mut().for_each(|b| *b ^= 0x5a);

@@ -7,9 +7,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::time::Duration;
 
-use provcache::attack::transport::{self as attack, ClientTls, IdleSockets, StalledStreams};
 use provcache::limits::{Limits, LimitsConfig};
 use provcache::proto::reapi;
+use provcache::tools::attack::transport::{self as attack, ClientTls, IdleSockets, StalledStreams};
 
 use crate::common::*;
 
@@ -33,7 +33,7 @@ fn policy() -> String {
     format!(
         "{}\n[[rules]]\nname = \"honest-writer\"\nprincipals = [\"{HONEST}\"]\ninstances = [\"*\"]\n\
          permissions = [\"ac:read\", \"ac:write\", \"cas:read\", \"cas:write\"]\n",
-        provcache::pki::dev_policy_toml()
+        provcache::access::pki::dev_policy_toml()
     )
 }
 

@@ -46,7 +46,7 @@ impl TestClock {
         self.0.store(offset.as_secs() as i64, Ordering::SeqCst);
     }
 
-    fn clock(&self) -> provcache::provenance::Clock {
+    fn clock(&self) -> provcache::clock::Clock {
         let offset = self.0.clone();
         Arc::new(move || SystemTime::now() + Duration::from_secs(offset.load(Ordering::SeqCst).unsigned_abs()))
     }
@@ -633,7 +633,7 @@ async fn t9_a_writer_limited_to_dev_cannot_touch_main() {
     let policy = format!(
         "{}\n[[rules]]\nname = \"dev-only-writer\"\nprincipals = [\"{DEV_WRITER}\"]\ninstances = [\"dev/*\"]\n\
          permissions = [\"ac:read\", \"ac:write\", \"cas:read\", \"cas:write\"]\n",
-        provcache::pki::dev_policy_toml()
+        provcache::access::pki::dev_policy_toml()
     );
     let server = TestServer::start_opts(TestOptions { tls: true, policy: Some(policy), ..Default::default() }).await;
     let mut dev = Clients::new(server.channel_as(DEV_WRITER).await);
@@ -717,7 +717,7 @@ async fn t10_spoofed_identities_are_refused_by_the_real_server() {
         ("CA certificate as leaf", ca_as_leaf, Some("CaUsedAsEndEntity"), Expect::Refused("CertificateUnknown")),
     ];
     // The verifier the server's handshakes use, built the same way.
-    let verifier = provcache::tls::ClientVerifier::new(&[server.pki_dir().join("ca.pem")], &[], false).unwrap();
+    let verifier = provcache::access::tls::ClientVerifier::new(&[server.pki_dir().join("ca.pem")], &[], false).unwrap();
 
     let mut cells = Cells::default();
     for (i, (name, params, tls_error, expect)) in cases.into_iter().enumerate() {

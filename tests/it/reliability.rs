@@ -13,9 +13,9 @@ use std::time::{Duration, Instant, SystemTime};
 use provcache::proto::prov::audit_client::AuditClient;
 use provcache::proto::prov::GetStoredEntryRequest;
 use provcache::proto::reapi;
-use provcache::signing::canonical_bytes;
-use provcache::trust::verify::{verify_served, Expected};
-use provcache::trust::TrustPolicy;
+use provcache::provenance::signing::canonical_bytes;
+use provcache::provenance::trust::TrustPolicy;
+use provcache::provenance::verify::{verify_served, Expected};
 use tonic::Code;
 
 use crate::common::*;

@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use provcache::client::Target;
-use provcache::digest::{Digest, DigestFunction};
+use provcache::cache::digest::{Digest, DigestFunction};
+use provcache::cache::resource::InstanceName;
 use provcache::proto::prov::audit_client::AuditClient;
 use provcache::proto::prov::storage::StoredActionEntry;
 use provcache::proto::prov::HitRecord;
 use provcache::proto::reapi;
-use provcache::resource::InstanceName;
 use provcache::store::rocks::Key;
-use provcache::verify_build::{self, Code, NothingToAudit, Options, Report};
+use provcache::tools::client::Target;
+use provcache::tools::verify_build::{self, Code, NothingToAudit, Options, Report};
 use sha2::{Digest as _, Sha256};
 
 use crate::common::*;
@@ -48,7 +48,7 @@ impl Fixture {
         let policy = format!(
             "{}\n[[rules]]\nname = \"mallory\"\nprincipals = [\"{MALLORY}\"]\ninstances = [\"*\"]\n\
              permissions = [\"ac:read\", \"cas:read\"]\n",
-            provcache::pki::dev_policy_toml()
+            provcache::access::pki::dev_policy_toml()
         );
         let server =
             TestServer::start_opts(TestOptions { tls: true, policy: Some(policy), mode, ..Default::default() }).await;

@@ -6,12 +6,12 @@ use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prost::Message;
-use provcache::digest::{Digest, DigestFunction};
+use provcache::cache::digest::{Digest, DigestFunction};
 use provcache::proto::prov::OriginMetadata;
 use provcache::proto::reapi;
-use provcache::signing::{self, SigningKey, StatementParams};
-use provcache::trust::verify::{verify_served, verify_stored, Expected};
-use provcache::trust::{render_key_entry, KeyState, TrustPolicy};
+use provcache::provenance::signing::{self, SigningKey, StatementParams};
+use provcache::provenance::trust::{render_key_entry, KeyState, TrustPolicy};
+use provcache::provenance::verify::{verify_served, verify_stored, Expected};
 
 fn sample_result() -> reapi::ActionResult {
     let d = |s: &str| Digest::of(DigestFunction::Sha256, s.as_bytes()).to_proto();
@@ -98,8 +98,10 @@ fn benches(c: &mut Criterion) {
     let read = format!("team/main/blobs/{h}/12345");
     let write =
         format!("team/main/uploads/5f0c6f4e-8a0b-4f7e-9d55-0c1f2a3b4c5d/compressed-blobs/zstd/blake3/{h}/12345");
-    c.bench_function("parse read resource name", |b| b.iter(|| provcache::resource::parse_read(&read).unwrap()));
-    c.bench_function("parse write resource name", |b| b.iter(|| provcache::resource::parse_write(&write).unwrap()));
+    c.bench_function("parse read resource name", |b| b.iter(|| provcache::cache::resource::parse_read(&read).unwrap()));
+    c.bench_function("parse write resource name", |b| {
+        b.iter(|| provcache::cache::resource::parse_write(&write).unwrap())
+    });
 
     let mut g = c.benchmark_group("digest 1 MiB");
     let data = vec![7u8; 1 << 20];

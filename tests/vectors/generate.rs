@@ -13,10 +13,10 @@ use ed25519_dalek::Signer as _;
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 
-use provcache::digest::{Digest, DigestFunction};
+use provcache::cache::digest::{Digest, DigestFunction};
 use provcache::proto::prov::{self, ActionResultStatement, Envelope, OriginMetadata};
 use provcache::proto::reapi::{self, ActionResult};
-use provcache::signing::{self, SigningKey, StatementParams};
+use provcache::provenance::signing::{self, SigningKey, StatementParams};
 
 /// The committed TEST-ONLY private key (never used outside tests).
 pub const KEY_FILE: &str = "TEST-ONLY-signing.key";

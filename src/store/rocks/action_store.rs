@@ -6,9 +6,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{audit_prefix, blocking, Key, Kind, RocksStore};
-use crate::digest::Digest;
+use crate::cache::digest::Digest;
+use crate::cache::resource::InstanceName;
 use crate::error::Result;
-use crate::resource::InstanceName;
 use crate::store::action_store::{ActionStore, HistoryPage, Version};
 use crate::store::hit_log_store::{HitLogStore, HitPage, HitRow};
 

@@ -11,9 +11,9 @@ use tokio::sync::mpsc;
 
 use super::verified::{chunk_hash, ChunkHash};
 use super::{blocking, BlobMeta, Key, Kind, RocksStore, CHUNK_SIZE, MIN_BLOB_FILE_VALUE};
-use crate::digest::Digest;
+use crate::cache::digest::Digest;
+use crate::cache::resource::InstanceName;
 use crate::error::{Error, Result};
-use crate::resource::InstanceName;
 use crate::store::{corrupt_blob, BlobStore, BlobStream, BlobWriter};
 
 /// Blobs larger than this are written to disk once, bypassing the WAL, and
@@ -339,4 +339,4 @@ impl RangeRead<'_> {
     }
 }
 
-const _: () = assert!(CHUNK_SIZE as u64 <= crate::cas::MAX_BATCH_TOTAL_BYTES);
+const _: () = assert!(CHUNK_SIZE as u64 <= crate::cache::cas::MAX_BATCH_TOTAL_BYTES);

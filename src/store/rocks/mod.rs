@@ -53,9 +53,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rocksdb::{DBWithThreadMode, ReadOptions, SingleThreaded, WriteOptions};
 
 use super::{StoreError, StoreErrorKind};
-use crate::digest::{Digest, DigestFunction};
+use crate::cache::digest::{Digest, DigestFunction};
+use crate::cache::resource::InstanceName;
 use crate::error::{Error, Result};
-use crate::resource::InstanceName;
 use lru::Lru;
 /// Size of one stored chunk of a blob. Reads and writes move at most this much
 /// at a time, which bounds the memory a large blob costs.

@@ -172,8 +172,8 @@ impl VerifiedChunks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::{Digest, DigestFunction};
-    use crate::resource::InstanceName;
+    use crate::cache::digest::{Digest, DigestFunction};
+    use crate::cache::resource::InstanceName;
 
     fn key(n: u8) -> Key {
         Key::new(&InstanceName::default(), &Digest::of(DigestFunction::Sha256, &[n]))

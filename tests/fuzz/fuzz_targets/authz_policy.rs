@@ -2,9 +2,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use provcache::auth::Permission;
-use provcache::authz::Policy;
-use provcache::resource::InstanceName;
+use provcache::access::gate::Permission;
+use provcache::access::policy::Policy;
+use provcache::cache::resource::InstanceName;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {

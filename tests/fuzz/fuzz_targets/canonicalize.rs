@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use provcache::proto::reapi::ActionResult;
-use provcache::signing::{canonical_bytes, canonicalize, envelopes, strip_envelopes};
+use provcache::provenance::signing::{canonical_bytes, canonicalize, envelopes, strip_envelopes};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(result) = ActionResult::decode(data) else { return };

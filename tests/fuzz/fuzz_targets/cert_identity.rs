@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use provcache::identity::{identify, IdentityMode};
+use provcache::access::identity::{identify, IdentityMode};
 
 fuzz_target!(|data: &[u8]| {
     for mode in [IdentityMode::spiffe(["provcache.dev"]), IdentityMode::DnsSan, IdentityMode::CommonName] {

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use provcache::resource::{parse_read, parse_write, InstanceName};
+use provcache::cache::resource::{parse_read, parse_write, InstanceName};
 
 fuzz_target!(|data: &[u8]| {
     let name = String::from_utf8_lossy(data);

@@ -12,8 +12,8 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use provcache::proto::prov::{ActionResultStatement, Envelope};
 use provcache::proto::reapi::ActionResult;
-use provcache::trust::verify::{verify_served, verify_stored, Expected};
-use provcache::trust::TrustPolicy;
+use provcache::provenance::trust::TrustPolicy;
+use provcache::provenance::verify::{verify_served, verify_stored, Expected};
 
 /// The golden vector `valid` (tests/vectors/valid): a correctly signed entry.
 const POLICY: &str = include_str!("../../vectors/valid/policy.toml");

@@ -1,6 +1,6 @@
 //! Client certificates and the mTLS channels made with them: the dev PKI's
 //! clients, certificates the dev CA issues for new principals (the way an
-//! operator does, through `provcache::pki`), and certificates shaped by hand
+//! operator does, through `provcache::access::pki`), and certificates shaped by hand
 //! (rcgen) to be wrong in exactly one way.
 
 use std::fs;
@@ -35,7 +35,8 @@ impl CertFiles {
     /// A new certificate from the dev CA in `pki_dir` for `principal`, valid
     /// for an hour, written to `prefix.pem` and `prefix.key`.
     pub fn issue(pki_dir: &Path, principal: &str, prefix: &Path) -> Self {
-        let issued = provcache::pki::issue_client_cert(pki_dir, principal, prefix, Duration::from_secs(3600)).unwrap();
+        let issued =
+            provcache::access::pki::issue_client_cert(pki_dir, principal, prefix, Duration::from_secs(3600)).unwrap();
         CertFiles { cert: issued.cert, key: issued.key }
     }
 
@@ -125,6 +126,6 @@ pub fn uri(s: &str) -> SanType {
 /// Replaces `dir/ca.crl.pem` atomically with a CRL of `issuer` revoking
 /// `serials`.
 pub fn write_crl(issuer: &Issuer<'_, KeyPair>, dir: &Path, serials: &[Vec<u8>], number: u64) {
-    provcache::pki::write_crl(issuer, &dir.join("ca.crl.pem"), serials, number, Duration::from_secs(24 * 3600))
+    provcache::access::pki::write_crl(issuer, &dir.join("ca.crl.pem"), serials, number, Duration::from_secs(24 * 3600))
         .unwrap();
 }

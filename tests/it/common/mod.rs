@@ -27,7 +27,7 @@ pub use http::*;
 pub use process::*;
 pub use server::*;
 
-use provcache::digest::{Digest, DigestFunction};
+use provcache::cache::digest::{Digest, DigestFunction};
 use provcache::proto::reapi;
 
 /// The largest gRPC message the test clients send or accept (the server's
@@ -52,5 +52,5 @@ pub fn rn(d: &reapi::Digest) -> String {
 /// Deterministic pseudo-random bytes: large test data regenerated from a
 /// seed instead of kept in memory, and incompressible.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    provcache::bench::pseudo_random_bytes(seed, len).to_vec()
+    provcache::tools::bench::pseudo_random_bytes(seed, len).to_vec()
 }

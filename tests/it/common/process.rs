@@ -209,7 +209,7 @@ impl ServerProcess {
     /// The server's resident and peak resident memory (VmRSS, VmHWM), MiB.
     pub fn memory_mib(&self) -> (f64, f64) {
         let pid = self.child.as_ref().expect("the server is not running").id();
-        provcache::bench::process_memory_mib(pid).expect("the server's /proc status")
+        provcache::tools::bench::process_memory_mib(pid).expect("the server's /proc status")
     }
 
     /// Everything the server wrote to stderr, over all its runs.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use provcache::auth::{AllowAll, SharedGate};
+use provcache::access::gate::{AllowAll, SharedGate};
 use provcache::server::{Cache, ServerOptions};
 use provcache::store::rocks::{RocksStore, StoreOptions};
 use tonic::transport::Channel;
@@ -28,7 +28,7 @@ pub struct TestOptions {
     /// Reject (default) or flag.
     pub mode: provcache::provenance::Mode,
     /// Injected clock.
-    pub clock: Option<provcache::provenance::Clock>,
+    pub clock: Option<provcache::clock::Clock>,
     /// Signing key and trust policy paths (default: the dev ones).
     pub signing_key: Option<std::path::PathBuf>,
     /// See `signing_key`.
@@ -74,7 +74,7 @@ impl TestServer {
     pub async fn start_opts(opts: TestOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let dev = dir.path().join("dev-pki");
-        let (signing_key, trust_policy) = provcache::pki::ensure_dev_signing(&dev).unwrap();
+        let (signing_key, trust_policy) = provcache::access::pki::ensure_dev_signing(&dev).unwrap();
         let options = ServerOptions {
             data_dir: dir.path().to_path_buf(),
             store: StoreOptions {
@@ -111,18 +111,18 @@ impl TestServer {
             }
         };
         let (store, provenance, task) = if opts.tls {
-            let pki = provcache::pki::ensure_dev_pki(&dev).unwrap();
+            let pki = provcache::access::pki::ensure_dev_pki(&dev).unwrap();
             let mut settings = pki.tls_settings();
             settings.crls = opts.crls.clone();
             settings.crl_reload_interval = std::time::Duration::from_millis(200);
-            let tls = provcache::tls::TlsServer::from_settings(&settings).unwrap();
+            let tls = provcache::access::tls::TlsServer::from_settings(&settings).unwrap();
             let policy = match &opts.policy {
-                Some(text) => provcache::authz::Policy::parse(text).unwrap(),
-                None => provcache::authz::Policy::load(&pki.policy).unwrap(),
+                Some(text) => provcache::access::policy::Policy::parse(text).unwrap(),
+                None => provcache::access::policy::Policy::load(&pki.policy).unwrap(),
             };
-            let gate = provcache::authz::MtlsGate::new(
+            let gate = provcache::access::policy::MtlsGate::new(
                 Arc::new(policy),
-                provcache::identity::IdentityMode::spiffe(["provcache.dev"]),
+                provcache::access::identity::IdentityMode::spiffe(["provcache.dev"]),
                 tls.verifier.clone(),
             )
             .with_clock(clock.clone());

@@ -1,8 +1,8 @@
 //! Accounting and eviction against a real store in a temporary directory.
 
 use super::*;
-use crate::digest::{Digest, DigestFunction};
-use crate::resource::InstanceName;
+use crate::cache::digest::{Digest, DigestFunction};
+use crate::cache::resource::InstanceName;
 use crate::store::rocks::StoreOptions;
 use std::time::Duration;
 

@@ -1,0 +1,1041 @@
+//! The TLS layer: a rustls server configuration that requires a client
+//! certificate from a configured CA, CRLs reloaded without a restart, and a
+//! connection acceptor for tonic.
+//!
+//! - TLS 1.3 and 1.2 (Bazel 4.2.3 speaks only 1.2), ALPN `h2`, ring only.
+//! - No client certificate, no connection: [`ClientVerifier`] refuses the
+//!   handshake, and checks the `clientAuth` EKU and the CRLs.
+//! - Session resumption is off, so every connection's certificate is verified
+//!   against the CRLs current at its handshake.
+//! - [`ClientVerifier`] re-reads the CRL files when they change and swaps the
+//!   verifier used by new handshakes; the gate calls
+//!   [`ClientVerifier::check_chain`] so an already-open connection's next call
+//!   is refused too (threat T11).
+//! - [`tls_incoming`] runs handshakes concurrently: a slow or failing client
+//!   never holds up another, and failures are logged, not yielded.
+
+use std::fmt;
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::Stream;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::limits::{LimitHits, Limits};
+
+/// Default interval between checks of the CRL files.
+pub const DEFAULT_CRL_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+
+/// File extensions read from a CRL directory.
+const CRL_EXTENSIONS: [&str; 3] = ["pem", "crl", "der"];
+
+/// Where the TLS material lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Server certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// Server private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Client CA certificates (PEM files; every certificate in them is a
+    /// trust anchor for client certificates).
+    pub client_ca: Vec<PathBuf>,
+    /// CRLs: files (PEM or DER) or directories of `*.pem`, `*.crl`, `*.der`
+    /// files. Replace files atomically (write, then rename).
+    pub crls: Vec<PathBuf>,
+    /// How often the CRL files are checked for changes; zero disables
+    /// reloading.
+    pub crl_reload_interval: Duration,
+    /// Accept a client certificate whose revocation status no configured
+    /// CRL covers. Off by default: once CRLs are configured, every CA in the
+    /// chain must have one.
+    pub allow_unknown_revocation_status: bool,
+}
+
+impl TlsSettings {
+    /// Settings with the default reload interval and strict revocation.
+    pub fn new(cert: PathBuf, key: PathBuf, client_ca: Vec<PathBuf>, crls: Vec<PathBuf>) -> Self {
+        TlsSettings {
+            cert,
+            key,
+            client_ca,
+            crls,
+            crl_reload_interval: DEFAULT_CRL_RELOAD_INTERVAL,
+            allow_unknown_revocation_status: false,
+        }
+    }
+}
+
+/// Why the TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// A file does not contain what it should.
+    #[error("{path}: {why}")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// No client CA was configured.
+    #[error("no client CA configured: client certificates are required")]
+    NoClientCa,
+    /// rustls refused the configuration.
+    #[error("TLS configuration refused: {0}")]
+    Rustls(String),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A server configuration and the client verifier it uses.
+#[derive(Clone)]
+pub struct TlsServer {
+    /// The rustls configuration (for [`tls_incoming`]).
+    pub config: Arc<ServerConfig>,
+    /// The client certificate verifier (for the gate's per-call checks).
+    pub verifier: Arc<ClientVerifier>,
+}
+
+impl fmt::Debug for TlsServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsServer").field("verifier", &self.verifier).finish_non_exhaustive()
+    }
+}
+
+impl TlsServer {
+    /// Loads the server certificate and key, the client CAs and the CRLs, and
+    /// starts the CRL reloader (unless the interval is zero). The reloader
+    /// stops when the last reference to the verifier is dropped.
+    pub fn from_settings(settings: &TlsSettings) -> Result<Self, TlsError> {
+        let verifier =
+            ClientVerifier::new(&settings.client_ca, &settings.crls, settings.allow_unknown_revocation_status)?;
+        let certs = load_certs(&settings.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|e| pem_error(&settings.key, e))?;
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .with_client_cert_verifier(verifier.clone())
+            .with_single_cert(certs, key)
+            .map_err(|e| TlsError::Rustls(format!("server certificate/key: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        // A resumed session skips certificate verification; with revocation
+        // that matters more than the saved round trip.
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        if !settings.crl_reload_interval.is_zero() {
+            verifier.spawn_reloader(settings.crl_reload_interval);
+        }
+        Ok(TlsServer { config: Arc::new(config), verifier })
+    }
+}
+
+fn pem_error(path: &Path, e: rustls_pki_types::pem::Error) -> TlsError {
+    match e {
+        rustls_pki_types::pem::Error::Io(source) => TlsError::Read { path: path.to_owned(), source },
+        other => TlsError::BadFile { path: path.to_owned(), why: other.to_string() },
+    }
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, e))?;
+    if certs.is_empty() {
+        return Err(TlsError::BadFile { path: path.to_owned(), why: "no CERTIFICATE in the PEM file".into() });
+    }
+    Ok(certs)
+}
+
+/// The identity of the CRL files at one moment: path, size and mtime of each.
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+struct Current {
+    inner: Arc<dyn ClientCertVerifier>,
+    fingerprint: Fingerprint,
+}
+
+/// The client certificate verifier: a WebPKI verifier (client CAs, clientAuth
+/// EKU, CRLs) that is rebuilt and swapped when the CRL files change.
+pub struct ClientVerifier {
+    roots: Arc<RootCertStore>,
+    crl_paths: Vec<PathBuf>,
+    allow_unknown_revocation_status: bool,
+    root_hints: Vec<DistinguishedName>,
+    current: RwLock<Current>,
+    generation: AtomicU64,
+}
+
+impl fmt::Debug for ClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientVerifier")
+            .field("roots", &self.roots.len())
+            .field("crl_paths", &self.crl_paths)
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientVerifier {
+    /// Builds the verifier from client CA files and CRL paths (files or
+    /// directories). Any unreadable or malformed file is an error.
+    pub fn new(
+        client_ca: &[PathBuf],
+        crl_paths: &[PathBuf],
+        allow_unknown_revocation_status: bool,
+    ) -> Result<Arc<Self>, TlsError> {
+        if client_ca.is_empty() {
+            return Err(TlsError::NoClientCa);
+        }
+        let mut roots = RootCertStore::empty();
+        for path in client_ca {
+            for cert in load_certs(path)? {
+                roots.add(cert).map_err(|e| TlsError::BadFile {
+                    path: path.clone(),
+                    why: format!("not a usable CA certificate: {e}"),
+                })?;
+            }
+        }
+        let roots = Arc::new(roots);
+        let (fingerprint, crls) = read_crls(crl_paths, &roots)?;
+        let inner = build_inner(&roots, crls, allow_unknown_revocation_status)?;
+        Ok(Arc::new(ClientVerifier {
+            root_hints: inner.root_hint_subjects().to_vec(),
+            roots,
+            crl_paths: crl_paths.to_vec(),
+            allow_unknown_revocation_status,
+            current: RwLock::new(Current { inner, fingerprint }),
+            generation: AtomicU64::new(0),
+        }))
+    }
+
+    fn inner(&self) -> Arc<dyn ClientCertVerifier> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).inner.clone()
+    }
+
+    /// Increments each time new CRLs take effect.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Re-reads the CRLs if any file changed (size, mtime, or the set of
+    /// files). Returns whether new CRLs took effect. On error the previous
+    /// CRLs stay in force and the next call tries again.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let fingerprint = fingerprint(&self.crl_paths)?;
+        if self.current.read().unwrap_or_else(|e| e.into_inner()).fingerprint == fingerprint {
+            return Ok(false);
+        }
+        let (fingerprint, crls) = read_crls(&self.crl_paths, &self.roots)?;
+        let count = crls.len();
+        let inner = build_inner(&self.roots, crls, self.allow_unknown_revocation_status)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Current { inner, fingerprint };
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        tracing::info!(crls = count, generation, "client certificate revocation lists reloaded");
+        Ok(true)
+    }
+
+    /// Starts a thread that calls [`reload_if_changed`](Self::reload_if_changed)
+    /// every `interval`. It ends once the verifier is dropped.
+    pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> std::thread::JoinHandle<()> {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("crl-reload".into())
+            .spawn(move || loop {
+                std::thread::sleep(interval);
+                let Some(this) = weak.upgrade() else { return };
+                if let Err(e) = this.reload_if_changed() {
+                    tracing::warn!(error = %e, "CRL reload failed; the previous CRLs stay in force");
+                }
+            })
+            .expect("spawning the CRL reload thread")
+    }
+
+    /// Verifies a client chain (leaf first) as a new handshake would now:
+    /// trust anchors, validity at `now`, clientAuth EKU and the current CRLs.
+    pub fn check_chain(&self, chain: &[CertificateDer<'_>], now: SystemTime) -> Result<(), rustls::Error> {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err(rustls::Error::NoCertificatesPresented);
+        };
+        let now = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+        self.inner().verify_client_cert(leaf, intermediates, now).map(|_| ())
+    }
+
+    /// Whether the current CRLs revoke this leaf (issued directly by a
+    /// configured client CA; for longer chains use
+    /// [`check_chain`](Self::check_chain)). An expired leaf is reported as
+    /// expired by `check_chain`, not as revoked here.
+    pub fn is_revoked(&self, leaf: &CertificateDer<'_>) -> bool {
+        matches!(
+            self.check_chain(std::slice::from_ref(leaf), SystemTime::now()),
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked))
+        )
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.root_hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner().verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner().supported_verify_schemes()
+    }
+}
+
+fn build_inner(
+    roots: &Arc<RootCertStore>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    allow_unknown: bool,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).with_crls(crls);
+    if allow_unknown {
+        builder = builder.allow_unknown_revocation_status();
+    }
+    builder.build().map_err(|e| TlsError::Rustls(format!("client certificate verifier: {e}")))
+}
+
+/// The CRL files named by `paths`, directories expanded, sorted.
+fn crl_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, TlsError> {
+    fn read_err(path: &Path) -> impl Fn(io::Error) -> TlsError + '_ {
+        move |source| TlsError::Read { path: path.to_owned(), source }
+    }
+    let mut files = Vec::new();
+    for path in paths {
+        let meta = std::fs::metadata(path).map_err(read_err(path))?;
+        if !meta.is_dir() {
+            files.push(path.clone());
+            continue;
+        }
+        for entry in std::fs::read_dir(path).map_err(read_err(path))? {
+            let file = entry.map_err(read_err(path))?.path();
+            let hidden = file.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.'));
+            let known = file.extension().and_then(|e| e.to_str()).is_some_and(|e| CRL_EXTENSIONS.contains(&e));
+            if !hidden && known && file.is_file() {
+                files.push(file);
+            }
+        }
+    }
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+fn fingerprint(paths: &[PathBuf]) -> Result<Fingerprint, TlsError> {
+    crl_files(paths)?
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).map_err(|source| TlsError::Read { path: f.clone(), source })?;
+            Ok((f, meta.len(), meta.modified().ok()))
+        })
+        .collect()
+}
+
+/// Reads every CRL; the fingerprint is taken before reading, so a change
+/// during the read is seen by the next poll. Each file is parsed on its own
+/// so that an error names the file.
+fn read_crls(
+    paths: &[PathBuf],
+    roots: &Arc<RootCertStore>,
+) -> Result<(Fingerprint, Vec<CertificateRevocationListDer<'static>>), TlsError> {
+    let fingerprint = fingerprint(paths)?;
+    let mut crls = Vec::new();
+    for (file, _, _) in &fingerprint {
+        let bad = |why: String| TlsError::BadFile { path: file.clone(), why };
+        let bytes = std::fs::read(file).map_err(|source| TlsError::Read { path: file.clone(), source })?;
+        let found = if bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+            let found = CertificateRevocationListDer::pem_slice_iter(&bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_error(file, e))?;
+            if found.is_empty() {
+                return Err(bad("no X509 CRL in the PEM file".into()));
+            }
+            found
+        } else {
+            vec![CertificateRevocationListDer::from(bytes)]
+        };
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .with_crls(found.iter().cloned())
+            .build()
+            .map_err(|e| bad(format!("invalid CRL: {e}")))?;
+        crls.extend(found);
+    }
+    Ok((fingerprint, crls))
+}
+
+/// Limits of the acceptor (docs/operations.md, "Limits").
+#[derive(Clone, Debug)]
+pub struct IncomingOptions {
+    /// A handshake not done in this time is dropped.
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress at once; further connections wait in the
+    /// listen backlog.
+    pub max_concurrent_handshakes: usize,
+    /// Handshakes in progress at once from one remote IP address; a further
+    /// connection from that address is closed at once, so idle sockets from
+    /// one address cannot take every handshake slot.
+    pub max_handshakes_per_address: usize,
+    /// TCP keepalive idle time set on every accepted socket.
+    pub tcp_keepalive: Option<Duration>,
+    /// Where refusals by these limits are counted.
+    pub hits: Option<Arc<LimitHits>>,
+}
+
+impl Default for IncomingOptions {
+    fn default() -> Self {
+        IncomingOptions::from_limits(&Limits::default(), None)
+    }
+}
+
+impl IncomingOptions {
+    /// The acceptor limits of `limits`, counting refusals in `hits`.
+    pub fn from_limits(limits: &Limits, hits: Option<Arc<LimitHits>>) -> Self {
+        IncomingOptions {
+            handshake_timeout: limits.handshake_timeout,
+            max_concurrent_handshakes: limits.max_handshakes,
+            max_handshakes_per_address: limits.max_handshakes_per_address,
+            tcp_keepalive: Some(limits.tcp_keepalive),
+            hits,
+        }
+    }
+
+    fn hit(&self, limit: &'static str, detail: impl fmt::Display) {
+        match &self.hits {
+            Some(hits) => hits.hit(limit, "", detail),
+            None => tracing::debug!(limit, "limit reached: {detail}"),
+        }
+    }
+}
+
+/// Accepts TCP connections and yields those whose TLS handshake succeeded,
+/// for `tonic::transport::Server::serve_with_incoming_shutdown`. Never yields
+/// an error. Accepting stops when the stream is dropped. Call it inside a
+/// Tokio runtime: it spawns the accept loop.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+) -> impl Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
+    tls_incoming_with(listener, config, IncomingOptions::default())
+}
+
+/// [`tls_incoming`] with explicit limits.
+pub fn tls_incoming_with(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    options: IncomingOptions,
+) -> impl Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(accept_loop(listener, TlsAcceptor::from(config), options, tx));
+    ReceiverStream::new(rx)
+}
+
+/// Sets TCP keepalive on an accepted socket, so the kernel finds a peer that
+/// vanished without a FIN (HTTP/2 pings do the same one level up).
+pub fn set_tcp_keepalive(tcp: &TcpStream, idle: Duration) -> io::Result<()> {
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle))
+}
+
+/// Handshakes in progress per remote address.
+#[derive(Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+/// One handshake counted against its address until dropped.
+struct AddressSlot(Arc<PerAddress>, IpAddr);
+
+impl PerAddress {
+    /// A slot for `ip`, or the number already in progress when it is at `max`.
+    fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Result<AddressSlot, usize> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(AddressSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    options: IncomingOptions,
+    tx: mpsc::Sender<Result<TlsStream<TcpStream>, io::Error>>,
+) {
+    let limit = Arc::new(Semaphore::new(options.max_concurrent_handshakes.max(1)));
+    let per_address = Arc::new(PerAddress::default());
+    let options = Arc::new(options);
+    loop {
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                options.hit(
+                    "max_handshakes",
+                    format_args!(
+                        "{} TLS handshakes in progress; new connections wait",
+                        options.max_concurrent_handshakes
+                    ),
+                );
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                }
+            }
+        };
+        let (tcp, addr) = tokio::select! {
+            _ = tx.closed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // EMFILE and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let ip = addr.ip().to_canonical();
+        let slot = match per_address.try_take(ip, options.max_handshakes_per_address.max(1)) {
+            Ok(slot) => slot,
+            Err(n) => {
+                // Closed at once: its permit goes to the next connection.
+                options.hit(
+                    "max_handshakes_per_address",
+                    format_args!("{ip} already has {n} TLS handshakes in progress; connection closed"),
+                );
+                continue;
+            }
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%addr, error = %e, "cannot set TCP_NODELAY");
+        }
+        if let Some(idle) = options.tcp_keepalive {
+            if let Err(e) = set_tcp_keepalive(&tcp, idle) {
+                tracing::debug!(%addr, error = %e, "cannot set TCP keepalive");
+            }
+        }
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        let options = options.clone();
+        tokio::spawn(async move {
+            let result = tokio::time::timeout(options.handshake_timeout, acceptor.accept(tcp)).await;
+            drop(slot);
+            drop(permit);
+            match result {
+                Ok(Ok(tls)) => {
+                    let _ = tx.send(Ok(tls)).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                Err(_) => options.hit(
+                    "handshake_timeout",
+                    format_args!("{addr} did not finish its TLS handshake in {:?}", options.handshake_timeout),
+                ),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::sync::atomic::AtomicI64;
+
+    use futures::StreamExt;
+    use rcgen::{ExtendedKeyUsagePurpose, KeyPair, SanType};
+    use rustls::pki_types::{PrivatePkcs8KeyDer, ServerName};
+    use rustls::{ClientConfig, ProtocolVersion, SupportedProtocolVersion};
+    use time::OffsetDateTime;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::TlsConnector;
+
+    use super::*;
+    use crate::access::gate::{Gate, Peer, Permission};
+    use crate::access::identity::tests::{client_params, uri, TestCa};
+    use crate::access::identity::IdentityMode;
+    use crate::access::policy::{MtlsGate, Policy};
+    use crate::cache::resource::InstanceName;
+    use crate::clock::{system_clock, Clock};
+    use crate::proto::reapi;
+
+    type Incoming = std::pin::Pin<Box<dyn Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send>>;
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
+        format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+    }
+
+    /// A client certificate and key.
+    struct Client {
+        der: CertificateDer<'static>,
+        key: KeyPair,
+    }
+
+    impl Client {
+        fn new(ca: &TestCa, spiffe_id: &str) -> Self {
+            let (der, key) = ca.sign(&client_params(vec![uri(spiffe_id)]));
+            Client { der, key }
+        }
+
+        fn serial(&self) -> Vec<u8> {
+            let (_, cert) = x509_parser::parse_x509_certificate(&self.der).unwrap();
+            cert.raw_serial().to_vec()
+        }
+
+        fn peer(&self) -> Peer {
+            Peer { certs: Some(Arc::new(vec![self.der.clone()])), remote_addr: None }
+        }
+    }
+
+    /// A server on 127.0.0.1:0 with a CA, a CRL directory and an acceptor.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        ca: TestCa,
+        server: TlsServer,
+        addr: std::net::SocketAddr,
+        incoming: Incoming,
+    }
+
+    impl Fixture {
+        async fn start(crl_reload_interval: Duration) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = TestCa::new("test client CA");
+            let mut params = client_params(vec![SanType::IpAddress(Ipv4Addr::LOCALHOST.into())]);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            let (server_der, server_key) = ca.sign(&params);
+            let path = |name: &str| dir.path().join(name);
+            std::fs::write(path("ca.pem"), pem("CERTIFICATE", &ca.der)).unwrap();
+            std::fs::write(path("server.pem"), pem("CERTIFICATE", &server_der)).unwrap();
+            std::fs::write(path("server.key"), server_key.serialize_pem()).unwrap();
+            std::fs::create_dir(path("crls")).unwrap();
+            let mut settings =
+                TlsSettings::new(path("server.pem"), path("server.key"), vec![path("ca.pem")], vec![path("crls")]);
+            settings.crl_reload_interval = crl_reload_interval;
+            let server = TlsServer::from_settings(&settings).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let incoming = Box::pin(tls_incoming(listener, server.config.clone()));
+            Fixture { dir, ca, server, addr, incoming }
+        }
+
+        fn client_config(
+            &self,
+            client: Option<&Client>,
+            versions: &[&'static SupportedProtocolVersion],
+        ) -> ClientConfig {
+            let mut roots = RootCertStore::empty();
+            roots.add(self.ca.der.clone()).unwrap();
+            let builder = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(roots);
+            let mut config = match client {
+                Some(c) => builder
+                    .with_client_auth_cert(vec![c.der.clone()], PrivatePkcs8KeyDer::from(c.key.serialize_der()).into())
+                    .unwrap(),
+                None => builder.with_no_client_auth(),
+            };
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            config
+        }
+
+        /// Connects with `config`; Ok is the server side of an accepted
+        /// connection, Err what the client saw of a refusal.
+        async fn handshake(&mut self, config: ClientConfig) -> Result<TlsStream<TcpStream>, String> {
+            let addr = self.addr;
+            let client = tokio::spawn(async move {
+                let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+                let name = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+                let mut tls =
+                    TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())?;
+                // In TLS 1.3 the server judges the client certificate after the
+                // client finished: its verdict arrives as an alert on read.
+                tls.write_all(b"x").await.map_err(|e| e.to_string())?;
+                let mut buf = [0u8; 1];
+                match tls.read(&mut buf).await {
+                    Ok(_) => Err::<(), String>("connection closed".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            });
+            let result = tokio::select! {
+                accepted = self.incoming.next() => Ok(accepted.expect("acceptor ended").expect("acceptor yields no errors")),
+                refused = client => Err(refused.unwrap().unwrap_err()),
+                _ = tokio::time::sleep(Duration::from_secs(10)) => panic!("handshake neither accepted nor refused"),
+            };
+            result
+        }
+
+        fn write_crl(&self, name: &str, revoked: &[Vec<u8>], number: u64) {
+            let path = self.dir.path().join("crls").join(name);
+            crate::access::pki::write_crl(&self.ca.issuer, &path, revoked, number, Duration::from_secs(86400)).unwrap();
+        }
+
+        async fn wait_for_generation(&self, above: u64) {
+            for _ in 0..250 {
+                if self.server.verifier.generation() > above {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("CRLs were not reloaded");
+        }
+
+        fn gate(&self, clock: Clock) -> MtlsGate {
+            let policy = Policy::parse(
+                r#"
+                [[rules]]
+                name = "writers"
+                principals = ["spiffe://provcache.dev/writer"]
+                instances = ["*"]
+                permissions = ["ac:read", "ac:write", "cas:read", "cas:write"]
+
+                [[rules]]
+                name = "readers"
+                principals = ["spiffe://provcache.dev/reader"]
+                instances = ["*"]
+                permissions = ["ac:read", "cas:read"]
+                "#,
+            )
+            .unwrap();
+            MtlsGate::new(Arc::new(policy), IdentityMode::spiffe(["provcache.dev"]), self.server.verifier.clone())
+                .with_clock(clock)
+        }
+    }
+
+    const ALL: &[&SupportedProtocolVersion] = rustls::DEFAULT_VERSIONS;
+    const TLS12: &[&SupportedProtocolVersion] = &[&rustls::version::TLS12];
+
+    #[tokio::test]
+    async fn good_client_certificate_is_accepted_with_tls13_and_tls12() {
+        let mut fx = Fixture::start(Duration::ZERO).await;
+        let writer = Client::new(&fx.ca, "spiffe://provcache.dev/writer");
+
+        let tls = fx.handshake(fx.client_config(Some(&writer), ALL)).await.unwrap();
+        let conn = tls.get_ref().1;
+        assert_eq!(conn.protocol_version(), Some(ProtocolVersion::TLSv1_3));
+        assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
+        assert_eq!(conn.peer_certificates().unwrap()[0], writer.der);
+
+        // Bazel 4.2.3 speaks TLS 1.2 only.
+        let tls = fx.handshake(fx.client_config(Some(&writer), TLS12)).await.unwrap();
+        let conn = tls.get_ref().1;
+        assert_eq!(conn.protocol_version(), Some(ProtocolVersion::TLSv1_2));
+        assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
+        assert!(tls.get_ref().0.nodelay().unwrap(), "TCP_NODELAY is set");
+    }
+
+    #[tokio::test]
+    async fn missing_or_foreign_client_certificate_is_refused() {
+        let mut fx = Fixture::start(Duration::ZERO).await;
+        for versions in [ALL, TLS12] {
+            let err = fx.handshake(fx.client_config(None, versions)).await.unwrap_err();
+            assert!(err.contains("CertificateRequired") || err.contains("HandshakeFailure"), "{err}");
+
+            let other_ca = TestCa::new("another CA");
+            let stranger = Client::new(&other_ca, "spiffe://provcache.dev/writer");
+            let err = fx.handshake(fx.client_config(Some(&stranger), versions)).await.unwrap_err();
+            assert!(err.contains("UnknownCA") || err.contains("BadCertificate"), "{err}");
+        }
+        // The acceptor is still serving after the failures.
+        let writer = Client::new(&fx.ca, "spiffe://provcache.dev/writer");
+        fx.handshake(fx.client_config(Some(&writer), ALL)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn slow_and_broken_handshakes_do_not_block_others() {
+        let mut fx = Fixture::start(Duration::ZERO).await;
+        // Connections that never finish (silent) or send garbage.
+        let _silent: Vec<TcpStream> = futures::future::join_all((0..4).map(|_| TcpStream::connect(fx.addr)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let mut garbage = TcpStream::connect(fx.addr).await.unwrap();
+        garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+
+        let writer = Client::new(&fx.ca, "spiffe://provcache.dev/writer");
+        let started = std::time::Instant::now();
+        fx.handshake(fx.client_config(Some(&writer), ALL)).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn crl_update_refuses_new_handshakes_and_open_connections() {
+        let mut fx = Fixture::start(Duration::from_millis(50)).await;
+        let writer = Client::new(&fx.ca, "spiffe://provcache.dev/writer");
+        let reader = Client::new(&fx.ca, "spiffe://provcache.dev/reader");
+        let gate = fx.gate(system_clock());
+        let main = InstanceName::parse("main").unwrap();
+
+        // An open connection, and its first call.
+        let open = fx.handshake(fx.client_config(Some(&writer), ALL)).await.unwrap();
+        let open_peer =
+            Peer { certs: Some(Arc::new(open.get_ref().1.peer_certificates().unwrap().to_vec())), remote_addr: None };
+        let caller = gate.authorize(&open_peer, &main, Permission::AcWrite).unwrap();
+        assert_eq!(caller.principal, "spiffe://provcache.dev/writer");
+        assert_eq!(caller.rule, "writers");
+        assert!(!fx.server.verifier.is_revoked(&writer.der));
+
+        // Revoke the writer.
+        let generation = fx.server.verifier.generation();
+        fx.write_crl("ca.crl.pem", &[writer.serial()], 1);
+        fx.wait_for_generation(generation).await;
+
+        assert!(fx.server.verifier.is_revoked(&writer.der));
+        assert!(!fx.server.verifier.is_revoked(&reader.der));
+        let err = fx.handshake(fx.client_config(Some(&writer), TLS12)).await.unwrap_err();
+        assert!(err.contains("CertificateRevoked") || err.contains("BadCertificate"), "{err}");
+        fx.handshake(fx.client_config(Some(&writer), ALL)).await.unwrap_err();
+        // The open connection's next call is refused as well.
+        let err = gate.authorize(&open_peer, &main, Permission::AcRead).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        assert!(err.to_string().contains("Revoked"), "{err}");
+        // Others are unaffected.
+        fx.handshake(fx.client_config(Some(&reader), TLS12)).await.unwrap();
+        assert!(gate.authorize(&reader.peer(), &main, Permission::AcRead).is_ok());
+
+        // A broken CRL file does not lift the revocation.
+        let generation = fx.server.verifier.generation();
+        std::fs::write(fx.dir.path().join("crls/broken.crl"), b"not a CRL").unwrap();
+        assert!(matches!(fx.server.verifier.reload_if_changed(), Err(TlsError::BadFile { .. })));
+        assert_eq!(fx.server.verifier.generation(), generation);
+        assert!(fx.server.verifier.is_revoked(&writer.der));
+        std::fs::remove_file(fx.dir.path().join("crls/broken.crl")).unwrap();
+
+        // A new CRL without the writer lets it back in.
+        fx.write_crl("ca.crl.pem", &[], 2);
+        fx.wait_for_generation(generation).await;
+        assert!(!fx.server.verifier.is_revoked(&writer.der));
+        fx.handshake(fx.client_config(Some(&writer), ALL)).await.unwrap();
+        assert!(gate.authorize(&open_peer, &main, Permission::AcRead).is_ok());
+    }
+
+    #[tokio::test]
+    async fn gate_rechecks_expiry_against_its_clock() {
+        let fx = Fixture::start(Duration::ZERO).await;
+        let mut params = client_params(vec![uri("spiffe://provcache.dev/writer")]);
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::from_secs(3600);
+        params.not_after = now + Duration::from_secs(3600);
+        let (der, key) = fx.ca.sign(&params);
+        let writer = Client { der, key };
+
+        let offset = Arc::new(AtomicI64::new(0));
+        let clock: Clock = {
+            let offset = offset.clone();
+            Arc::new(move || {
+                let o = offset.load(Ordering::SeqCst);
+                SystemTime::now() + Duration::from_secs(o.unsigned_abs())
+            })
+        };
+        let gate = fx.gate(clock);
+        let main = InstanceName::default();
+        let caller = gate.authorize(&writer.peer(), &main, Permission::AcWrite).unwrap();
+        let cert = caller.cert.unwrap();
+        assert_eq!(cert.not_after, SystemTime::from(params.not_after.replace_nanosecond(0).unwrap()));
+
+        // Two hours later the same connection's next call is refused.
+        offset.store(7200, Ordering::SeqCst);
+        let err = gate.authorize(&writer.peer(), &main, Permission::AcRead).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(err.to_string().contains("expired"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn gate_separates_unauthenticated_from_permission_denied() {
+        let fx = Fixture::start(Duration::ZERO).await;
+        let gate = fx.gate(system_clock());
+        let main = InstanceName::parse("main").unwrap();
+
+        let err = gate.authorize(&Peer::default(), &main, Permission::AcRead).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(err.to_string().contains("no client certificate"), "{err}");
+
+        let reader = Client::new(&fx.ca, "spiffe://provcache.dev/reader");
+        assert_eq!(gate.authorize(&reader.peer(), &main, Permission::CasRead).unwrap().rule, "readers");
+        assert!(gate.allows(&reader.peer(), &main, Permission::AcRead));
+        assert!(!gate.allows(&reader.peer(), &main, Permission::AcWrite));
+        let err = gate.authorize(&reader.peer(), &main, Permission::AcWrite).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("spiffe://provcache.dev/reader") && msg.contains("ac:write") && msg.contains("main"),
+            "{msg}"
+        );
+
+        // A certificate that names nobody (no URI SAN) is not authenticated.
+        let (der, _) = fx.ca.sign(&client_params(vec![]));
+        let peer = Peer { certs: Some(Arc::new(vec![der])), remote_addr: None };
+        let err = gate.authorize(&peer, &main, Permission::AcRead).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(err.to_string().contains("URI SAN"), "{err}");
+
+        // A certificate from another CA handed to the gate directly is refused too.
+        let stranger = Client::new(&TestCa::new("another CA"), "spiffe://provcache.dev/writer");
+        let err = gate.authorize(&stranger.peer(), &main, Permission::AcRead).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    }
+
+    /// The GetCapabilities shape of a service: gate on ac:read, report
+    /// whether the caller may write.
+    struct Caps(Arc<MtlsGate>);
+
+    #[tonic::async_trait]
+    impl reapi::capabilities_server::Capabilities for Caps {
+        async fn get_capabilities(
+            &self,
+            request: tonic::Request<reapi::GetCapabilitiesRequest>,
+        ) -> Result<tonic::Response<reapi::ServerCapabilities>, tonic::Status> {
+            let peer = Peer::of(&request);
+            let instance = InstanceName::parse(&request.get_ref().instance_name).map_err(crate::error::Error::from)?;
+            self.0.authorize(&peer, &instance, Permission::AcRead)?;
+            let update_enabled = self.0.allows(&peer, &instance, Permission::AcWrite);
+            Ok(tonic::Response::new(reapi::ServerCapabilities {
+                cache_capabilities: Some(reapi::CacheCapabilities {
+                    action_cache_update_capabilities: Some(reapi::ActionCacheUpdateCapabilities { update_enabled }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn tonic_serves_over_tls_incoming_and_sees_the_client_certificate() {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server};
+
+        let mut fx = Fixture::start(Duration::ZERO).await;
+        let gate = Arc::new(fx.gate(system_clock()));
+        let incoming = std::mem::replace(&mut fx.incoming, Box::pin(futures::stream::empty()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            Server::builder()
+                .add_service(reapi::capabilities_server::CapabilitiesServer::new(Caps(gate)))
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                }),
+        );
+
+        let ca_pem = std::fs::read_to_string(fx.dir.path().join("ca.pem")).unwrap();
+        let call = |client: Option<&Client>| {
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem));
+            if let Some(c) = client {
+                tls = tls.identity(Identity::from_pem(pem("CERTIFICATE", &c.der), c.key.serialize_pem()));
+            }
+            let endpoint = Endpoint::from_shared(format!("https://{}", fx.addr)).unwrap().tls_config(tls).unwrap();
+            async move {
+                let channel = endpoint.connect().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let request = reapi::GetCapabilitiesRequest { instance_name: "main".into() };
+                let caps = reapi::capabilities_client::CapabilitiesClient::new(channel)
+                    .get_capabilities(request)
+                    .await?
+                    .into_inner();
+                Ok::<bool, tonic::Status>(
+                    caps.cache_capabilities.unwrap().action_cache_update_capabilities.unwrap().update_enabled,
+                )
+            }
+        };
+
+        let writer = Client::new(&fx.ca, "spiffe://provcache.dev/writer");
+        let reader = Client::new(&fx.ca, "spiffe://provcache.dev/reader");
+        let nobody = Client::new(&fx.ca, "spiffe://provcache.dev/nobody");
+        assert!(call(Some(&writer)).await.unwrap());
+        assert!(!call(Some(&reader)).await.unwrap());
+        let denied = call(Some(&nobody)).await.unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied}");
+        assert!(denied.message().contains("spiffe://provcache.dev/nobody"), "{denied}");
+        let anonymous = call(None).await.unwrap_err();
+        assert_ne!(anonymous.code(), tonic::Code::Ok);
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("ca");
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, pem("CERTIFICATE", &ca.der)).unwrap();
+
+        assert!(matches!(ClientVerifier::new(&[], &[], false), Err(TlsError::NoClientCa)));
+        let missing = dir.path().join("missing.crl");
+        let err = ClientVerifier::new(std::slice::from_ref(&ca_path), &[missing], false).unwrap_err();
+        assert!(err.to_string().contains("missing.crl"), "{err}");
+        let garbage = dir.path().join("garbage.crl");
+        std::fs::write(&garbage, b"\x30\x03\x02\x01\x01").unwrap();
+        let err = ClientVerifier::new(std::slice::from_ref(&ca_path), &[garbage], false).unwrap_err();
+        assert!(err.to_string().contains("garbage.crl"), "{err}");
+        let not_a_ca = dir.path().join("empty.pem");
+        std::fs::write(&not_a_ca, "").unwrap();
+        let err = ClientVerifier::new(&[not_a_ca], &[], false).unwrap_err();
+        assert!(err.to_string().contains("empty.pem"), "{err}");
+    }
+}

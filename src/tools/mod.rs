@@ -1,0 +1,10 @@
+//! The subcommands beside `serve`: the auditor's `verify-build`
+//! ([`verify_build`]), a REAPI client for scripts ([`client`]), the load
+//! generator ([`bench`]), the soak test ([`soak`]) and the attack shapes the
+//! tests and `bench --attacker` share ([`attack`]).
+
+pub mod attack;
+pub mod bench;
+pub mod client;
+pub mod soak;
+pub mod verify_build;
