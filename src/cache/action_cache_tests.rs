@@ -3,7 +3,6 @@
 //! gRPC: entries and hit records in [`MemoryActions`], blobs in a
 //! [`MemoryStore`] ([`memory_cas`]).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -250,6 +249,7 @@ async fn a_hit_is_recorded_in_the_hit_log_with_the_reader() {
 #[tokio::test]
 async fn a_crash_between_signing_and_storing_leaves_no_entry() {
     use crate::store::rocks::{RocksStore, StoreOptions};
+    use std::path::Path;
     const CHILD_DIR: &str = "PROVCACHE_UNIT_CRASH_DIR";
     // The trait is implemented on the shared handle the server holds.
     let open_actions = |dir: &Path| -> Arc<dyn ActionStore> {
@@ -267,7 +267,11 @@ async fn a_crash_between_signing_and_storing_leaves_no_entry() {
     }
     let dir = tempfile::tempdir().unwrap();
     let child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "action_cache_tests::a_crash_between_signing_and_storing_leaves_no_entry", "--nocapture"])
+        .args([
+            "--exact",
+            &format!("{}::a_crash_between_signing_and_storing_leaves_no_entry", test_module()),
+            "--nocapture",
+        ])
         .env(CHILD_DIR, dir.path())
         .env("PROVCACHE_FAILPOINT", "ac-after-sign")
         .output()
@@ -280,4 +284,10 @@ async fn a_crash_between_signing_and_storing_leaves_no_entry() {
     let instance = InstanceName::default();
     assert_eq!(actions.get(&instance, &action).await.unwrap(), None, "no entry after the crash");
     assert!(actions.history(&instance, &action).await.unwrap().is_empty(), "no history after the crash");
+}
+
+/// This module's path as the test harness names tests (without the crate).
+#[cfg(feature = "failpoints")]
+fn test_module() -> &'static str {
+    module_path!().split_once("::").map_or("", |(_, path)| path)
 }

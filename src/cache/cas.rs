@@ -29,6 +29,9 @@ pub const MAX_ACTION_BLOB: u64 = 1024 * 1024;
 /// What GetTree counts, against `limits.max_get_tree_memory`, for each
 /// directory it has seen: the digest in its seen-set and in its queue.
 pub const GET_TREE_BYTES_PER_DIRECTORY: u64 = 128;
+/// Whole-blob reads up to this size are checked against their digest on the
+/// async worker (a few microseconds); larger ones on the blocking pool.
+const VERIFY_ON_WORKER_MAX: usize = 64 * 1024;
 /// Default and maximum number of directories in one GetTree response.
 const TREE_PAGE_DEFAULT: usize = 1000;
 /// GetTree responses stay below this encoded size (gRPC's default limit is 4 MiB).
@@ -109,7 +112,18 @@ impl Cas {
             )));
         }
         let Some(data) = self.blobs.get(instance, digest).await? else { return Ok(None) };
-        if digest.verify(&data).is_err() {
+        // Hashing a large blob would hold up every call on this worker.
+        let (data, verified) = if data.len() < VERIFY_ON_WORKER_MAX {
+            let verified = digest.verify(&data).is_ok();
+            (data, verified)
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let verified = digest.verify(&data).is_ok();
+                (data, verified)
+            })
+            .await?
+        };
+        if !verified {
             return Err(corrupt_blob(digest, self.blobs.delete(instance, digest).await));
         }
         Ok(Some(data))

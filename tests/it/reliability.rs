@@ -606,7 +606,7 @@ async fn corrupt_tables_then_check(seed: u64, from_end: bool) {
     blocking(|| server.start_again());
     let repaired = server.log().contains("the store was repaired");
     // Damaged data blocks are met by reads; damaged index or properties
-    // blocks make RocksDB refuse to open, and Store::open repairs the store.
+    // blocks make RocksDB refuse to open, and RocksStore::open repairs the store.
     assert_eq!(repaired, from_end, "repaired at start");
     let (blobs_served, entries_served) = check_no_wrong_bytes(&server, &blobs, &entries).await;
     eprintln!(

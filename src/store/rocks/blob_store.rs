@@ -121,6 +121,7 @@ impl BlobStore for Arc<RocksStore> {
             pending_len: 0,
             blob_id: None,
             next_chunk: 0,
+            committing: false,
         }))
     }
 
@@ -151,6 +152,26 @@ struct RocksWriter {
     /// The upload's blob id, once its first chunk is written.
     blob_id: Option<u64>,
     next_chunk: u32,
+    /// Set once the commit is handed to the blocking pool, where it runs to
+    /// its end even if the writer is dropped meanwhile.
+    committing: bool,
+}
+
+impl Drop for RocksWriter {
+    /// A writer dropped before its commit began (the client went away, a
+    /// call was cancelled) frees its chunks now rather than at the next
+    /// start. One dropped while committing is left alone: the commit may
+    /// have succeeded, and aborting would delete the blob's chunks.
+    fn drop(&mut self) {
+        let (Some(id), false) = (self.blob_id.take(), self.committing) else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let store = self.store.clone();
+        runtime.spawn_blocking(move || {
+            if let Err(e) = store.abort_upload(id) {
+                tracing::warn!(error = %e, "could not delete an abandoned upload's chunks");
+            }
+        });
+    }
 }
 
 impl RocksWriter {
@@ -206,7 +227,10 @@ impl RocksWriter {
             self.store_chunk(tail).await?;
         }
         let (s, key, size, flush) = (self.store.clone(), self.key.clone(), self.size, !self.wal);
-        blocking(move || s.commit_upload(&key, id, size, flush)).await?;
+        self.committing = true;
+        let committed = blocking(move || s.commit_upload(&key, id, size, flush)).await;
+        self.committing = false;
+        committed?;
         self.blob_id = None;
         Ok(())
     }
@@ -233,8 +257,8 @@ impl BlobWriter for RocksWriter {
         result
     }
 
-    async fn abort(self: Box<Self>) -> Result<()> {
-        match self.blob_id {
+    async fn abort(mut self: Box<Self>) -> Result<()> {
+        match self.blob_id.take() {
             Some(id) => {
                 let s = self.store.clone();
                 blocking(move || s.abort_upload(id)).await

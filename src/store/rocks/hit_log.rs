@@ -1,38 +1,15 @@
 //! The hit log (audit rows), chained per invocation.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
 use rocksdb::WriteBatch;
 
 use super::{random_u64, Page, RocksStore, CF_AUDIT};
 use crate::error::Result;
 
-/// Chain heads kept in memory (invocations being appended to); beyond it,
-/// idle ones are dropped and re-read from the store when needed.
-const MAX_AUDIT_CHAINS: usize = 4096;
 /// Key suffix (after the invocation prefix) of a chained hit record:
 /// sequence + answered-at.
 const AUDIT_CHAINED_SUFFIX: usize = 16;
 /// Key suffix of a hit record written before chaining: answered-at + random.
 const AUDIT_LEGACY_SUFFIX: usize = 12;
-
-/// The head of one invocation's hit-log chain, as the appender needs it:
-/// `None` until loaded from the store. Its mutex serialises the appends of
-/// one invocation, so sequences have no gaps and each record names its
-/// predecessor's hash.
-pub type AuditChain = Arc<Mutex<Option<AuditChainHead>>>;
-
-/// Where an invocation's hit-log chain stands.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AuditChainHead {
-    /// The sequence the next record gets (1 for a new invocation).
-    pub next_sequence: u64,
-    /// SHA-256 of the last record's signed payload (empty before the first).
-    pub previous_sha256: Vec<u8>,
-    /// Records written per reader principal (for the per-principal cap).
-    pub records_by_principal: HashMap<String, u64>,
-}
 
 /// One stored hit-log row.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,27 +34,10 @@ pub fn audit_prefix(invocation: &str) -> Vec<u8> {
 }
 
 impl RocksStore {
-    /// The chain head of an invocation's hit log, shared by every appender
-    /// of that invocation (lock it to append). At most [`MAX_AUDIT_CHAINS`]
-    /// are kept: when full, heads nobody holds are dropped, and the next
-    /// appender re-reads the head from the store.
-    pub fn audit_chain(&self, invocation: &str) -> AuditChain {
-        let mut chains = self.audit_chains.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(chain) = chains.get(invocation) {
-            return chain.clone();
-        }
-        if chains.len() >= MAX_AUDIT_CHAINS {
-            chains.retain(|_, chain| Arc::strong_count(chain) > 1);
-        }
-        let chain = AuditChain::default();
-        chains.insert(invocation.to_string(), chain.clone());
-        chain
-    }
-
     /// Appends a chained hit record (not synced: the hit log is an audit aid,
     /// not an acknowledged write; a crash loses a tail of the chain, never a
-    /// record in the middle). The caller holds the invocation's
-    /// [`RocksStore::audit_chain`] and gives the sequence.
+    /// record in the middle). The caller (the audit log, which holds each
+    /// invocation's chain head) gives the sequence.
     pub fn audit_append(&self, invocation: &str, sequence: u64, answered_at_nanos: u64, value: &[u8]) -> Result<()> {
         let mut key = audit_prefix(invocation);
         key.extend_from_slice(&sequence.to_be_bytes());
@@ -161,17 +121,15 @@ impl RocksStore {
         let cf = self.cf(CF_AUDIT);
         let mut batch = WriteBatch::default();
         let mut n = 0;
-        let mut purged = Vec::new();
         // The chained run being scanned: (prefix, first key, last key, newest time, records).
         type Run = (Vec<u8>, Vec<u8>, Vec<u8>, u64, usize);
         let mut run: Option<Run> = None;
-        let mut close = |run: Option<Run>, batch: &mut WriteBatch, n: &mut usize| {
-            if let Some((prefix, first, mut last, newest, count)) = run {
+        let close = |run: Option<Run>, batch: &mut WriteBatch, n: &mut usize| {
+            if let Some((_, first, mut last, newest, count)) = run {
                 if newest < before_nanos {
                     last.push(0);
                     batch.delete_range_cf(cf, first, last);
                     *n += count;
-                    purged.push(prefix);
                 }
             }
         };
@@ -207,14 +165,6 @@ impl RocksStore {
         close(run.take(), &mut batch, &mut n);
         if n > 0 {
             self.db.write(batch)?;
-            let mut chains = self.audit_chains.lock().unwrap_or_else(|p| p.into_inner());
-            for prefix in purged {
-                if let Ok(invocation) = std::str::from_utf8(&prefix[2..]) {
-                    if chains.get(invocation).is_some_and(|c| Arc::strong_count(c) == 1) {
-                        chains.remove(invocation);
-                    }
-                }
-            }
         }
         Ok(n)
     }

@@ -41,11 +41,10 @@ mod verified;
 
 pub use blob_store::NO_WAL_THRESHOLD;
 pub use blobs::BlobMeta;
-pub use hit_log::{audit_prefix, AuditChain, AuditChainHead, AuditRow};
+pub use hit_log::{audit_prefix, AuditRow};
 pub use lru::{Evictions, Kind, Usage};
 pub use verified::{chunk_hash, ChunkHash, VerifiedChunks, VerifiedStats};
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -162,8 +161,6 @@ pub struct RocksStore {
     history_clock: AtomicU64,
     /// Chunk hashes of blobs verified whole (see [`VerifiedChunks`]).
     verified: VerifiedChunks,
-    /// Per-invocation hit-log chain heads (bounded, see [`RocksStore::audit_chain`]).
-    audit_chains: Mutex<HashMap<String, AuditChain>>,
 }
 
 /// A page of rows and whether more follow.

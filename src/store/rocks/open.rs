@@ -1,7 +1,6 @@
 //! Opening the database (options, column families, repair), its format
 //! record, checkpoints and flushing.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
@@ -142,7 +141,6 @@ impl RocksStore {
             lru: Lru::new(options.touch_interval, options.max_size),
             history_clock: AtomicU64::new(0),
             verified: VerifiedChunks::new(DEFAULT_VERIFIED_CHUNK_CACHE),
-            audit_chains: Mutex::new(HashMap::new()),
         };
         store.check_format()?;
         store.history_clock = AtomicU64::new(store.load_history_high_water()?);
