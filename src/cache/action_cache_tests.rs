@@ -241,6 +241,28 @@ async fn a_hit_is_recorded_in_the_hit_log_with_the_reader() {
     assert!(f.audit.list_hits("inv-other", 1, &first.next_page_token).await.is_err(), "a token is for one invocation");
 }
 
+/// Retention purges whole chains: an invocation whose records are all older
+/// than the cut-off goes, and its id, reused, starts a new chain at 1; a
+/// live invocation's chain continues where it was.
+#[tokio::test]
+async fn a_purged_invocation_starts_a_new_chain_and_a_live_one_continues() {
+    let f = Fixture::new(Mode::Reject);
+    let (action, result) = f.action_with_output(b"output bytes").await;
+    f.update(action, result).await;
+    f.get(action, "inv-old").await.unwrap();
+    f.hit_records("inv-old", 1).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let cutoff = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    f.get(action, "inv-live").await.unwrap();
+    f.hit_records("inv-live", 1).await;
+    f.audit.purge(cutoff).await.unwrap();
+    f.get(action, "inv-old").await.unwrap();
+    f.get(action, "inv-live").await.unwrap();
+    let sequences = |records: Vec<(HitRecord, usize)>| records.iter().map(|(r, _)| r.sequence).collect::<Vec<_>>();
+    assert_eq!(sequences(f.hit_records("inv-old", 1).await), [1], "a reused id starts a new chain");
+    assert_eq!(sequences(f.hit_records("inv-live", 2).await), [1, 2], "a live chain continues");
+}
+
 /// A crash between signing and storing (the `ac-after-sign` crash point)
 /// leaves no entry and no history. The crash aborts the process, so the
 /// test runs itself again in a child process with the crash point armed,

@@ -187,16 +187,21 @@ impl AuditLog {
     }
 
     /// Deletes history versions and hit-log chains older than `before_nanos`;
-    /// returns how many records. Chain heads nobody holds are forgotten, so
-    /// a purged invocation starts a new chain.
+    /// returns how many records. The chain heads of purged invocations that
+    /// nobody holds are forgotten, so a reused invocation id starts a new
+    /// chain; every other head stays (re-reading a long chain is costly).
     pub async fn purge(&self, before_nanos: u64) -> Result<usize> {
         let history = self.actions.purge_history(before_nanos).await?;
         let hits = self.hits.purge(before_nanos).await?;
-        if hits > 0 {
+        if !hits.invocations.is_empty() {
             let mut chains = self.chains.lock().unwrap_or_else(|p| p.into_inner());
-            chains.retain(|_, chain| Arc::strong_count(chain) > 1);
+            for invocation in &hits.invocations {
+                if chains.get(invocation).is_some_and(|chain| Arc::strong_count(chain) == 1) {
+                    chains.remove(invocation);
+                }
+            }
         }
-        Ok(history + hits)
+        Ok(history + hits.rows)
     }
 }
 

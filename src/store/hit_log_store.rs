@@ -48,6 +48,17 @@ pub trait HitLogStore: Send + Sync + std::fmt::Debug {
 
     /// Deletes the rows of every invocation whose newest record was answered
     /// before `before_nanos`, a whole chain at a time (a kept chain never
-    /// loses its start); returns how many rows.
-    async fn purge(&self, before_nanos: u64) -> Result<usize>;
+    /// loses its start).
+    async fn purge(&self, before_nanos: u64) -> Result<Purged>;
+}
+
+/// What a purge removed: the rows, and the invocations whose chains went
+/// whole (the audit log forgets their chain heads, so a reused invocation
+/// id starts a new chain at sequence 1).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Rows deleted.
+    pub rows: usize,
+    /// Invocations whose every chained row was deleted.
+    pub invocations: Vec<String>,
 }

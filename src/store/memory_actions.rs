@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::action_store::{ActionStore, HistoryPage, Version};
-use super::hit_log_store::{HitLogStore, HitPage, HitRow};
+use super::hit_log_store::{HitLogStore, HitPage, HitRow, Purged};
 use crate::cache::digest::Digest;
 use crate::cache::resource::InstanceName;
 use crate::error::Result;
@@ -157,7 +157,7 @@ impl HitLogStore for MemoryActions {
         cursor.len() == invocation.len() + 8 && cursor.starts_with(invocation.as_bytes())
     }
 
-    async fn purge(&self, before_nanos: u64) -> Result<usize> {
+    async fn purge(&self, before_nanos: u64) -> Result<Purged> {
         let mut state = self.state();
         let mut newest: HashMap<String, u64> = HashMap::new();
         for ((invocation, _), (at, _)) in &state.hits {
@@ -166,6 +166,7 @@ impl HitLogStore for MemoryActions {
         }
         let before = state.hits.len();
         state.hits.retain(|(invocation, _), _| newest[invocation] >= before_nanos);
-        Ok(before - state.hits.len())
+        let invocations = newest.into_iter().filter(|(_, at)| *at < before_nanos).map(|(i, _)| i).collect();
+        Ok(Purged { rows: before - state.hits.len(), invocations })
     }
 }

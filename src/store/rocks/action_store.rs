@@ -10,7 +10,7 @@ use crate::cache::digest::Digest;
 use crate::cache::resource::InstanceName;
 use crate::error::Result;
 use crate::store::action_store::{ActionStore, HistoryPage, Version};
-use crate::store::hit_log_store::{HitLogStore, HitPage, HitRow};
+use crate::store::hit_log_store::{HitLogStore, HitPage, HitRow, Purged};
 
 #[async_trait]
 impl ActionStore for Arc<RocksStore> {
@@ -87,7 +87,7 @@ impl HitLogStore for Arc<RocksStore> {
         cursor.starts_with(&audit_prefix(invocation))
     }
 
-    async fn purge(&self, before_nanos: u64) -> Result<usize> {
+    async fn purge(&self, before_nanos: u64) -> Result<Purged> {
         let store = self.clone();
         blocking(move || store.purge_audit(before_nanos)).await
     }

@@ -4,6 +4,7 @@ use rocksdb::WriteBatch;
 
 use super::{random_u64, Page, RocksStore, CF_AUDIT};
 use crate::error::Result;
+use crate::store::hit_log_store::Purged;
 
 /// Key suffix (after the invocation prefix) of a chained hit record:
 /// sequence + answered-at.
@@ -117,19 +118,21 @@ impl RocksStore {
     /// answered before `before_nanos`; returns how many records. An
     /// invocation's records go together, so a kept chain never loses its
     /// start (records written before chaining go one by one, as before).
-    pub fn purge_audit(&self, before_nanos: u64) -> Result<usize> {
+    pub fn purge_audit(&self, before_nanos: u64) -> Result<Purged> {
         let cf = self.cf(CF_AUDIT);
         let mut batch = WriteBatch::default();
         let mut n = 0;
+        let mut purged = Vec::new();
         // The chained run being scanned: (prefix, first key, last key, newest time, records).
         type Run = (Vec<u8>, Vec<u8>, Vec<u8>, u64, usize);
         let mut run: Option<Run> = None;
-        let close = |run: Option<Run>, batch: &mut WriteBatch, n: &mut usize| {
-            if let Some((_, first, mut last, newest, count)) = run {
+        let mut close = |run: Option<Run>, batch: &mut WriteBatch, n: &mut usize| {
+            if let Some((prefix, first, mut last, newest, count)) = run {
                 if newest < before_nanos {
                     last.push(0);
                     batch.delete_range_cf(cf, first, last);
                     *n += count;
+                    purged.push(String::from_utf8_lossy(&prefix[2..]).into_owned());
                 }
             }
         };
@@ -166,7 +169,7 @@ impl RocksStore {
         if n > 0 {
             self.db.write(batch)?;
         }
-        Ok(n)
+        Ok(Purged { rows: n, invocations: purged })
     }
 }
 
@@ -205,7 +208,8 @@ mod tests {
         }
         s.audit_put_legacy("old", 50, b"legacy").unwrap();
         s.audit_put_legacy("live", 20_000, b"legacy").unwrap();
-        assert_eq!(s.purge_audit(1_000).unwrap(), 4);
+        let purged = s.purge_audit(1_000).unwrap();
+        assert_eq!((purged.rows, purged.invocations), (4, vec!["old".to_string()]));
         assert!(s.audit_list("old", None, 10, usize::MAX).unwrap().rows.is_empty());
         assert_eq!(s.audit_list("live", None, 10, usize::MAX).unwrap().rows.len(), 4);
     }
