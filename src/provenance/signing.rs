@@ -126,10 +126,13 @@ impl SigningKey {
         })
     }
 
-    /// The PKCS#8 PEM encoding of the secret key.
+    /// The PKCS#8 v1 PEM encoding of the secret key (RFC 8410 without the
+    /// optional public key): OpenSSL 3.0 and most tools cannot read the v2
+    /// form ed25519-dalek writes by default. [`Self::from_pkcs8_pem`] reads
+    /// both, so keys written by earlier versions keep working.
     pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
-        self.inner
-            .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+        let v1 = ed25519_dalek::pkcs8::KeypairBytes { secret_key: self.inner.to_bytes(), public_key: None };
+        v1.to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
             .map_err(|e| KeyError::Encode(e.to_string()))
     }
 
@@ -467,6 +470,47 @@ mod tests {
         // Never overwrites.
         assert!(matches!(SigningKey::generate().unwrap().write_pem(&path), Err(KeyError::Write { .. })));
         assert_eq!(SigningKey::load(&path).unwrap().key_id(), key.key_id());
+    }
+
+    /// The `version` INTEGER of a PKCS#8 PEM key (0 is v1, 1 is v2), read from
+    /// the DER (`30 len 02 01 version ...`; both forms are under 128 bytes),
+    /// with whether the public key is present.
+    fn pkcs8_version(pem: &str) -> (u8, bool) {
+        let (_, doc) = ed25519_dalek::pkcs8::SecretDocument::from_pem(pem).unwrap();
+        let der = doc.as_bytes();
+        assert_eq!(der[2..4], [0x02, 0x01], "{der:02x?}");
+        let info = ed25519_dalek::pkcs8::PrivateKeyInfoRef::try_from(der).unwrap();
+        (der[4], info.public_key.is_some())
+    }
+
+    #[test]
+    fn a_written_key_is_pkcs8_v1_and_reads_back() {
+        let key = test_key();
+        let pem = key.to_pkcs8_pem().unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{}", pem.as_str());
+        assert_eq!(pkcs8_version(&pem), (0, false), "v1, without the public key");
+        assert_eq!(SigningKey::from_pkcs8_pem(&pem).unwrap().key_id(), key.key_id());
+    }
+
+    #[test]
+    fn a_pkcs8_v2_key_written_by_earlier_versions_still_reads() {
+        let v2 = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32])
+            .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .unwrap();
+        assert_eq!(pkcs8_version(&v2), (1, true), "v2, with the public key");
+        assert_eq!(SigningKey::from_pkcs8_pem(&v2).unwrap().key_id(), test_key().key_id());
+    }
+
+    #[test]
+    fn openssl_reads_a_written_key_when_it_is_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("signing.key");
+        test_key().write_pem(&path).unwrap();
+        let run = std::process::Command::new("openssl").arg("pkey").arg("-in").arg(&path).arg("-noout").output();
+        match run {
+            Err(e) => eprintln!("skipped: openssl is not runnable here ({e})"),
+            Ok(out) => assert!(out.status.success(), "openssl pkey: {}", String::from_utf8_lossy(&out.stderr)),
+        }
     }
 
     #[test]
