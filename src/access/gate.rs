@@ -124,8 +124,9 @@ pub fn record_principal(principal: &str) {
 /// A shared gate.
 pub type SharedGate = Arc<dyn Gate>;
 
-/// Grants everything to an anonymous caller. Used only for unit tests of the
-/// storage layer and the explicit `--plaintext-allow-all` development mode.
+/// Grants everything to an anonymous caller, so tests of the layers below
+/// authorization need no certificates. Never used by `serve`: a plaintext
+/// server checks its callers as `--plaintext-principal` against a policy.
 #[derive(Debug, Default)]
 pub struct AllowAll;
 

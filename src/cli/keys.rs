@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct KeygenArgs {
-    /// Where to write the private key (PKCS#8 PEM, mode 0600; never overwritten).
+    /// Where to write the private key (PKCS#8 v1 PEM, mode 0600; never overwritten).
     #[arg(long)]
     out: PathBuf,
     /// The key's name in the trust policy.
@@ -13,6 +13,12 @@ pub struct KeygenArgs {
     /// Validity of the printed trust-policy entry.
     #[arg(long, default_value = "180d", value_parser = humantime::parse_duration)]
     valid_for: std::time::Duration,
+    /// State of the printed trust-policy entry: `verify_only` for a key being
+    /// rotated in (step 1 of docs/signing.md's rotation: every server and
+    /// auditor must trust it before any server signs with it), `active` for
+    /// the first key of a new deployment.
+    #[arg(long, default_value = "verify_only", value_parser = ["verify_only", "active"])]
+    state: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -33,19 +39,28 @@ pub struct IssueCertArgs {
 
 /// Writes a new signing key and prints the trust-policy entry that trusts it.
 pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    use provcache::provenance::trust::KeyState;
+    let state = if args.state == "active" { KeyState::Active } else { KeyState::VerifyOnly };
     let key = provcache::provenance::signing::SigningKey::generate()?;
     key.write_pem(&args.out)?;
     let now = std::time::SystemTime::now();
     let entry = provcache::provenance::trust::render_key_entry(
         &args.name,
         &key.verifying_key(),
-        provcache::provenance::trust::KeyState::Active,
+        state,
         now,
         now + args.valid_for,
     );
     println!("wrote {}", args.out.display());
     println!("key id: {}", key.key_id());
     println!("\n# Add to the trust policy (every server and auditor):\n{entry}");
+    if state == KeyState::VerifyOnly {
+        println!(
+            "# Rotation (docs/signing.md): once every policy has this entry, mark it \"active\" \
+             and point the server's --signing-key at {}.",
+            args.out.display()
+        );
+    }
     Ok(())
 }
 

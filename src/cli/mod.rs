@@ -23,7 +23,8 @@ pub struct ClientArgs {
     /// Client private key (PEM).
     #[arg(long)]
     key: Option<PathBuf>,
-    /// Instance name (for verify-build: of exec-log hits missing from the server's hit log).
+    /// REAPI instance name of every request (default: the default instance, "").
+    /// verify-build also assumes it for --exec-log hits missing from the server's hit log.
     #[arg(long, default_value = "")]
     instance: String,
 }

@@ -10,8 +10,9 @@ pub struct VerifyBuildArgs {
     #[command(flatten)]
     client: ClientArgs,
     /// Trust policy (TOML) with the public keys to trust; the server's verdicts are not trusted.
-    #[arg(long)]
-    policy: PathBuf,
+    /// Named as `serve --trust-policy`, the same file; `--policy` is the old spelling, still accepted.
+    #[arg(long, alias = "policy")]
+    trust_policy: PathBuf,
     /// The build's invocation id (Bazel --invocation_id; the BEP's started.uuid).
     #[arg(long)]
     invocation: Option<String>,
@@ -33,7 +34,7 @@ pub struct VerifyBuildArgs {
 async fn verify_build(args: VerifyBuildArgs) -> anyhow::Result<provcache::tools::verify_build::Report> {
     let opts = provcache::tools::verify_build::Options {
         target: args.client.target()?,
-        policy: args.policy,
+        policy: args.trust_policy,
         invocation: args.invocation,
         exec_log: args.exec_log,
         deep: args.deep,

@@ -148,6 +148,21 @@ mod tests {
         assert_eq!(again, s);
     }
 
+    #[test]
+    fn the_authorization_policy_is_authz_policy_and_the_old_policy_spelling_still_works() {
+        let expected = Some(PathBuf::from("authz.toml"));
+        for config in [
+            flags(&["--authz-policy", "authz.toml"]),
+            flags(&["--policy", "authz.toml"]),
+            file("authz_policy = \"authz.toml\"\n"),
+            file("policy = \"authz.toml\"\n"),
+        ] {
+            assert_eq!(resolve(config, None, None).unwrap().policy, expected);
+        }
+        let s = resolve(flags(&["--authz-policy", "authz.toml"]), None, None).unwrap();
+        assert!(s.to_toml().contains("authz_policy = \"authz.toml\""), "{}", s.to_toml());
+    }
+
     /// The annotated example in docs/configuration.md parses and means what it says.
     #[test]
     fn the_documented_example_is_valid() {
@@ -168,7 +183,7 @@ mod tests {
             "tls_key",
             "client_ca",
             "crl",
-            "policy",
+            "authz_policy",
             "trust_domain",
             "signing_key",
             "trust_policy",

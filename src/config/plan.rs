@@ -268,7 +268,7 @@ fn mtls(s: &Settings, dev_dir: &Path) -> anyhow::Result<Access> {
     };
     let policy = match (&s.policy, own) {
         (Some(path), _) => Some(path.clone()),
-        (None, Some(_)) => anyhow::bail!("policy (--policy) is required with your own PKI"),
+        (None, Some(_)) => anyhow::bail!("authz_policy (--authz-policy) is required with your own PKI"),
         (None, None) => Some(dev_dir.join("policy.toml")).filter(|p| p.exists()),
     };
     let policy = policy.as_deref().map(load_policy).transpose()?;
@@ -354,7 +354,7 @@ mod tests {
     fn an_own_pki_without_a_policy_is_refused_naming_the_flag() {
         let tmp = tempfile::tempdir().unwrap();
         let msg = error(own_pki(tmp.path()));
-        assert_eq!(msg, "policy (--policy) is required with your own PKI");
+        assert_eq!(msg, "authz_policy (--authz-policy) is required with your own PKI");
     }
 
     #[test]

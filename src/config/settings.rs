@@ -83,9 +83,18 @@ pub struct ServeConfig {
     #[arg(long, env = "PROVCACHE_CRL_RELOAD_INTERVAL", value_parser = humantime::parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
     pub crl_reload_interval: Option<Duration>,
-    /// Authorization policy (TOML). Default: the dev PKI's policy.toml.
-    #[arg(long, env = "PROVCACHE_POLICY")]
+    /// Authorization policy (TOML): which principal may do what. Default: the
+    /// dev PKI's policy.toml. Named `authz_policy` so it is never confused
+    /// with the trust policy; `--policy`, `policy` and `PROVCACHE_POLICY` are
+    /// the old spellings, still accepted.
+    #[arg(long = "authz-policy", alias = "policy", env = "PROVCACHE_AUTHZ_POLICY")]
+    #[serde(rename = "authz_policy", alias = "policy")]
     pub policy: Option<PathBuf>,
+    /// `PROVCACHE_POLICY`, the old name of `PROVCACHE_AUTHZ_POLICY`: still
+    /// read (below the new one) so an existing deployment keeps its policy.
+    #[arg(long = "legacy-policy-env", hide = true, env = "PROVCACHE_POLICY")]
+    #[serde(skip)]
+    pub legacy_policy_env: Option<PathBuf>,
     /// Where the principal comes from in a client certificate. Default: uri-san.
     #[arg(long, env = "PROVCACHE_IDENTITY", value_enum)]
     pub identity: Option<IdentityArg>,
@@ -117,8 +126,8 @@ pub struct ServeConfig {
     #[arg(long, env = "PROVCACHE_PLAINTEXT_INSECURE", num_args = 0..=1, require_equals = true,
           default_missing_value = "true")]
     pub plaintext_insecure: Option<bool>,
-    /// The principal every plaintext caller is treated as (policy-checked
-    /// with policy; without one it is granted everything). Default: plaintext.
+    /// The principal every plaintext caller is treated as (checked against
+    /// authz_policy; without one it is granted everything). Default: plaintext.
     #[arg(long, env = "PROVCACHE_PLAINTEXT_PRINCIPAL")]
     pub plaintext_principal: Option<String>,
 
@@ -194,6 +203,7 @@ pub struct Settings {
     #[serde(serialize_with = "ser_duration")]
     pub crl_reload_interval: Duration,
     /// See [`ServeConfig::policy`].
+    #[serde(rename = "authz_policy")]
     pub policy: Option<PathBuf>,
     /// See [`ServeConfig::identity`].
     pub identity: IdentityArg,
@@ -292,6 +302,7 @@ impl ServeConfig {
             crl,
             crl_reload_interval,
             policy,
+            legacy_policy_env,
             identity,
             trust_domain,
             signing_key,
@@ -381,7 +392,7 @@ pub fn resolve(cli: ServeConfig, rust_log: Option<String>, file: Option<ServeCon
         client_ca: c.client_ca,
         crl: c.crl,
         crl_reload_interval: c.crl_reload_interval.unwrap_or(Duration::from_secs(2)),
-        policy: c.policy,
+        policy: c.policy.or(c.legacy_policy_env),
         identity: c.identity.unwrap_or(IdentityArg::UriSan),
         trust_domain: c.trust_domain,
         signing_key: c.signing_key,

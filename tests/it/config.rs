@@ -142,3 +142,44 @@ async fn json_logs_carry_the_principal_and_the_invocation_id() {
         assert!(serde_json::from_str::<serde_json::Value>(l).is_ok(), "not JSON: {l}");
     }
 }
+
+#[test]
+fn the_authorization_policy_is_authz_policy_and_the_old_environment_variable_still_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = write(
+        tmp.path(),
+        "authz.toml",
+        "[[rules]]\nname = \"all\"\nprincipals = [\"ci\"]\ninstances = [\"*\"]\npermissions = [\"ac:read\"]\n",
+    );
+    let data = tmp.path().join("data");
+    let base = ["serve", "--check-config", "--plaintext-insecure", "--plaintext-principal", "ci", "--data-dir"];
+    let expected = format!("authz_policy = {policy:?}");
+    for (flag, env) in [(true, None), (false, Some("PROVCACHE_AUTHZ_POLICY")), (false, Some("PROVCACHE_POLICY"))] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_provcache"));
+        cmd.args(base).arg(&data).env_remove("PROVCACHE_AUTHZ_POLICY").env_remove("PROVCACHE_POLICY");
+        if flag {
+            cmd.args(["--authz-policy", &policy]);
+        }
+        if let Some(var) = env {
+            cmd.env(var, &policy);
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{env:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains(&expected), "{env:?}: {stdout}");
+    }
+}
+
+#[test]
+fn keygen_prints_a_verify_only_entry_for_rotation_unless_asked_for_active() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (extra, state) in [(&[][..], "verify_only"), (&["--state", "active"][..], "active")] {
+        let key = tmp.path().join(format!("{state}.key"));
+        let mut args = vec!["keygen", "--out", key.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = provcache(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains(&format!("state = \"{state}\"")), "{stdout}");
+    }
+}

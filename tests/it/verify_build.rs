@@ -134,8 +134,14 @@ fn assert_clean(report: &Report) {
     assert_eq!(report.exit_code(), 0, "{}", verify_build::to_text(report));
 }
 
-/// The real binary's exit status, stdout and stderr.
+/// The real binary's exit status, stdout and stderr, given the trust policy
+/// with `--policy`, the old spelling (so these tests also keep the alias working).
 async fn binary(opts: &Options, extra: &[&str]) -> (i32, String, String) {
+    binary_with(opts, "--policy", extra).await
+}
+
+/// [`binary`], naming the trust-policy flag.
+async fn binary_with(opts: &Options, policy_flag: &str, extra: &[&str]) -> (i32, String, String) {
     let (ca, cert, key) = opts.target.tls.clone().unwrap();
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_provcache"));
     cmd.args(["verify-build", "--server", &opts.target.url])
@@ -145,7 +151,7 @@ async fn binary(opts: &Options, extra: &[&str]) -> (i32, String, String) {
         .arg(cert)
         .arg("--key")
         .arg(key)
-        .arg("--policy")
+        .arg(policy_flag)
         .arg(&opts.policy);
     if let Some(id) = &opts.invocation {
         cmd.args(["--invocation", id]);
@@ -344,6 +350,16 @@ async fn two_lookups_of_one_action_are_both_audited() {
     assert_clean(&report);
     let sequences: Vec<Option<u64>> = report.hits.iter().map(|h| h.sequence).collect();
     assert_eq!(sequences, vec![Some(1), Some(2)]);
+}
+
+#[tokio::test]
+async fn the_trust_policy_flag_is_named_as_serves_and_audits_a_build_clean() {
+    let mut f = Fixture::start().await;
+    let action = f.write("renamed").await;
+    lookup(&mut f.victim, "renamed-build", &action, ("Genrule", "//:r")).await.unwrap();
+    f.records("renamed-build", 1).await;
+    let (code, stdout, stderr) = binary_with(&f.options(Some("renamed-build")), "--trust-policy", &[]).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
 }
 
 // ---------------------------------------------------------------- point 9
