@@ -56,8 +56,8 @@ pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     println!("\n# Add to the trust policy (every server and auditor):\n{entry}");
     if state == KeyState::VerifyOnly {
         println!(
-            "# Rotation (docs/signing.md): once every policy has this entry, mark it \"active\" \
-             and point the server's --signing-key at {}.",
+            "# Rotation (docs/signing.md): once every policy has this entry, mark it \"active\", \
+             then rename {} over the file the server's --signing-key names.",
             args.out.display()
         );
     }
