@@ -10,6 +10,8 @@
 //!    validates and describes the same plan, so the two cannot disagree.
 
 #[cfg(feature = "server")]
+mod checks;
+#[cfg(feature = "server")]
 mod plan;
 mod settings;
 
