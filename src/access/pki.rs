@@ -212,11 +212,7 @@ pub fn dev_policy_toml() -> String {
 /// Creates the development PKI in `dir` unless it exists; fills in missing
 /// pieces signed by an existing CA. Never overwrites a file.
 pub fn ensure_dev_pki(dir: &Path) -> Result<DevPki, PkiError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| PkiError::Io { path: dir.to_owned(), source })?;
+    create_private_dir(dir)?;
     let dir = dir.canonicalize().map_err(|source| PkiError::Io { path: dir.to_owned(), source })?;
     let pki = DevPki::at(dir);
 
@@ -420,6 +416,17 @@ pub fn write_crl(
 }
 
 /// Creates `path` with `mode`; fails if it exists.
+/// Creates `dir` (and missing parents) readable by its owner only: it holds
+/// private keys and the trust policy, which whoever can write decides what
+/// is served as verified.
+fn create_private_dir(dir: &Path) -> Result<(), PkiError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| PkiError::Io { path: dir.to_owned(), source })
+}
+
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
     let io = |source: std::io::Error| {
         if source.kind() == std::io::ErrorKind::AlreadyExists {
@@ -439,7 +446,7 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
 pub fn ensure_dev_signing(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     use crate::provenance::signing::SigningKey;
     use crate::provenance::trust::{render_key_entry, KeyState};
-    std::fs::create_dir_all(dir)?;
+    create_private_dir(dir)?;
     let key_path = dir.join("signing.key");
     let policy_path = dir.join("trust-policy.toml");
     if !key_path.exists() {
@@ -460,7 +467,7 @@ pub fn ensure_dev_signing(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
              # The same file drives `provcache verify-build`. See docs/signing.md.\n\
              policy_version = 1\nclock_skew = \"5m\"\n\n{entry}"
         );
-        write_new(&policy_path, text.as_bytes(), 0o644)?;
+        write_new(&policy_path, text.as_bytes(), 0o600)?;
     }
     Ok((key_path, policy_path))
 }
@@ -479,6 +486,19 @@ mod tests {
 
     fn cert_der(path: &Path) -> CertificateDer<'static> {
         CertificateDer::from_pem_file(path).unwrap()
+    }
+
+    #[test]
+    fn the_development_signing_files_and_their_directory_are_private_to_their_owner() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("dev-pki");
+        let (key, policy) = ensure_dev_signing(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700, "the directory");
+        assert_eq!(mode(&key), 0o600, "the signing key");
+        assert_eq!(mode(&policy), 0o600, "the trust policy");
+        ensure_dev_pki(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700, "the PKI shares the directory");
     }
 
     #[test]

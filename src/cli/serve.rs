@@ -15,10 +15,9 @@ use provcache::access::tls::TlsServer;
 use provcache::config::{load_policy, resolve, tls_server, Access, Pki, Plan, ServeConfig, Settings, Signing};
 use provcache::server::{Cache, ServerOptions};
 
-/// `serve --check-config`: everything `serve` would load, without binding
-/// or creating anything; prints the effective settings (paths, no key material).
-fn check_config(settings: &Settings, file: Option<&Path>) -> anyhow::Result<()> {
-    let plan = Plan::new(settings)?;
+/// `serve --check-config`: prints what the already validated `plan` would
+/// create or use and the effective settings (paths, no key material).
+fn check_config(settings: &Settings, plan: &Plan, file: Option<&Path>) -> anyhow::Result<()> {
     let notes = plan.check()?;
     match file {
         Some(f) => println!("# configuration file: {}", f.display()),
@@ -55,14 +54,16 @@ impl ServeArgs {
     }
 }
 
-/// Serves, or with `--check-config` checks and prints the configuration
-/// (status 2 when it cannot be used).
+/// Serves, or with `--check-config` checks and prints the configuration.
+/// Both refuse a configuration the plan cannot use the same way: its
+/// message, status 2, before anything is created or bound.
 pub fn run(args: &ServeArgs, settings: Settings, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    let plan = Plan::new(&settings).unwrap_or_else(|e| config_failed(format!("{e:#}")));
     if args.check_config {
-        check_config(&settings, args.config.as_deref()).unwrap_or_else(|e| config_failed(format!("{e:#}")));
+        check_config(&settings, &plan, args.config.as_deref()).unwrap_or_else(|e| config_failed(format!("{e:#}")));
         return Ok(());
     }
-    runtime.block_on(serve(settings))
+    runtime.block_on(serve(plan))
 }
 
 /// A configuration that cannot be used: its message, exit status 2.
@@ -77,10 +78,9 @@ struct Listeners {
     metrics: Option<TcpListener>,
 }
 
-/// `serve`: builds the plan, creates the development key and PKI where the
-/// plan uses them, binds the listeners and serves until SIGTERM or Ctrl-C.
-async fn serve(settings: Settings) -> anyhow::Result<()> {
-    let plan = Plan::new(&settings)?;
+/// `serve`: creates the development key and PKI where the plan uses them,
+/// binds the listeners and serves until SIGTERM or Ctrl-C.
+async fn serve(plan: Plan) -> anyhow::Result<()> {
     let (signing_key, trust_policy) = signing_files(&plan.provenance.signing)?;
     let options = plan.server_options(signing_key, trust_policy);
     plan.warnings().into_iter().for_each(|w| tracing::warn!("{w}"));
@@ -99,7 +99,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 /// The signing key and trust policy files, the development ones created when missing.
 fn signing_files(signing: &Signing) -> anyhow::Result<(PathBuf, PathBuf)> {
     match signing {
-        Signing::Own { key, trust_policy } => Ok((key.clone(), trust_policy.clone())),
+        Signing::Own { key, trust_policy, .. } => Ok((key.clone(), trust_policy.clone())),
         Signing::Development { dir } => ensure_dev_signing(dir).context("creating the development signing key"),
     }
 }

@@ -10,6 +10,8 @@
 //!    validates and describes the same plan, so the two cannot disagree.
 
 #[cfg(feature = "server")]
+mod checks;
+#[cfg(feature = "server")]
 mod plan;
 mod settings;
 
@@ -86,7 +88,7 @@ mod tests {
     fn environment_sits_between_flags_and_file() {
         std::env::set_var("PROVCACHE_MAX_SIZE", "2MiB");
         std::env::set_var("PROVCACHE_METRICS_LISTEN", "127.0.0.1:9001");
-        let f = file("max_size = 1000\nmetrics_listen = \"127.0.0.1:9002\"\n");
+        let f = file("max_size = \"1000B\"\nmetrics_listen = \"127.0.0.1:9002\"\n");
         let s = resolve(flags(&["--max-size", "3MiB"]), None, Some(f.clone())).unwrap();
         let t = resolve(flags(&[]), None, Some(f)).unwrap();
         std::env::remove_var("PROVCACHE_MAX_SIZE");
@@ -120,7 +122,13 @@ mod tests {
         assert_eq!(f.max_size, Some(64 << 20));
         assert_eq!(f.history_retention, Some(Duration::from_secs(7 * 86400)));
         assert_eq!(f.crl_reload_interval, Some(Duration::from_millis(500)));
-        assert_eq!(file("max_size = 4096\n").max_size, Some(4096));
+        assert_eq!(file("max_size = \"4096B\"\n").max_size, Some(4096));
+        assert_eq!(file("max_size = \"1.5tib\"\n").max_size, Some(3 << 39));
+        let msg = ServeConfig::from_toml("max_size = 200\n", "f").unwrap_err().to_string();
+        assert!(msg.contains("add a unit, e.g. 200GiB"), "a bare number is refused: {msg}");
+        assert_eq!(file("max_size = 67108864\n").max_size, Some(64 << 20), "as --check-config prints it");
+        let err = Cli::try_parse_from(["serve", "--max-size", "200"]).unwrap_err().to_string();
+        assert!(err.contains("add a unit, e.g. 200GiB"), "the flag too: {err}");
         let msg = ServeConfig::from_toml("max_size = \"12 parsecs\"\n", "f").unwrap_err().to_string();
         assert!(msg.contains("parsecs"), "{msg}");
         let msg = ServeConfig::from_toml("shutdown_timeout = \"soon\"\n", "f").unwrap_err().to_string();

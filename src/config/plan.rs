@@ -4,10 +4,11 @@
 //! [`Plan::new`] makes the decisions (plaintext or mutual TLS, own or
 //! development PKI, which policy, which identity mode, where the signing key
 //! comes from), loading what both commands load (the authorization policy,
-//! an own PKI's TLS files) and refusing settings that cannot work. It
-//! creates nothing: the development PKI and signing key are written by
-//! `serve` when it starts. [`Plan::check`] loads what only `--check-config`
-//! checks today (the signing key and the trust policy).
+//! an own PKI's TLS files, an own signing key and trust policy) and refusing
+//! settings that cannot work, such as a signing key its trust policy does not
+//! hold as active or a data directory that cannot be written. It creates
+//! nothing: the development PKI and signing key are written by `serve` when
+//! it starts. [`Plan::check`] describes what `serve` would create or use.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,14 +16,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use super::checks::{own_signing, writable_data_dir};
 use super::{IdentityArg, Settings, VerifyModeArg};
 use crate::access::identity::IdentityMode;
 use crate::access::pki::DEV_TRUST_DOMAIN;
 use crate::access::policy::Policy;
 use crate::access::tls::{TlsServer, TlsSettings};
 use crate::limits::Limits;
-use crate::provenance::signing::SigningKey;
-use crate::provenance::trust::TrustPolicy;
 use crate::provenance::{Mode, ProvenanceConfig};
 use crate::server::ServerOptions;
 use crate::store::rocks::StoreOptions;
@@ -114,12 +114,15 @@ pub struct ProvenancePlan {
 /// Where the signing key and the trust policy come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signing {
-    /// The operator's files.
+    /// The operator's files, loaded and checked: the key is an active key
+    /// of the trust policy (unless signing is off).
     Own {
         /// The ed25519 signing key.
         key: PathBuf,
         /// The trust policy.
         trust_policy: PathBuf,
+        /// The signing key's id, for `--check-config` to print.
+        key_id: String,
     },
     /// The development key and trust policy in `dir`, created by `serve`
     /// when missing.
@@ -150,9 +153,14 @@ impl Plan {
         let dev_dir = s.data_dir.join("dev-pki");
         let access = if s.plaintext_insecure { plaintext(s)? } else { mtls(s, &dev_dir)? };
         let signing = match (&s.signing_key, &s.trust_policy) {
-            (Some(key), Some(trust_policy)) => Signing::Own { key: key.clone(), trust_policy: trust_policy.clone() },
+            (Some(key), Some(trust_policy)) => Signing::Own {
+                key_id: own_signing(key, trust_policy, s.unsafe_no_sign)?,
+                key: key.clone(),
+                trust_policy: trust_policy.clone(),
+            },
             _ => Signing::Development { dir: dev_dir },
         };
+        writable_data_dir(&s.data_dir)?;
         Ok(Plan {
             listen: s.listen,
             metrics_listen: s.metrics_listen,
@@ -179,22 +187,15 @@ impl Plan {
         })
     }
 
-    /// Loads what `serve` loads only once it runs — the signing key and the
-    /// trust policy — and returns the notes `--check-config` prints about
-    /// what `serve` would create or use. `serve` does not call it (yet): a
-    /// refusal both should make belongs in [`Plan::new`]; one that only
-    /// `--check-config` makes, here.
+    /// The notes `--check-config` prints about what `serve` would create or
+    /// use. Every refusal is [`Plan::new`]'s, so that `serve` makes it too.
     pub fn check(&self) -> anyhow::Result<Vec<String>> {
         let mut notes = Vec::new();
         if let Access::Mtls { pki: Pki::Development { dir, policy: None, .. }, .. } = &self.access {
             notes.push(format!("the development PKI will be created in {}", dir.display()));
         }
         match &self.provenance.signing {
-            Signing::Own { key, trust_policy } => {
-                let k = SigningKey::load(key).with_context(|| format!("signing key {}", key.display()))?;
-                TrustPolicy::load(trust_policy).with_context(|| format!("trust policy {}", trust_policy.display()))?;
-                notes.push(format!("signing key id {}", k.key_id()));
-            }
+            Signing::Own { key_id, .. } => notes.push(format!("signing key id {key_id}")),
             Signing::Development { dir } => {
                 notes.push(format!("the development signing key and trust policy in {}", dir.display()))
             }

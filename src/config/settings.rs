@@ -133,8 +133,8 @@ pub struct ServeConfig {
 
     /// Bound on stored bytes (blobs plus Action Cache entries), e.g. 200GiB;
     /// least recently used ones are evicted to stay under it. Default: unbounded.
-    #[arg(long, env = "PROVCACHE_MAX_SIZE", value_parser = crate::units::parse_size)]
-    #[serde(default, deserialize_with = "de_size")]
+    #[arg(long, env = "PROVCACHE_MAX_SIZE", value_parser = crate::units::parse_size_with_unit)]
+    #[serde(default, deserialize_with = "de_size_with_unit")]
     pub max_size: Option<u64>,
 
     /// Memory for RocksDB's block cache (index, filter and data blocks of
@@ -434,6 +434,23 @@ pub(crate) fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S
 
 /// A size: a string such as `64MiB` or a number of bytes.
 pub(crate) fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size_by(d, crate::units::parse_size, 0)
+}
+
+/// A bound such as `max_size`: a string with a unit. A TOML integer is bytes
+/// (`--check-config` prints it so) only from 1 MiB up: a smaller one, like
+/// `200`, is a forgotten unit and refused.
+fn de_size_with_unit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size_by(d, crate::units::parse_size_with_unit, 1 << 20)
+}
+
+/// A size as a TOML string, read by `parse` (the flags' parser), or a TOML
+/// integer: bytes from `bare_bytes_from` up, read by `parse` below it.
+fn de_size_by<'de, D: Deserializer<'de>>(
+    d: D,
+    parse: fn(&str) -> Result<u64, String>,
+    bare_bytes_from: u64,
+) -> Result<Option<u64>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Size {
@@ -441,7 +458,8 @@ pub(crate) fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D:
         Text(String),
     }
     match Size::deserialize(d)? {
-        Size::Bytes(n) => Ok(Some(n)),
-        Size::Text(s) => crate::units::parse_size(&s).map(Some).map_err(serde::de::Error::custom),
+        Size::Bytes(n) if n >= bare_bytes_from => Ok(Some(n)),
+        Size::Bytes(n) => parse(&n.to_string()).map(Some).map_err(serde::de::Error::custom),
+        Size::Text(s) => parse(&s).map(Some).map_err(serde::de::Error::custom),
     }
 }

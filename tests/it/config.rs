@@ -43,6 +43,53 @@ fn a_misspelt_key_stops_serve_with_a_message_naming_it() {
     assert!(!data.exists(), "nothing was created");
 }
 
+/// Runs `serve` and `serve --check-config` with `args` (plaintext, a port
+/// the OS picks, `data` as the data directory): both must refuse with
+/// status 2 and one message containing every one of `expected`, creating nothing.
+fn both_refuse(data: &Path, args: &[&str], expected: &[&str]) {
+    for extra in [&[][..], &["--check-config"][..]] {
+        let mut all = vec!["serve", "--plaintext-insecure", "--listen", "127.0.0.1:0", "--data-dir"];
+        all.push(data.to_str().unwrap());
+        all.extend_from_slice(args);
+        all.extend_from_slice(extra);
+        let out = provcache(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: not refused: {stderr}");
+        for e in expected {
+            assert!(stderr.contains(e), "{extra:?}: {e:?} missing from: {stderr}");
+        }
+        assert_eq!(stderr.lines().count(), 1, "one message: {stderr}");
+    }
+    assert!(!data.exists(), "nothing was created");
+}
+
+#[test]
+fn a_signing_key_its_trust_policy_does_not_hold_stops_serve_and_check_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, _) = provcache::access::pki::ensure_dev_signing(&tmp.path().join("a")).unwrap();
+    let (_, policy) = provcache::access::pki::ensure_dev_signing(&tmp.path().join("b")).unwrap();
+    let (key, policy) = (key.to_str().unwrap(), policy.to_str().unwrap());
+    let args = ["--signing-key", key, "--trust-policy", policy];
+    both_refuse(&tmp.path().join("data"), &args, &["--signing-key", key, "is not in the trust policy", policy]);
+}
+
+#[test]
+fn a_mistyped_signing_key_path_stops_serve_and_check_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, policy) = provcache::access::pki::ensure_dev_signing(&tmp.path().join("keys")).unwrap();
+    let typo = format!("{}.typo", key.display());
+    let args = ["--signing-key", &typo, "--trust-policy", policy.to_str().unwrap()];
+    both_refuse(&tmp.path().join("data"), &args, &["--signing-key", &typo]);
+}
+
+#[test]
+fn a_data_dir_that_cannot_be_created_stops_serve_and_check_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = Path::new(&write(tmp.path(), "a-file", "")).join("data");
+    let path = data.to_str().unwrap();
+    both_refuse(&data, &[], &["data_dir (--data-dir)", path, "is not a directory"]);
+}
+
 #[test]
 fn check_config_validates_and_prints_the_effective_settings() {
     let tmp = tempfile::tempdir().unwrap();
