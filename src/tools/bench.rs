@@ -467,7 +467,7 @@ pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<
     }
 }
 
-fn rand_seed() -> u64 {
+pub(crate) fn rand_seed() -> u64 {
     let mut b = [0u8; 8];
     let _ = getrandom::fill(&mut b);
     u64::from_le_bytes(b)
@@ -540,7 +540,7 @@ async fn big_write(
     Ok((single("big-write", size, secs, cpu_seconds() - cpu0), written))
 }
 
-fn single(name: &str, size: usize, secs: f64, cpu: f64) -> Report {
+pub(crate) fn single(name: &str, size: usize, secs: f64, cpu: f64) -> Report {
     Report {
         scenario: name.into(),
         ops_per_sec: 1.0 / secs,

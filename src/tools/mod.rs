@@ -5,6 +5,8 @@
 
 pub mod attack;
 pub mod bench;
+#[cfg(feature = "server")]
+pub mod bench_object;
 pub mod client;
 pub mod soak;
 pub mod verify_build;
