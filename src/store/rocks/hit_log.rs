@@ -34,6 +34,16 @@ pub fn audit_prefix(invocation: &str) -> Vec<u8> {
     k
 }
 
+/// A listing cursor just after every row of `sequence`: the row keys are
+/// prefix + sequence + answered-at, so the largest answered-at sorts after
+/// them all and before the next sequence's rows.
+pub fn audit_cursor_after(invocation: &str, sequence: u64) -> Vec<u8> {
+    let mut k = audit_prefix(invocation);
+    k.extend_from_slice(&sequence.to_be_bytes());
+    k.extend_from_slice(&u64::MAX.to_be_bytes());
+    k
+}
+
 impl RocksStore {
     /// Appends a chained hit record (not synced: the hit log is an audit aid,
     /// not an acknowledged write; a crash loses a tail of the chain, never a
