@@ -238,7 +238,10 @@ fn absent_is_none<T>(op: Op, key: &Path, result: object_store::Result<T>) -> Res
 /// A bucket request that failed: UNAVAILABLE (the client retries), naming
 /// the request and key. The store's message carries no credentials.
 pub(super) fn failed(op: Op, key: &Path, e: object_store::Error) -> Error {
-    Error::Storage(StoreError::new(StoreErrorKind::Unavailable, format!("object store {} of {key} failed: {e}", op.name())))
+    Error::Storage(StoreError::new(
+        StoreErrorKind::Unavailable,
+        format!("object store {} of {key} failed: {e}", op.name()),
+    ))
 }
 
 /// A bounded map of recent facts about keys (seen present, last re-dated):

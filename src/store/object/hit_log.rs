@@ -79,7 +79,8 @@ impl HitLogStore for ObjectHitLog {
         };
         let dir = keys::hits_dir(invocation);
         let listed = self.bucket.list(&dir, offset.as_ref(), max_count.saturating_add(1)).await?;
-        let sized = listed.into_iter().filter(|m| sequence_of(&m.location).is_some()).map(|m| (m.location, m.size as usize));
+        let sized =
+            listed.into_iter().filter(|m| sequence_of(&m.location).is_some()).map(|m| (m.location, m.size as usize));
         let (taken, left_out) = page_of(sized, max_count, max_bytes, true);
         let next = left_out.and(taken.last().map(|key| key.as_ref().as_bytes().to_vec()));
         let bodies = self.bucket.get_all(taken.clone()).await?;
