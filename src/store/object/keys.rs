@@ -90,8 +90,7 @@ pub fn hits_root() -> Path {
 
 /// The invocation id a hit-log folder (`hits/<segment>`) was made from.
 pub fn invocation_of(dir: &Path) -> Option<String> {
-    let last = dir.parts().last()?;
-    match last.as_ref() {
+    match dir.filename()? {
         "_" => Some(String::new()),
         hashed if hashed.starts_with('~') => None,
         hexed => String::from_utf8(hex::decode(hexed).ok()?).ok(),
@@ -110,8 +109,7 @@ pub fn number(n: u64) -> String {
 
 /// The number at the end of a key written by [`history`] or [`hit`].
 pub fn number_of(key: &Path) -> Option<u64> {
-    let last = key.parts().last()?;
-    let text = last.as_ref();
+    let text = key.filename()?;
     (text.len() == 20).then(|| text.parse().ok()).flatten()
 }
 
