@@ -205,6 +205,9 @@ mod tests {
         assert_eq!(page.rows.len(), 1);
         assert_eq!((page.rows[0].sequence, &page.rows[0].value[..]), (None, &b"legacy"[..]));
         assert_eq!(page.next, None);
+        let tail = s.audit_list("inv", Some(&super::audit_cursor_after("inv", 3)), 10, usize::MAX).unwrap();
+        let sequences: Vec<_> = tail.rows.iter().map(|r| r.sequence).collect();
+        assert_eq!(sequences, [Some(4), Some(5), None], "a cursor after 3 skips the rows up to 3");
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod actions;
 mod audit;
 mod blobs;
 mod hit_log;
+mod unreachable;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
