@@ -73,6 +73,7 @@ impl Error {
                 // damaged (threat model R8), which clients may treat as a miss.
                 StoreErrorKind::Corruption => Code::DataLoss,
                 StoreErrorKind::Unavailable => Code::Unavailable,
+                StoreErrorKind::Conflict => Code::Aborted,
                 StoreErrorKind::Other => Code::Internal,
             },
             Error::Internal(_) => Code::Internal,
@@ -113,6 +114,10 @@ impl From<Error> for Status {
         let message = match &e {
             #[cfg(feature = "server")]
             Error::Storage(inner) if code == Code::ResourceExhausted => format!("out of space: {inner}"),
+            #[cfg(feature = "server")]
+            Error::Storage(inner) if code == Code::Aborted => {
+                format!("a concurrent write got there first; retry: {inner}")
+            }
             other => other.to_string(),
         };
         Status::new(code, message)
@@ -139,6 +144,11 @@ mod tests {
         assert_eq!((full.code(), full.message()), (Code::ResourceExhausted, "out of space: disk said no"));
         assert_eq!(status(StoreErrorKind::Corruption).code(), Code::DataLoss);
         assert_eq!(status(StoreErrorKind::Unavailable).code(), Code::Unavailable);
+        let conflict = status(StoreErrorKind::Conflict);
+        assert_eq!(
+            (conflict.code(), conflict.message()),
+            (Code::Aborted, "a concurrent write got there first; retry: disk said no")
+        );
         let other = status(StoreErrorKind::Other);
         assert_eq!((other.code(), other.message()), (Code::Internal, "storage error: disk said no"));
     }

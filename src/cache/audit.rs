@@ -20,6 +20,7 @@ use crate::provenance::signing;
 use crate::provenance::Provenance;
 use crate::store::action_store::ActionStore;
 use crate::store::hit_log_store::HitLogStore;
+use crate::store::StoreErrorKind;
 
 /// History versions per GetStoredEntry page when the caller does not say.
 const HISTORY_PAGE_DEFAULT: usize = 100;
@@ -32,6 +33,9 @@ const HISTORY_PAGE_MAX_BYTES: usize = 3 << 20;
 /// Chain heads kept in memory (invocations being appended to); beyond it,
 /// idle ones are dropped and read back from storage when needed.
 const MAX_CHAINS: usize = 4096;
+/// Tries to store one hit record when other servers keep taking its
+/// sequence; past it the record is dropped (and logged by the caller).
+const APPEND_ATTEMPTS: usize = 16;
 
 /// The head of one invocation's chain, `None` until read from storage. Its
 /// lock serialises the appends of one invocation, so sequences have no gaps
@@ -81,20 +85,37 @@ impl AuditLog {
         });
     }
 
-    async fn append(&self, signer: Option<&signing::SigningKey>, record: HitRecord) -> Result<()> {
+    /// Links `record` after its invocation's head and stores it. When another
+    /// server (a replica on the same bucket) took the sequence first, the rows
+    /// it wrote are read into the head and the record is relinked, so one
+    /// invocation stays one gapless chain whoever serves it.
+    pub(crate) async fn append(&self, signer: Option<&signing::SigningKey>, record: HitRecord) -> Result<()> {
         let invocation = record.tool_invocation_id.clone();
         let chain = self.chain(&invocation);
         let mut guard = chain.lock().await;
         if guard.is_none() {
-            *guard = Some(self.load_head(&invocation).await?);
+            *guard = Some(self.load_head(&invocation, None).await?);
         }
         let head = guard.as_mut().expect("loaded above");
-        let Some(link) = head.link(signer, self.max_per_principal, &self.limit_hits, record) else {
-            return Ok(());
-        };
-        self.hits.append(&invocation, link.sequence, link.answered_at_nanos, link.envelope.clone()).await?;
-        head.advance(link);
-        Ok(())
+        for _ in 0..APPEND_ATTEMPTS {
+            let Some(link) = head.link(signer, self.max_per_principal, &self.limit_hits, record.clone()) else {
+                return Ok(());
+            };
+            match self.hits.append(&invocation, link.sequence, link.answered_at_nanos, link.envelope.clone()).await {
+                Ok(()) => {
+                    head.advance(link);
+                    return Ok(());
+                }
+                Err(Error::Storage(e)) if e.kind() == StoreErrorKind::Conflict => {
+                    let after = self.hits.cursor_after(&invocation, head.next_sequence - 1);
+                    *head = self.load_head(&invocation, Some((head.clone(), after))).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Aborted(format!(
+            "hit record of invocation {invocation:?} dropped: its sequence was taken {APPEND_ATTEMPTS} times in a row"
+        )))
     }
 
     /// The chain of `invocation`, shared by all its appenders. When
@@ -112,9 +133,13 @@ impl AuditLog {
         chain
     }
 
-    async fn load_head(&self, invocation: &str) -> Result<ChainHead> {
-        let mut head = ChainHead::default();
-        let mut after: Option<Vec<u8>> = None;
+    /// The head of `invocation`'s chain: read from its start, or from a
+    /// known head and a cursor after it (only the rows written since).
+    async fn load_head(&self, invocation: &str, from: Option<(ChainHead, Vec<u8>)>) -> Result<ChainHead> {
+        let (mut head, mut after) = match from {
+            Some((head, cursor)) => (head, Some(cursor)),
+            None => (ChainHead::default(), None),
+        };
         loop {
             let page = self.hits.list(invocation, after.as_deref(), PAGE_MAX, usize::MAX).await?;
             page.rows.iter().for_each(|row| head.absorb(row));

@@ -31,7 +31,10 @@ pub struct HitPage {
 #[async_trait]
 pub trait HitLogStore: Send + Sync + std::fmt::Debug {
     /// Stores a chained record of `invocation` under `sequence` (the caller
-    /// serialises the appends of one invocation and gives the sequence). Not
+    /// serialises the appends of one invocation and gives the sequence). A
+    /// backend shared by several servers refuses a sequence already taken
+    /// with a [`crate::store::StoreErrorKind::Conflict`] error, so the caller
+    /// can re-read the chain's tail and relink. Not
     /// necessarily durable at once: the hit log is an audit aid, and a crash
     /// may lose a tail of a chain, never a record in its middle.
     async fn append(&self, invocation: &str, sequence: u64, answered_at_nanos: u64, record: Vec<u8>) -> Result<()>;
@@ -41,6 +44,11 @@ pub trait HitLogStore: Send + Sync + std::fmt::Debug {
     /// of values, but always one row when any is left.
     async fn list(&self, invocation: &str, after: Option<&[u8]>, max_count: usize, max_bytes: usize)
         -> Result<HitPage>;
+
+    /// A cursor for [`HitLogStore::list`] that starts just after the row of
+    /// `sequence`: how a caller that lost an append race reads only the rows
+    /// written after its head, not the whole chain again.
+    fn cursor_after(&self, invocation: &str, sequence: u64) -> Vec<u8>;
 
     /// Whether `cursor` could have been issued by [`HitLogStore::list`] for
     /// `invocation` (a token from another invocation is refused, not read).

@@ -153,6 +153,10 @@ impl HitLogStore for MemoryActions {
         Ok(page)
     }
 
+    fn cursor_after(&self, invocation: &str, sequence: u64) -> Vec<u8> {
+        cursor(invocation, sequence)
+    }
+
     fn is_cursor_of(&self, invocation: &str, cursor: &[u8]) -> bool {
         cursor.len() == invocation.len() + 8 && cursor.starts_with(invocation.as_bytes())
     }

@@ -17,6 +17,7 @@ pub mod action_store;
 pub mod hit_log_store;
 pub mod memory;
 pub mod memory_actions;
+pub mod object;
 pub mod rocks;
 
 use async_trait::async_trait;
@@ -37,6 +38,9 @@ pub enum StoreErrorKind {
     Corruption,
     /// The backend cannot be reached or is shutting down (UNAVAILABLE).
     Unavailable,
+    /// A concurrent writer (another replica) took the slot this write wanted,
+    /// such as a hit-log sequence: the caller may re-read and retry (ABORTED).
+    Conflict,
     /// Anything else (INTERNAL).
     Other,
 }

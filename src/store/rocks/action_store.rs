@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{audit_prefix, blocking, Key, Kind, RocksStore};
+use super::{audit_cursor_after, audit_prefix, blocking, Key, Kind, RocksStore};
 use crate::cache::digest::Digest;
 use crate::cache::resource::InstanceName;
 use crate::error::Result;
@@ -81,6 +81,10 @@ impl HitLogStore for Arc<RocksStore> {
         let page = blocking(move || store.audit_list(&invocation, after.as_deref(), max_count, max_bytes)).await?;
         let rows = page.rows.into_iter().map(|r| HitRow { sequence: r.sequence, value: r.value.into_vec() }).collect();
         Ok(HitPage { rows, next: page.next })
+    }
+
+    fn cursor_after(&self, invocation: &str, sequence: u64) -> Vec<u8> {
+        audit_cursor_after(invocation, sequence)
     }
 
     fn is_cursor_of(&self, invocation: &str, cursor: &[u8]) -> bool {

@@ -34,6 +34,16 @@ pub fn audit_prefix(invocation: &str) -> Vec<u8> {
     k
 }
 
+/// A listing cursor just after every row of `sequence`: the row keys are
+/// prefix + sequence + answered-at, so the largest answered-at sorts after
+/// them all and before the next sequence's rows.
+pub fn audit_cursor_after(invocation: &str, sequence: u64) -> Vec<u8> {
+    let mut k = audit_prefix(invocation);
+    k.extend_from_slice(&sequence.to_be_bytes());
+    k.extend_from_slice(&u64::MAX.to_be_bytes());
+    k
+}
+
 impl RocksStore {
     /// Appends a chained hit record (not synced: the hit log is an audit aid,
     /// not an acknowledged write; a crash loses a tail of the chain, never a
@@ -195,6 +205,9 @@ mod tests {
         assert_eq!(page.rows.len(), 1);
         assert_eq!((page.rows[0].sequence, &page.rows[0].value[..]), (None, &b"legacy"[..]));
         assert_eq!(page.next, None);
+        let tail = s.audit_list("inv", Some(&super::audit_cursor_after("inv", 3)), 10, usize::MAX).unwrap();
+        let sequences: Vec<_> = tail.rows.iter().map(|r| r.sequence).collect();
+        assert_eq!(sequences, [Some(4), Some(5), None], "a cursor after 3 skips the rows up to 3");
     }
 
     #[test]

@@ -41,7 +41,7 @@ mod verified;
 
 pub use blob_store::NO_WAL_THRESHOLD;
 pub use blobs::BlobMeta;
-pub use hit_log::{audit_prefix, AuditRow};
+pub use hit_log::{audit_cursor_after, audit_prefix, AuditRow};
 pub use lru::{Evictions, Kind, Usage};
 pub use verified::{chunk_hash, ChunkHash, VerifiedChunks, VerifiedStats};
 
