@@ -17,6 +17,7 @@ pub mod action_store;
 pub mod hit_log_store;
 pub mod memory;
 pub mod memory_actions;
+pub mod replica;
 pub mod rocks;
 
 use async_trait::async_trait;
