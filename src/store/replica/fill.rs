@@ -76,7 +76,8 @@ impl Fills {
             stats.cas_fill_shared();
             return Ok(Some(stream));
         }
-        let fill = Fill { local: local.clone(), remote: remote.clone(), stats: stats.clone(), instance: instance.clone() };
+        let fill =
+            Fill { local: local.clone(), remote: remote.clone(), stats: stats.clone(), instance: instance.clone() };
         let filled = tokio::spawn(async move {
             let _guard = guard;
             fill.run(digest).await

@@ -24,7 +24,13 @@ mod blobs;
 mod fill;
 mod stats;
 
-
 pub use actions::CachedActions;
 pub use blobs::ReadThroughBlobs;
 pub use stats::{ReplicaStats, ReplicaStatsSnapshot};
+
+#[cfg(test)]
+mod faults;
+#[cfg(test)]
+mod tests_actions;
+#[cfg(test)]
+mod tests_blobs;
