@@ -18,6 +18,7 @@ pub mod hit_log_store;
 pub mod memory;
 pub mod memory_actions;
 pub mod object;
+pub mod replica;
 pub mod rocks;
 
 use async_trait::async_trait;
