@@ -17,6 +17,8 @@ pub mod action_store;
 pub mod hit_log_store;
 pub mod memory;
 pub mod memory_actions;
+#[cfg(feature = "server")]
+pub mod object;
 pub mod rocks;
 
 use async_trait::async_trait;
