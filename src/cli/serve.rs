@@ -14,6 +14,7 @@ use provcache::access::policy::{MtlsGate, PlaintextGate, Policy};
 use provcache::access::tls::TlsServer;
 use provcache::config::{load_policy, resolve, tls_server, Access, Pki, Plan, ServeConfig, Settings, Signing};
 use provcache::server::{Cache, ServerOptions};
+use provcache::store::object::client::{self, ObjectStoreSettings};
 
 /// `serve --check-config`: prints what the already validated `plan` would
 /// create or use and the effective settings (paths, no key material).
@@ -89,11 +90,23 @@ async fn serve(plan: Plan) -> anyhow::Result<()> {
         Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("metrics: listening on {a}"))?),
         None => None,
     };
+    if let Some(settings) = &plan.storage.object_store {
+        check_object_store(settings).await?;
+    }
     let listeners = Listeners { grpc, metrics };
     match plan.access {
         Access::Plaintext { principal, policy } => serve_plaintext(&options, listeners, principal, policy).await,
         Access::Mtls { pki, identity } => serve_mtls(&options, listeners, pki, identity).await,
     }
+}
+
+/// Refuses to start, with one clear message, when the object store does not
+/// answer (missing bucket, refused credentials, unreachable endpoint).
+async fn check_object_store(settings: &ObjectStoreSettings) -> anyhow::Result<()> {
+    let store = client::connect(settings)?;
+    client::check_bucket(&store, settings).await?;
+    tracing::info!("object store {}", settings.describe());
+    Ok(())
 }
 
 /// The signing key and trust policy files, the development ones created when missing.

@@ -19,7 +19,8 @@ mod settings;
 pub use plan::{load_policy, tls_server, Access, Pki, Plan, ProvenancePlan, Signing, Storage};
 pub(crate) use settings::{de_duration, de_size, ser_duration};
 pub use settings::{
-    resolve, ConfigError, IdentityArg, LogFormat, ServeConfig, Settings, VerifyModeArg, DEFAULT_BLOCK_CACHE,
+    resolve, ConfigError, IdentityArg, LogFormat, ServeConfig, Settings, StorageConfig, VerifyModeArg,
+    DEFAULT_BLOCK_CACHE,
 };
 
 #[cfg(test)]
@@ -154,6 +155,21 @@ mod tests {
         let s = resolve(ServeConfig::default(), None, Some(f)).unwrap();
         let again = resolve(ServeConfig::default(), None, Some(file(&s.to_toml()))).unwrap();
         assert_eq!(again, s);
+    }
+
+    #[test]
+    fn the_store_flag_wins_over_the_file_and_the_storage_table_is_printed_as_given() {
+        let f = file("plaintext_insecure = true\nstore = \"s3://from-file\"\n[storage]\nregion = \"eu-1\"\nac_ttl = \"2s\"\n");
+        let s = resolve(flags(&["--store", "s3://from-flag/p"]), None, Some(f.clone())).unwrap();
+        assert_eq!(s.store.as_deref(), Some("s3://from-flag/p"));
+        assert_eq!(s.storage.ac_ttl, Some(Duration::from_secs(2)));
+        let text = s.to_toml();
+        assert!(text.contains("[storage]\nregion = \"eu-1\"\nac_ttl = \"2s\"\n"), "{text}");
+        let again = resolve(ServeConfig::default(), None, Some(file(&text))).unwrap();
+        assert_eq!(again, s, "the printed settings mean the same");
+        assert!(!resolve(flags(&[]), None, None).unwrap().to_toml().contains("store"), "no store by default");
+        let msg = ServeConfig::from_toml("[storage]\nsecret_access_key = \"x\"\n", "f").unwrap_err().to_string();
+        assert!(msg.contains("unknown field `secret_access_key`"), "credentials are not settings: {msg}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use super::checks::{own_signing, writable_data_dir};
-use super::{IdentityArg, Settings, VerifyModeArg};
+use super::{IdentityArg, Settings, StorageConfig, VerifyModeArg};
 use crate::access::identity::IdentityMode;
 use crate::access::pki::DEV_TRUST_DOMAIN;
 use crate::access::policy::Policy;
@@ -25,6 +25,7 @@ use crate::access::tls::{TlsServer, TlsSettings};
 use crate::limits::Limits;
 use crate::provenance::{Mode, ProvenanceConfig};
 use crate::server::ServerOptions;
+use crate::store::object::client::ObjectStoreSettings;
 use crate::store::rocks::StoreOptions;
 
 /// The rule a plaintext listener without a policy grants everything by.
@@ -143,6 +144,9 @@ pub struct Storage {
     pub max_size: Option<u64>,
     /// Memory for the block cache, in bytes.
     pub block_cache_bytes: usize,
+    /// The shared object store (`store = "s3://..."` and `[storage]`);
+    /// `None`: the data directory is the only store, as before replicas.
+    pub object_store: Option<ObjectStoreSettings>,
 }
 
 impl Plan {
@@ -161,6 +165,7 @@ impl Plan {
             _ => Signing::Development { dir: dev_dir },
         };
         writable_data_dir(&s.data_dir)?;
+        let object_store = s.store.as_deref().map(|url| object_store(url, &s.storage)).transpose()?;
         Ok(Plan {
             listen: s.listen,
             metrics_listen: s.metrics_listen,
@@ -180,6 +185,7 @@ impl Plan {
                 sync: !s.unsafe_no_sync,
                 max_size: s.max_size,
                 block_cache_bytes: usize::try_from(s.block_cache).unwrap_or(usize::MAX),
+                object_store,
             },
             limits: s.limits.clone(),
             history_retention: s.history_retention,
@@ -199,6 +205,9 @@ impl Plan {
             Signing::Development { dir } => {
                 notes.push(format!("the development signing key and trust policy in {}", dir.display()))
             }
+        }
+        if let Some(o) = &self.storage.object_store {
+            notes.push(format!("object store {} (checked when serve starts)", o.describe()));
         }
         Ok(notes)
     }
@@ -248,6 +257,32 @@ impl Plan {
             limits: self.limits.clone(),
         }
     }
+}
+
+/// The object store's settings: the URL, then each `[storage]` setting
+/// given over its default; timeouts must be positive.
+fn object_store(url: &str, c: &StorageConfig) -> anyhow::Result<ObjectStoreSettings> {
+    let mut o = ObjectStoreSettings::parse(url)?;
+    if let Some(endpoint) = &c.endpoint {
+        o = o.with_endpoint(endpoint)?;
+    }
+    o.region.clone_from(&c.region);
+    o.path_style = c.path_style;
+    for (setting, value) in [
+        (&mut o.connect_timeout, c.connect_timeout),
+        (&mut o.request_timeout, c.request_timeout),
+        (&mut o.retry_backoff, c.retry_backoff),
+        (&mut o.ac_ttl, c.ac_ttl),
+        (&mut o.existence_ttl, c.existence_ttl),
+        (&mut o.refresh_age, c.refresh_age),
+    ] {
+        *setting = value.unwrap_or(*setting);
+    }
+    o.max_retries = c.max_retries.unwrap_or(o.max_retries);
+    if o.connect_timeout.is_zero() || o.request_timeout.is_zero() {
+        anyhow::bail!("[storage] connect_timeout and request_timeout must be more than 0s");
+    }
+    Ok(o)
 }
 
 /// Plaintext: the configured policy, or one granting the principal everything.
@@ -462,6 +497,51 @@ mod tests {
         let missing = tmp.path().join("missing.toml");
         let msg = error(ServeConfig { policy: Some(missing.clone()), ..in_dir(tmp.path()) });
         assert!(msg.starts_with(&format!("authorization policy {}", missing.display())), "{msg}");
+    }
+
+    #[test]
+    fn without_a_store_the_data_directory_is_the_only_store() {
+        let tmp = tempfile::tempdir().unwrap();
+        let plan = Plan::new(&settings(in_dir(tmp.path()))).unwrap();
+        assert_eq!(plan.storage.object_store, None);
+        assert!(!plan.check().unwrap().iter().any(|n| n.contains("object store")));
+    }
+
+    #[test]
+    fn a_store_takes_the_storage_table_over_the_defaults_and_check_config_describes_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = ServeConfig::from_toml(
+            "store = \"s3://build-cache/eu\"\n[storage]\nendpoint = \"http://127.0.0.1:8333\"\nregion = \"eu-1\"\n\
+             ac_ttl = \"2s\"\nmax_retries = 1\n",
+            "f",
+        )
+        .unwrap();
+        let s = resolve(in_dir(tmp.path()), None, Some(file)).unwrap();
+        let o = Plan::new(&s).unwrap().storage.object_store.unwrap();
+        assert_eq!((o.bucket.as_str(), o.prefix.as_deref()), ("build-cache", Some("eu")));
+        assert_eq!((o.endpoint.as_deref(), o.region.as_deref()), (Some("http://127.0.0.1:8333"), Some("eu-1")));
+        assert_eq!((o.ac_ttl, o.max_retries), (Duration::from_secs(2), 1));
+        assert_eq!(o.refresh_age, Duration::from_secs(86_400), "the default where the table says nothing");
+        let notes = Plan::new(&s).unwrap().check().unwrap();
+        let note = notes.iter().find(|n| n.starts_with("object store")).expect("a note on the object store");
+        assert!(note.contains("s3://build-cache/eu at endpoint http://127.0.0.1:8333"), "{note}");
+        assert!(note.contains("path-style") && note.contains("ac_ttl 2s"), "{note}");
+    }
+
+    #[test]
+    fn bad_store_settings_are_refused_by_the_plan() {
+        let tmp = tempfile::tempdir().unwrap();
+        let with = |store: &str, table: &str| {
+            let file = ServeConfig::from_toml(&format!("store = {store:?}\n[storage]\n{table}"), "f").unwrap();
+            format!("{:#}", Plan::new(&resolve(in_dir(tmp.path()), None, Some(file)).unwrap()).unwrap_err())
+        };
+        assert!(with("s3://", "").contains("the bucket is missing"));
+        assert!(with("gs://bucket", "").contains("expected s3://BUCKET"));
+        assert!(with("s3://bucket", "endpoint = \"localhost:9000\"\n").contains("expected http://HOST"));
+        assert!(with("s3://bucket", "request_timeout = \"0s\"\n").contains("more than 0s"));
+        let file = ServeConfig::from_toml("[storage]\nregion = \"eu-1\"\n", "f").unwrap();
+        let msg = resolve(in_dir(tmp.path()), None, Some(file)).unwrap_err().to_string();
+        assert!(msg.contains("need store (--store s3://BUCKET/PREFIX)"), "{msg}");
     }
 
     #[test]

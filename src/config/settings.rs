@@ -177,10 +177,88 @@ pub struct ServeConfig {
           default_missing_value = "true")]
     pub unsafe_no_sign: Option<bool>,
 
+    /// Keep CAS blobs and Action Cache entries in an S3-compatible object
+    /// store shared by several replicas, e.g. s3://build-cache/provcache; the
+    /// data directory is then this replica's read-through cache. The other
+    /// object-store settings are the file's `[storage]` table; credentials
+    /// come from AWS_* variables. Default: none (the data directory is the store).
+    #[arg(long, env = "PROVCACHE_STORE")]
+    pub store: Option<String>,
+
     /// The limits that bound what one caller can cost (the file's `[limits]` table).
     #[command(flatten)]
     #[serde(default)]
     pub limits: crate::limits::LimitsConfig,
+
+    /// How to reach the object store of `store` (the file's `[storage]` table).
+    #[arg(skip)]
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// The file's `[storage]` table: how to reach the object store named by
+/// `store` (docs/configuration.md). Every setting optional; the defaults are
+/// those of `store::object::client`. No credentials: they are AWS_* variables.
+#[derive(Deserialize, Serialize, Debug, Default, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// The S3 endpoint, `http(s)://HOST[:PORT]`, for stores other than AWS
+    /// (default: AWS_ENDPOINT_URL, else AWS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The region (default: AWS_REGION).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Path-style addressing (default: on when an endpoint is given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_style: Option<bool>,
+    /// Bound on opening a connection (default 5s).
+    #[serde(default, deserialize_with = "de_duration", serialize_with = "ser_some_duration")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Duration>,
+    /// Bound on one request (default 30s).
+    #[serde(default, deserialize_with = "de_duration", serialize_with = "ser_some_duration")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<Duration>,
+    /// Retries of a failed idempotent request (default 3).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<usize>,
+    /// First pause between retries, doubling (default 100ms).
+    #[serde(default, deserialize_with = "de_duration", serialize_with = "ser_some_duration")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_backoff: Option<Duration>,
+    /// How long a replica serves its local copy of an Action Cache entry
+    /// before reading the bucket again (default 10s).
+    #[serde(default, deserialize_with = "de_duration", serialize_with = "ser_some_duration")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ac_ttl: Option<Duration>,
+    /// How long a replica remembers that a blob is in the bucket (default 60s).
+    #[serde(default, deserialize_with = "de_duration", serialize_with = "ser_some_duration")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub existence_ttl: Option<Duration>,
+    /// Age after which a served object's last-modified is refreshed for the
+    /// bucket's lifecycle rule (default 1d).
+    #[serde(default, deserialize_with = "de_duration", serialize_with = "ser_some_duration")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_age: Option<Duration>,
+}
+
+impl StorageConfig {
+    /// Every setting of `self`, and those it lacks from `lower`.
+    fn or(self, lower: StorageConfig) -> StorageConfig {
+        StorageConfig {
+            endpoint: self.endpoint.or(lower.endpoint),
+            region: self.region.or(lower.region),
+            path_style: self.path_style.or(lower.path_style),
+            connect_timeout: self.connect_timeout.or(lower.connect_timeout),
+            request_timeout: self.request_timeout.or(lower.request_timeout),
+            max_retries: self.max_retries.or(lower.max_retries),
+            retry_backoff: self.retry_backoff.or(lower.retry_backoff),
+            ac_ttl: self.ac_ttl.or(lower.ac_ttl),
+            existence_ttl: self.existence_ttl.or(lower.existence_ttl),
+            refresh_age: self.refresh_age.or(lower.refresh_age),
+        }
+    }
 }
 
 /// The complete settings of `serve`, defaults applied. Printed by
@@ -243,8 +321,12 @@ pub struct Settings {
     pub unsafe_no_verify: bool,
     /// See [`ServeConfig::unsafe_no_sign`].
     pub unsafe_no_sign: bool,
-    /// See [`ServeConfig::limits`] (last: a TOML table follows the plain values).
+    /// See [`ServeConfig::store`].
+    pub store: Option<String>,
+    /// See [`ServeConfig::limits`] (a TOML table follows the plain values).
     pub limits: crate::limits::Limits,
+    /// See [`ServeConfig::storage`] (only the settings given; the plan adds the defaults).
+    pub storage: StorageConfig,
 }
 
 /// A configuration that cannot be used.
@@ -321,7 +403,9 @@ impl ServeConfig {
             unsafe_no_sync,
             unsafe_no_verify,
             unsafe_no_sign,
+            store,
             limits,
+            storage,
         )
     }
 }
@@ -331,6 +415,12 @@ trait Merge {
 }
 
 impl<T> Merge for Option<T> {
+    fn merge(self, lower: Self) -> Self {
+        self.or(lower)
+    }
+}
+
+impl Merge for StorageConfig {
     fn merge(self, lower: Self) -> Self {
         self.or(lower)
     }
@@ -380,6 +470,9 @@ pub fn resolve(cli: ServeConfig, rust_log: Option<String>, file: Option<ServeCon
     if plaintext && own_pki {
         return invalid("plaintext_insecure serves without TLS: remove tls_cert, tls_key and client_ca");
     }
+    if c.store.is_none() && c.storage != StorageConfig::default() {
+        return invalid("the [storage] settings need store (--store s3://BUCKET/PREFIX)");
+    }
     let log_level = c.log_level.unwrap_or_else(|| "info".to_owned());
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
         return Err(ConfigError::Invalid(format!("log_level {log_level:?}: {e}")));
@@ -411,7 +504,9 @@ pub fn resolve(cli: ServeConfig, rust_log: Option<String>, file: Option<ServeCon
         unsafe_no_sync: c.unsafe_no_sync.unwrap_or(false),
         unsafe_no_verify: c.unsafe_no_verify.unwrap_or(false),
         unsafe_no_sign: c.unsafe_no_sign.unwrap_or(false),
+        store: c.store,
         limits: c.limits.resolve()?,
+        storage: c.storage,
     })
 }
 
@@ -430,6 +525,14 @@ pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Dura
 
 pub(crate) fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+/// A duration that is set (`skip_serializing_if` leaves out the unset ones).
+fn ser_some_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// A size: a string such as `64MiB` or a number of bytes.

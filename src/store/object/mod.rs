@@ -8,7 +8,7 @@
 //! here trusts what the bucket returns: blobs are checked against their
 //! digests (by the domain, or by [`ObjectBlobs`]'s ranged read), entries and
 //! hit records are verified by the domain as from any other store. The key
-//! layout is in [`keys`].
+//! layout is in [`keys`]; the client and its settings in [`client`].
 //!
 //! Listings rely on the S3 rule that LIST returns keys in lexicographic
 //! order (so do the in-memory and local stores of `object_store`).
@@ -16,6 +16,7 @@
 mod actions;
 mod blobs;
 mod bucket;
+pub mod client;
 mod hit_log;
 pub mod keys;
 mod stats;
