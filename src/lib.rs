@@ -35,6 +35,8 @@ pub mod server;
 pub mod service;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
+pub mod stores;
 pub mod tools;
 pub mod transport;
 pub mod units;

@@ -31,10 +31,9 @@ use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::service::execution::ExecutionService;
 use crate::service::Context;
-use crate::store::action_store::ActionStore;
-use crate::store::hit_log_store::HitLogStore;
+use crate::store::object::client::ObjectStoreSettings;
 use crate::store::rocks::{RocksStore, StoreOptions};
-use crate::store::BlobStore;
+use crate::stores::{Replica, Stores, PROBE_EVERY};
 use crate::transport::{RequestBudget, TransportLayer};
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
@@ -61,6 +60,9 @@ pub struct ServerOptions {
     pub shutdown_timeout: Duration,
     /// What one caller may cost (docs/operations.md, "Limits").
     pub limits: Limits,
+    /// The shared object store of a replica (docs/scale-out.md); `None`:
+    /// RocksDB alone holds everything.
+    pub object_store: Option<ObjectStoreSettings>,
 }
 
 /// Background tasks of a serving cache; stopped with [`Background::abort`].
@@ -122,6 +124,8 @@ pub struct Cache {
     transport: TransportLayer,
     /// Request bytes in flight (docs/operations.md, "Limits").
     budget: Arc<RequestBudget>,
+    /// A replica's object store, its counters and health.
+    replica: Option<Replica>,
 }
 
 /// The RocksDB directory inside a data directory.
@@ -137,22 +141,23 @@ impl Cache {
 
     /// [`Cache::open`] with an injected clock (tests move time).
     pub fn open_with_clock(options: &ServerOptions, gate: SharedGate, clock: Clock) -> anyhow::Result<Self> {
-        let provenance = Arc::new(Provenance::new(options.provenance.clone(), clock)?);
+        let provenance = Arc::new(Provenance::new(options.provenance.clone(), clock.clone())?);
         provenance.spawn_reloader(Duration::from_secs(2));
         let store = Arc::new(RocksStore::open(&db_path(&options.data_dir), &options.store)?);
-        let blobs: Arc<dyn BlobStore> = Arc::new(store.clone());
+        let Stores { blobs, actions, hits, replica } = match &options.object_store {
+            Some(settings) => Stores::replica(&store, settings, clock)?,
+            None => Stores::embedded(&store),
+        };
         let cas = Arc::new(Cas::new(blobs.clone()));
         let uploads = Arc::new(Uploads::new(blobs, &options.limits));
         store.verified_chunks().set_capacity(options.limits.verified_chunk_cache);
         let limit_hits = Arc::new(LimitHits::default());
-        let actions: Arc<dyn ActionStore> = Arc::new(store.clone());
-        let hits: Arc<dyn HitLogStore> = Arc::new(store.clone());
         let max_hits = options.limits.max_hit_records_per_principal;
         let audit = Arc::new(AuditLog::new(actions.clone(), hits, provenance.clone(), max_hits, limit_hits.clone()));
         let ac = Arc::new(ActionCache::new(cas.clone(), actions, provenance.clone(), audit.clone()));
-        let metrics = options
-            .metrics
-            .then(|| Metrics::new(store.clone(), provenance.clone(), uploads.clone(), limit_hits.clone()));
+        let metrics = options.metrics.then(|| {
+            Metrics::new(store.clone(), provenance.clone(), uploads.clone(), limit_hits.clone(), replica.clone())
+        });
         let bare_gate = gate.clone();
         let gate = match &metrics {
             Some(m) => m.gate(gate),
@@ -178,6 +183,7 @@ impl Cache {
             metrics_task: Default::default(),
             transport,
             budget,
+            replica,
         })
     }
 
@@ -271,7 +277,35 @@ impl Cache {
     /// Starts background maintenance: expiry of abandoned uploads, purge of
     /// old history records, recency refreshes and eviction.
     pub fn spawn_maintenance(&self) -> Background {
-        Background(vec![self.spawn_housekeeping(), spawn_eviction(self.store.clone())])
+        let mut tasks = vec![self.spawn_housekeeping(), spawn_eviction(self.store.clone())];
+        tasks.extend(self.replica.as_ref().map(|r| self.spawn_store_probe(r)));
+        Background(tasks)
+    }
+
+    /// Asks a replica's bucket whether it answers, every [`PROBE_EVERY`]:
+    /// while it does not, the write services (CAS, ByteStream) are
+    /// NOT_SERVING on the health service; reads stay SERVING, since hits in
+    /// the local cache are still served.
+    fn spawn_store_probe(&self, replica: &Replica) -> tokio::task::JoinHandle<()> {
+        use tonic::server::NamedService;
+        let health = self.health.clone();
+        crate::observe::store_health::spawn_probe(
+            replica.store.clone(),
+            replica.health.clone(),
+            PROBE_EVERY,
+            move |up| {
+                let health = health.clone();
+                Box::pin(async move {
+                    let status = if up { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    for name in [
+                        ContentAddressableStorageServer::<CasService>::NAME,
+                        ByteStreamServer::<ByteStreamService>::NAME,
+                    ] {
+                        health.set_service_status(name, status).await;
+                    }
+                })
+            },
+        )
     }
 
     fn spawn_housekeeping(&self) -> tokio::task::JoinHandle<()> {

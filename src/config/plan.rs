@@ -255,6 +255,7 @@ impl Plan {
             metrics: self.metrics_listen.is_some(),
             shutdown_timeout: self.shutdown_timeout,
             limits: self.limits.clone(),
+            object_store: self.storage.object_store.clone(),
         }
     }
 }

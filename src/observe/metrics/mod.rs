@@ -7,6 +7,7 @@
 //! With metrics off the layer is a pass-through.
 
 pub mod layer;
+mod replica;
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
@@ -26,6 +27,7 @@ use crate::cache::upload::Uploads;
 use crate::error::Error;
 use crate::provenance::Provenance;
 use crate::store::rocks::RocksStore;
+use crate::stores::Replica;
 
 pub use layer::MetricsLayer;
 
@@ -169,12 +171,13 @@ impl GrpcMetrics {
 
 impl Metrics {
     /// A registry with the request metrics and the state of `store`,
-    /// `provenance` and `uploads`.
+    /// `provenance`, `uploads` and, for a replica, its object store.
     pub fn new(
         store: Arc<RocksStore>,
         provenance: Arc<Provenance>,
         uploads: Arc<Uploads>,
         limit_hits: Arc<crate::limits::LimitHits>,
+        replica: Option<Replica>,
     ) -> Arc<Self> {
         let mut registry = Registry::with_prefix("provcache");
         let grpc = Arc::new(GrpcMetrics::new());
@@ -203,7 +206,7 @@ impl Metrics {
             "Work refused or cut off by a limit (docs/operations.md, Limits), by limit and principal",
             limit_hits.family(),
         );
-        registry.register_collector(Box::new(StateCollector { store, provenance, uploads }));
+        registry.register_collector(Box::new(StateCollector { store, provenance, uploads, replica }));
         Arc::new(Metrics { registry, grpc, denied, serving: true.into() })
     }
 
@@ -272,6 +275,7 @@ struct StateCollector {
     store: Arc<RocksStore>,
     provenance: Arc<Provenance>,
     uploads: Arc<Uploads>,
+    replica: Option<Replica>,
 }
 
 fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, values: &[(&str, &str, i64)]) -> std::fmt::Result {
@@ -358,6 +362,9 @@ impl Collector for StateCollector {
             "Action Cache writes refused for want of a usable signing key",
             &[("", "", c.sign_refused() as i64)],
         )?;
+        if let Some(replica) = &self.replica {
+            replica::encode(&mut e, replica)?;
+        }
         Ok(())
     }
 }

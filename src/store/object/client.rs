@@ -137,7 +137,11 @@ impl ObjectStoreSettings {
             self.url(),
             self.describe_endpoint(),
             self.region.as_deref().unwrap_or("from AWS_REGION"),
-            if self.path_style.unwrap_or(self.effective_endpoint().is_some()) { "path-style" } else { "virtual-hosted" },
+            if self.path_style.unwrap_or(self.effective_endpoint().is_some()) {
+                "path-style"
+            } else {
+                "virtual-hosted"
+            },
             d(self.connect_timeout),
             d(self.request_timeout),
             self.max_retries,
@@ -269,7 +273,10 @@ mod tests {
     #[test]
     fn an_endpoint_must_be_an_http_url_without_credentials() {
         let s = ObjectStoreSettings::parse("s3://bucket").unwrap();
-        assert_eq!(s.clone().with_endpoint("http://127.0.0.1:8333/").unwrap().endpoint.unwrap(), "http://127.0.0.1:8333");
+        assert_eq!(
+            s.clone().with_endpoint("http://127.0.0.1:8333/").unwrap().endpoint.unwrap(),
+            "http://127.0.0.1:8333"
+        );
         let msg = s.clone().with_endpoint("127.0.0.1:8333").unwrap_err().to_string();
         assert!(msg.contains("expected http://HOST"), "{msg}");
         let msg = s.with_endpoint("https://AKIA:hunter2@s3.example").unwrap_err().to_string();

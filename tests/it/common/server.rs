@@ -95,6 +95,7 @@ impl TestServer {
             metrics: opts.metrics,
             shutdown_timeout: std::time::Duration::from_secs(10),
             limits: opts.limits.clone().unwrap_or_default(),
+            object_store: None,
         };
         let clock = opts.clock.clone().unwrap_or_else(|| Arc::new(std::time::SystemTime::now));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
