@@ -26,7 +26,8 @@ pub struct ObjectOptions {
     /// How long a blob seen present is believed present without asking the
     /// bucket again (a lifecycle rule may delete it after that).
     pub existence_ttl: Duration,
-    /// Most digests the existence cache remembers (bounded memory).
+    /// Most digests the existence cache remembers (bounded memory: about
+    /// 200 bytes each).
     pub existence_entries: usize,
     /// Age past which an object that is used gets re-dated, so that a
     /// bucket lifecycle rule expiring old objects spares used ones.
@@ -41,7 +42,7 @@ impl Default for ObjectOptions {
     fn default() -> Self {
         ObjectOptions {
             existence_ttl: Duration::from_secs(60),
-            existence_entries: 1 << 20,
+            existence_entries: 200_000,
             refresh_age: Duration::from_secs(24 * 3600),
             part_size: 8 << 20,
             parts_in_flight: 4,
@@ -90,6 +91,7 @@ impl Bucket {
         self.stats.clone()
     }
 
+    /// The time by the injected clock.
     pub(super) fn now(&self) -> SystemTime {
         (self.clock)()
     }
@@ -253,14 +255,17 @@ pub(super) struct Recent<V> {
 }
 
 impl<V: Clone> Recent<V> {
+    /// An empty map holding at most `capacity` keys.
     pub(super) fn new(capacity: usize) -> Self {
         Recent { map: Mutex::default(), capacity: capacity.max(1) }
     }
 
+    /// What is remembered of `key`.
     pub(super) fn get(&self, key: &Path) -> Option<V> {
         self.lock().get(key).cloned()
     }
 
+    /// Remembers `value` for `key`.
     pub(super) fn insert(&self, key: Path, value: V) {
         let mut map = self.lock();
         if map.len() >= self.capacity && !map.contains_key(&key) {
@@ -269,6 +274,7 @@ impl<V: Clone> Recent<V> {
         map.insert(key, value);
     }
 
+    /// Forgets `key`.
     pub(super) fn remove(&self, key: &Path) {
         self.lock().remove(key);
     }
