@@ -156,7 +156,7 @@ impl BlobStore for ReadThroughBlobs {
     }
 
     /// A writer feeding the remote and, if the blob fits, a local copy; see
-    /// [`TeeWriter`].
+    /// `TeeWriter`.
     async fn begin_write(&self, instance: &InstanceName, digest: Digest) -> Result<Box<dyn BlobWriter>> {
         let remote = self.remote.begin_write(instance, digest).await?;
         let local = match self.local.check_fits(digest.size) {
