@@ -211,7 +211,11 @@ async fn a_damaged_local_copy_is_replaced_from_the_remote_whose_copy_is_kept() {
     let (digest, data) = blob("good in the bucket, damaged on this replica's disk");
     let i = instance();
     remote.inner.put(&i, digest, data.clone()).await.unwrap();
-    b.local.insert_unchecked(&i, digest, Bytes::from_static(b"rotten bytes of the same length, or not"));
+    let rotten = Bytes::from_static(b"rotten bytes of the same length, or not");
+    b.local.insert_unchecked(&i, digest, rotten.clone());
+    let range = b.blobs.read(&i, digest, 0, digest.size).await.unwrap();
+    assert_eq!(collect(range).await.unwrap(), data.to_vec());
+    b.local.insert_unchecked(&i, digest, rotten);
 
     let cas = Cas::new(b.blobs.clone());
     assert_eq!(cas.get(&i, digest, u64::MAX).await.unwrap(), Some(data.clone()));
