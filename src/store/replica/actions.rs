@@ -104,6 +104,15 @@ impl Entries {
 }
 
 impl CachedActions {
+    /// A TTL for deployments that do not choose one: short enough that a
+    /// result replaced through another replica is seen within seconds, long
+    /// enough to absorb a build asking for the same action repeatedly.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+    /// A memory bound for deployments that do not choose one: entries are a
+    /// few KiB, so this holds tens of thousands of them.
+    pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
+
     /// A replica's Action Cache store: entries of `remote` kept up to
     /// `max_bytes` in memory and answered from there for `ttl`; `clock` is
     /// the time source (tests move it); counts go to `stats`.

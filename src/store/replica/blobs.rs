@@ -57,9 +57,17 @@ impl ReadThroughBlobs {
     }
 
     /// A local blob that failed its digest is removed from the local cache
-    /// only (the remote's copy may be fine) and treated as a miss.
+    /// only (the remote's copy may be fine) and treated as a miss, as is a
+    /// failure of the local store.
     async fn local_get(&self, instance: &InstanceName, digest: Digest) -> Result<Option<Bytes>> {
-        let Some(data) = self.local.get(instance, digest).await? else { return Ok(None) };
+        let data = match self.local.get(instance, digest).await {
+            Ok(Some(data)) => data,
+            Ok(None) => return Ok(None),
+            Err(error) => {
+                tracing::warn!(%digest, %error, "local cache could not serve a blob; reading through");
+                return Ok(None);
+            }
+        };
         let (data, good) = verify(digest, data).await?;
         if good {
             return Ok(Some(data));
@@ -125,7 +133,7 @@ impl BlobStore for ReadThroughBlobs {
         Ok(Some(data))
     }
 
-    /// Local first. On a miss, a blob that fits the local cache is first
+    /// Local first (a local failure counts as a miss). On a miss, a blob that fits the local cache is first
     /// downloaded whole into it, hashed on the way and committed only if it
     /// matches (readers of the same blob share one download); the range is
     /// then served from the local copy, so every byte served was checked. A
@@ -136,9 +144,15 @@ impl BlobStore for ReadThroughBlobs {
     /// have received bytes of a corrupt blob before the DATA_LOSS (it must
     /// check the digest of what it reassembles, as REAPI clients do).
     async fn read(&self, instance: &InstanceName, digest: Digest, offset: u64, end: u64) -> Result<Option<BlobStream>> {
-        if let Some(stream) = self.local.read(instance, digest, offset, end).await? {
-            self.stats.cas_local_hit();
-            return Ok(Some(stream));
+        match self.local.read(instance, digest, offset, end).await {
+            Ok(Some(stream)) => {
+                self.stats.cas_local_hit();
+                return Ok(Some(stream));
+            }
+            Ok(None) => {}
+            // A damaged local copy (which the local store has just removed)
+            // or a failing local store: the remote still has the blob.
+            Err(error) => tracing::warn!(%digest, %error, "local cache could not serve a blob; reading through"),
         }
         if self.local.check_fits(digest.size).is_err() {
             return self.remote.read(instance, digest, offset, end).await;
@@ -156,7 +170,7 @@ impl BlobStore for ReadThroughBlobs {
     }
 
     /// A writer feeding the remote and, if the blob fits, a local copy; see
-    /// [`TeeWriter`].
+    /// `TeeWriter`.
     async fn begin_write(&self, instance: &InstanceName, digest: Digest) -> Result<Box<dyn BlobWriter>> {
         let remote = self.remote.begin_write(instance, digest).await?;
         let local = match self.local.check_fits(digest.size) {

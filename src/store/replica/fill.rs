@@ -2,6 +2,10 @@
 //! blob is streamed into a local writer, hashed as it goes, and committed
 //! only if it matches its digest. Concurrent readers of one missing blob
 //! wait for a single fill instead of each downloading it.
+//!
+//! The price of serving only checked bytes: the first byte of a missed blob
+//! waits for the whole download. Blobs too large for the local cache skip
+//! this (see `ReadThroughBlobs::read`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};

@@ -13,6 +13,11 @@
 //!   every entry it is given, so a stale or tampered one is never trusted.
 //! - [`ReplicaStats`]: what both count, for the metrics module.
 //!
+//! The composition root builds one [`ReplicaStats`] per process and hands it
+//! to both: `ReadThroughBlobs::new(rocks_blobs, object_blobs, stats.clone())`
+//! and `CachedActions::new(object_actions, CachedActions::DEFAULT_TTL,
+//! CachedActions::DEFAULT_MAX_BYTES, clock, stats)`.
+//!
 //! Both are written against the storage traits only, so any backend pair
 //! composes (the object-store backends in the server, memory ones in tests).
 //!

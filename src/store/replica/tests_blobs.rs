@@ -203,3 +203,23 @@ async fn a_blob_too_large_for_the_local_cache_is_read_from_the_remote_and_not_ca
     assert!(!b.local.holds(&i, digest) && remote.inner.holds(&i, digest));
     assert!(b.blobs.check_fits(digest.size).is_ok(), "the local bound refused an upload");
 }
+
+#[tokio::test]
+async fn a_damaged_local_copy_is_replaced_from_the_remote_whose_copy_is_kept() {
+    let remote = Arc::new(FaultyBlobs::default());
+    let b = replica(&remote, None);
+    let (digest, data) = blob("good in the bucket, damaged on this replica's disk");
+    let i = instance();
+    remote.inner.put(&i, digest, data.clone()).await.unwrap();
+    let rotten = Bytes::from_static(b"rotten bytes of the same length, or not");
+    b.local.insert_unchecked(&i, digest, rotten.clone());
+    let range = b.blobs.read(&i, digest, 0, digest.size).await.unwrap();
+    assert_eq!(collect(range).await.unwrap(), data.to_vec());
+    b.local.insert_unchecked(&i, digest, rotten);
+
+    let cas = Cas::new(b.blobs.clone());
+    assert_eq!(cas.get(&i, digest, u64::MAX).await.unwrap(), Some(data.clone()));
+
+    assert!(remote.inner.holds(&i, digest), "a local fault deleted the bucket's good copy");
+    assert_eq!(b.local.get(&i, digest).await.unwrap(), Some(data));
+}
