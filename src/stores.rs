@@ -18,10 +18,6 @@ use crate::store::replica::{CachedActions, ReadThroughBlobs, ReplicaStats};
 use crate::store::rocks::RocksStore;
 use crate::store::BlobStore;
 
-/// Bytes of Action Cache entries a replica keeps in memory (each lives at
-/// most the configured `ac_ttl`, or longer only while the bucket is down).
-const AC_CACHE_BYTES: usize = 64 << 20;
-
 /// The three stores the domain needs, plus a replica's shared parts.
 pub struct Stores {
     /// The CAS and uploads.
@@ -80,7 +76,13 @@ impl Stores {
         let ac_ttl = settings.ac_ttl;
         Ok(Stores {
             blobs: Arc::new(ReadThroughBlobs::new(local, remote, replica_stats.clone())),
-            actions: Arc::new(CachedActions::new(remote_actions, ac_ttl, AC_CACHE_BYTES, clock, replica_stats.clone())),
+            actions: Arc::new(CachedActions::new(
+                remote_actions,
+                ac_ttl,
+                CachedActions::DEFAULT_MAX_BYTES,
+                clock,
+                replica_stats.clone(),
+            )),
             hits: Arc::new(ObjectHitLog::new(bucket.clone())),
             replica: Some(Replica {
                 store,
