@@ -159,7 +159,9 @@ mod tests {
 
     #[test]
     fn the_store_flag_wins_over_the_file_and_the_storage_table_is_printed_as_given() {
-        let f = file("plaintext_insecure = true\nstore = \"s3://from-file\"\n[storage]\nregion = \"eu-1\"\nac_ttl = \"2s\"\n");
+        let f = file(
+            "plaintext_insecure = true\nstore = \"s3://from-file\"\n[storage]\nregion = \"eu-1\"\nac_ttl = \"2s\"\n",
+        );
         let s = resolve(flags(&["--store", "s3://from-flag/p"]), None, Some(f.clone())).unwrap();
         assert_eq!(s.store.as_deref(), Some("s3://from-flag/p"));
         assert_eq!(s.storage.ac_ttl, Some(Duration::from_secs(2)));

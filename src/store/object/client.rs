@@ -137,7 +137,11 @@ impl ObjectStoreSettings {
             self.url(),
             self.describe_endpoint(),
             self.region.as_deref().unwrap_or("from AWS_REGION"),
-            if self.path_style.unwrap_or(self.effective_endpoint().is_some()) { "path-style" } else { "virtual-hosted" },
+            if self.path_style.unwrap_or(self.effective_endpoint().is_some()) {
+                "path-style"
+            } else {
+                "virtual-hosted"
+            },
             d(self.connect_timeout),
             d(self.request_timeout),
             self.max_retries,
@@ -183,6 +187,13 @@ fn check_endpoint(endpoint: &str, what: &str) -> anyhow::Result<()> {
 /// only provider compiled in, as for tonic), and ring is installed as the
 /// process's rustls provider for reqwest's TLS.
 pub fn connect(settings: &ObjectStoreSettings) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    connect_from(AmazonS3Builder::from_env(), settings)
+}
+
+/// [`connect`] from another starting point than the environment, for a
+/// caller that holds its own credentials (a test against a local store
+/// must not set process-wide variables).
+pub fn connect_from(base: AmazonS3Builder, settings: &ObjectStoreSettings) -> anyhow::Result<Arc<dyn ObjectStore>> {
     // Already installed (by the server or an earlier call) is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let endpoint = settings.effective_endpoint();
@@ -199,7 +210,7 @@ pub fn connect(settings: &ObjectStoreSettings) -> anyhow::Result<Arc<dyn ObjectS
         max_retries: settings.max_retries,
         retry_timeout: settings.request_timeout * (settings.max_retries as u32 + 1),
     };
-    let mut builder = AmazonS3Builder::from_env()
+    let mut builder = base
         .with_bucket_name(&settings.bucket)
         .with_client_options(options)
         .with_retry(retry)
@@ -269,7 +280,10 @@ mod tests {
     #[test]
     fn an_endpoint_must_be_an_http_url_without_credentials() {
         let s = ObjectStoreSettings::parse("s3://bucket").unwrap();
-        assert_eq!(s.clone().with_endpoint("http://127.0.0.1:8333/").unwrap().endpoint.unwrap(), "http://127.0.0.1:8333");
+        assert_eq!(
+            s.clone().with_endpoint("http://127.0.0.1:8333/").unwrap().endpoint.unwrap(),
+            "http://127.0.0.1:8333"
+        );
         let msg = s.clone().with_endpoint("127.0.0.1:8333").unwrap_err().to_string();
         assert!(msg.contains("expected http://HOST"), "{msg}");
         let msg = s.with_endpoint("https://AKIA:hunter2@s3.example").unwrap_err().to_string();
