@@ -77,7 +77,8 @@ impl Seaweed {
     /// tests/setup.sh, when SeaweedFS is not installed.
     pub fn start() -> Seaweed {
         let weed = weed_binary();
-        let ports = Ports { master: free_ports(), volume: free_ports(), filer: free_ports(), s3: free_ports() };
+        let [m, mg, v, vg, f, fg, s, sg] = free_ports();
+        let ports = Ports { master: [m, mg], volume: [v, vg], filer: [f, fg], s3: [s, sg] };
         let dir = tempfile::tempdir().expect("a directory for SeaweedFS");
         let mut seaweed = Seaweed { weed, dir, ports, child: None, watchdog: None, probe_written: false };
         seaweed.spawn();
@@ -270,11 +271,10 @@ fn weed_binary() -> PathBuf {
     weed
 }
 
-/// Two ports free now (HTTP and gRPC of one component).
-fn free_ports() -> [u16; 2] {
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    [a.local_addr().unwrap().port(), b.local_addr().unwrap().port()]
+/// `N` distinct ports free now (all held until all are chosen).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: [TcpListener; N] = std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").unwrap());
+    listeners.map(|l| l.local_addr().unwrap().port())
 }
 
 fn port_flags(component: &str, ports: [u16; 2]) -> [String; 2] {
