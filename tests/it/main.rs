@@ -19,4 +19,5 @@ mod metrics;
 mod mtls;
 mod provenance;
 mod reliability;
+mod scale_out;
 mod verify_build;

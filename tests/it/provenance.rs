@@ -2,7 +2,7 @@
 //! T13, T14, R10): real servers on 127.0.0.1:0, with stored entries tampered
 //! at rest through the live store while the server runs.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -13,7 +13,7 @@ use provcache::proto::prov::storage::StoredActionEntry;
 use provcache::proto::prov::{ActionResultStatement, ClientClaims, Envelope, VerificationStatus};
 use provcache::proto::reapi;
 use provcache::provenance::signing::{self, SigningKey, ENVELOPE_TYPE_URL, STATUS_TYPE_URL};
-use provcache::provenance::trust::{render_key_entry, KeyState};
+use provcache::provenance::trust::KeyState;
 use provcache::provenance::verify::{verify_served, verify_stored, Expected, Reason};
 use provcache::provenance::Mode;
 use provcache::service::REQUEST_METADATA_HEADER;
@@ -124,26 +124,6 @@ async fn write_result(c: &mut Clients, instance: &str, salt: &str) -> (reapi::Di
     (action, reply)
 }
 
-/// Writes a file by renaming a fully written temporary file over it, as an
-/// operator's tooling would, so the server never reads half a file.
-fn write_atomically(path: &Path, contents: &[u8]) {
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-/// A trust policy listing `keys` (name, key, state), valid from a day ago for a day.
-fn policy_toml(version: u64, keys: &[(&str, &SigningKey, KeyState)]) -> String {
-    let now = SystemTime::now();
-    let day = Duration::from_secs(24 * 3600);
-    let mut text = format!("policy_version = {version}\nclock_skew = \"5m\"\n\n");
-    for (name, key, state) in keys {
-        text.push_str(&render_key_entry(name, &key.verifying_key(), *state, now - day, now + day));
-        text.push('\n');
-    }
-    text
-}
-
 /// A directory holding a signing key file and a trust policy file, for
 /// servers whose key and policy a test changes.
 struct KeyFiles {
@@ -168,10 +148,6 @@ impl KeyFiles {
             ..Default::default()
         }
     }
-}
-
-fn pem(key: &SigningKey) -> Vec<u8> {
-    key.to_pkcs8_pem().unwrap().as_bytes().to_vec()
 }
 
 // ---------------------------------------------------------------- every entry is signed

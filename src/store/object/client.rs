@@ -187,6 +187,13 @@ fn check_endpoint(endpoint: &str, what: &str) -> anyhow::Result<()> {
 /// only provider compiled in, as for tonic), and ring is installed as the
 /// process's rustls provider for reqwest's TLS.
 pub fn connect(settings: &ObjectStoreSettings) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    connect_from(AmazonS3Builder::from_env(), settings)
+}
+
+/// [`connect`] from another starting point than the environment, for a
+/// caller that holds its own credentials (a test against a local store
+/// must not set process-wide variables).
+pub fn connect_from(base: AmazonS3Builder, settings: &ObjectStoreSettings) -> anyhow::Result<Arc<dyn ObjectStore>> {
     // Already installed (by the server or an earlier call) is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let endpoint = settings.effective_endpoint();
@@ -203,7 +210,7 @@ pub fn connect(settings: &ObjectStoreSettings) -> anyhow::Result<Arc<dyn ObjectS
         max_retries: settings.max_retries,
         retry_timeout: settings.request_timeout * (settings.max_retries as u32 + 1),
     };
-    let mut builder = AmazonS3Builder::from_env()
+    let mut builder = base
         .with_bucket_name(&settings.bucket)
         .with_client_options(options)
         .with_retry(retry)

@@ -10,21 +10,28 @@
 //! - [`clients`]: [`Clients`], the REAPI clients of one channel with the
 //!   Action Cache and CAS calls the suites make, and request builders;
 //! - [`http`]: plain HTTP GETs of the metrics listener;
-//! - [`hit_log`]: paging through an invocation's hit log as an auditor.
+//! - [`keys`]: signing keys and trust policies written as files;
+//! - [`hit_log`]: paging through an invocation's hit log as an auditor;
+//! - [`seaweed`]: [`Seaweed`], a real S3-compatible object store (SeaweedFS)
+//!   with a bucket per test, for the replica suites.
 #![allow(dead_code)]
 
 pub mod certs;
 pub mod clients;
 pub mod hit_log;
 pub mod http;
+pub mod keys;
 pub mod process;
+pub mod seaweed;
 pub mod server;
 
 pub use certs::*;
 pub use clients::*;
 pub use hit_log::*;
 pub use http::*;
+pub use keys::*;
 pub use process::*;
+pub use seaweed::*;
 pub use server::*;
 
 use provcache::cache::digest::{Digest, DigestFunction};

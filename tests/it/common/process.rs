@@ -53,6 +53,20 @@ impl ServerProcess {
         Self::start_binary(Path::new(env!("CARGO_BIN_EXE_provcache")), args)
     }
 
+    /// Like [`ServerProcess::start`] with extra environment variables (for
+    /// example the object store's `AWS_*`), kept for restarts.
+    pub fn start_with_env<I, S>(args: I, env: Vec<(String, String)>) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let tmp = tempfile::tempdir().expect("creating the server's temp dir");
+        let data_dir = tmp.path().join("data");
+        fs::create_dir(&data_dir).unwrap();
+        let bin = Path::new(env!("CARGO_BIN_EXE_provcache"));
+        Self::launch(bin, tmp, data_dir, args.into_iter().map(Into::into).collect(), env)
+    }
+
     /// Like [`ServerProcess::start`] with another `provcache` binary (for
     /// example a build from before a change, to measure both).
     pub fn start_binary<I, S>(bin: &Path, args: I) -> Self
@@ -63,7 +77,7 @@ impl ServerProcess {
         let tmp = tempfile::tempdir().expect("creating the server's temp dir");
         let data_dir = tmp.path().join("data");
         fs::create_dir(&data_dir).unwrap();
-        Self::launch(bin, tmp, data_dir, args.into_iter().map(Into::into).collect())
+        Self::launch(bin, tmp, data_dir, args.into_iter().map(Into::into).collect(), Vec::new())
     }
 
     /// Like [`ServerProcess::start`] on a data directory the caller prepared
@@ -75,10 +89,16 @@ impl ServerProcess {
     {
         let tmp = tempfile::tempdir().expect("creating the server's temp dir");
         let bin = Path::new(env!("CARGO_BIN_EXE_provcache"));
-        Self::launch(bin, tmp, data_dir.to_path_buf(), args.into_iter().map(Into::into).collect())
+        Self::launch(bin, tmp, data_dir.to_path_buf(), args.into_iter().map(Into::into).collect(), Vec::new())
     }
 
-    fn launch(bin: &Path, tmp: tempfile::TempDir, data_dir: PathBuf, args: Vec<String>) -> Self {
+    fn launch(
+        bin: &Path,
+        tmp: tempfile::TempDir,
+        data_dir: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let log_path = tmp.path().join("server.log");
         let mut server = ServerProcess {
             bin: bin.to_path_buf(),
@@ -88,7 +108,7 @@ impl ServerProcess {
             log_path,
             scheme: String::new(),
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            env: Vec::new(),
+            env,
             _tmp: tmp,
         };
         server.spawn();
