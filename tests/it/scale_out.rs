@@ -327,11 +327,12 @@ async fn with_the_object_store_down_writes_fail_unavailable_cached_hits_are_serv
     assert_eq!(c.read(&blob_name(&out), 0, 0).await.unwrap(), b"output of before-the-outage");
 
     seaweed.stop();
+    // A batch answers per blob (REAPI): the blob's status is UNAVAILABLE.
     let refused = c.batch_update("", &[b"written during the outage"]).await;
-    let status = match refused {
-        Ok(codes) => panic!("a write during the outage was answered {codes:?}, not UNAVAILABLE"),
-        Err(status) => status,
-    };
+    assert_eq!(refused.unwrap(), vec![Code::Unavailable as i32], "a batched write during the outage");
+    // A stream fails as a whole, and says why.
+    let data = b"streamed during the outage";
+    let status = c.write(&format!("uploads/outage/{}", blob_name(&sha(data))), data, 8).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("object store"), "the message names the object store: {status:?}");
     assert_eq!(c.read(&blob_name(&out), 0, 0).await.unwrap(), b"output of before-the-outage", "a local blob");
