@@ -10,7 +10,9 @@ use super::ClientArgs;
 pub struct BenchArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// Scenarios to run, in order: ac-hit, ac-update, find-missing, write, read, big-write, big-read.
+    /// Scenarios to run, in order: ac-hit, ac-update, find-missing, write,
+    /// read, big-write, big-read; and, with --store, the object store's raw
+    /// speed beneath a replica: raw-store-write, raw-store-read.
     #[arg(long, value_delimiter = ',', default_value = "ac-hit,find-missing,write,read")]
     scenario: Vec<String>,
     /// Concurrent request loops.
@@ -70,6 +72,11 @@ pub struct BenchArgs {
     /// per call, and --attacker its memory (Linux).
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
+    /// The object store (s3://BUCKET/PREFIX; endpoint and credentials from
+    /// the AWS_* variables) whose raw speed the raw-store-* scenarios
+    /// measure, with the client library and part sizes a replica uses.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
     /// The attacker's own client certificate (same CA as --ca), so that its
     /// share of per-identity limits is not the honest client's.
     #[arg(long, requires = "attacker_key")]
@@ -105,6 +112,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         server_pid: args.server_pid,
     };
     for scenario in &args.scenario {
+        if let Some(kind) = scenario.strip_prefix("raw-store-") {
+            println!("{}", raw_store(args.store.as_deref(), kind, args.size as usize).await?);
+            continue;
+        }
         if let Some(kind) = &args.attacker {
             let attacker = provcache::tools::bench::Attacker { target: &attacker_target, kind, loops: args.attackers };
             provcache::tools::bench::run_under_attack(&target, scenario, &params, &attacker, args.server_pid).await?;
@@ -114,6 +125,15 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         println!("{report}");
     }
     Ok(())
+}
+
+/// The object store's raw speed beneath a replica (`raw-store-write`,
+/// `raw-store-read`), for the store named by `--store`.
+async fn raw_store(url: Option<&str>, kind: &str, size: usize) -> anyhow::Result<provcache::tools::bench::Report> {
+    use provcache::store::object::client::{self, ObjectStoreSettings};
+    let url = url.context("the raw-store-* scenarios need --store s3://BUCKET/PREFIX")?;
+    let store = client::connect(&ObjectStoreSettings::parse(url)?)?;
+    provcache::tools::bench_object::run(&store, kind, size).await
 }
 
 async fn soak(args: &BenchArgs, duration: std::time::Duration) -> anyhow::Result<()> {

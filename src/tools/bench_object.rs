@@ -92,3 +92,18 @@ pub async fn probe(store: &Arc<dyn ObjectStore>) -> anyhow::Result<()> {
     store.delete(&key).await.context("probe DELETE")?;
     Ok(())
 }
+
+/// Runs `raw-store-{kind}`: `write` streams `size` bytes into the store (and
+/// deletes them), `read` writes them and reports reading them back.
+pub async fn run(store: &Arc<dyn ObjectStore>, kind: &str, size: usize) -> anyhow::Result<Report> {
+    probe(store).await?;
+    let (written, key) = raw_write(store, size, RawParams::default()).await?;
+    match kind {
+        "write" => {
+            store.delete(&key).await.context("deleting the raw benchmark object")?;
+            Ok(written)
+        }
+        "read" => raw_read(store, &key, size).await,
+        other => bail!("unknown scenario raw-store-{other} (raw-store-write, raw-store-read)"),
+    }
+}

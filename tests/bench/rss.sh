@@ -7,13 +7,15 @@
 #
 #   tests/bench/rss.sh [SIZE ...]              # default: 256MiB 4GiB
 #   PROVCACHE_BIN=path/to/provcache tests/bench/rss.sh 4GiB
+#   PROVCACHE_RSS_FLAGS='--store s3://bucket/prefix' tests/bench/rss.sh 4GiB   # a replica
 #
 # Needs about 2x the largest SIZE free under $TMPDIR (the data directory).
 set -euo pipefail
 [ $# -gt 0 ] || set -- 256MiB 4GiB
 # shellcheck source=tests/bench/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-start_provcache data --plaintext-insecure
+# shellcheck disable=SC2086 # the extra flags are words
+start_provcache data --plaintext-insecure ${PROVCACHE_RSS_FLAGS:-}
 url=${url#grpc://}
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"; }
