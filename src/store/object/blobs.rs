@@ -28,6 +28,14 @@ const MAX_OBJECT: u64 = 5 << 40;
 #[derive(Debug)]
 pub struct ObjectBlobs {
     bucket: Bucket,
+    known: Known,
+}
+
+/// What this process remembers of blob keys, shared with the checks of
+/// streamed reads (which confirm a blob only once its last byte matched).
+#[derive(Clone, Debug)]
+struct Known {
+    bucket: Bucket,
     /// Blob key → when the bucket last confirmed it present.
     present: Arc<Recent<SystemTime>>,
     /// Blob key → when this process last re-dated it.
@@ -38,16 +46,25 @@ impl ObjectBlobs {
     /// The CAS of `bucket`.
     pub fn new(bucket: Bucket) -> Self {
         let entries = bucket.options.existence_entries;
-        ObjectBlobs { bucket, present: Arc::new(Recent::new(entries)), refreshed: Arc::new(Recent::new(entries)) }
+        let known = Known {
+            bucket: bucket.clone(),
+            present: Arc::new(Recent::new(entries)),
+            refreshed: Arc::new(Recent::new(entries)),
+        };
+        ObjectBlobs { bucket, known }
     }
+}
 
+impl Known {
     /// Whether `key` was confirmed present within the existence TTL.
-    fn known_present(&self, key: &Path, now: SystemTime) -> bool {
+    fn present(&self, key: &Path, now: SystemTime) -> bool {
         self.present.get(key).is_some_and(|seen| !older_than(seen, self.bucket.options.existence_ttl, now))
     }
 
     /// Notes a confirmation of `key` last modified at `modified`, and
-    /// re-dates it in the background when it is getting old.
+    /// re-dates it in the background when it is getting old. Called only
+    /// after a HEAD (no bytes seen) or once the bytes read matched the
+    /// digest, so the re-dating copies back only what was there and good.
     fn confirmed(&self, key: &Path, modified: SystemTime) {
         let now = self.bucket.now();
         self.present.insert(key.clone(), now);
@@ -93,16 +110,16 @@ impl BlobStore for ObjectBlobs {
         let now = self.bucket.now();
         super::bucket::in_order(digests.to_vec(), |digest| async move {
             let key = keys::blob(instance, &digest);
-            if self.known_present(&key, now) {
+            if self.known.present(&key, now) {
                 return Ok(true);
             }
             match self.bucket.head(&key).await? {
                 Some(meta) => {
-                    self.confirmed(&key, meta.last_modified.into());
+                    self.known.confirmed(&key, meta.last_modified.into());
                     Ok(true)
                 }
                 None => {
-                    self.present.remove(&key);
+                    self.known.present.remove(&key);
                     Ok(false)
                 }
             }
@@ -110,13 +127,23 @@ impl BlobStore for ObjectBlobs {
         .await
     }
 
+    /// Checks the bytes against the digest before re-dating the object (a
+    /// re-dating copies the object back onto its key); the caller still
+    /// checks too, as the trait says.
     async fn get(&self, instance: &InstanceName, digest: Digest) -> Result<Option<Bytes>> {
         let key = keys::blob(instance, &digest);
         let Some((bytes, meta)) = self.bucket.get(&key).await? else {
-            self.present.remove(&key);
+            self.known.present.remove(&key);
             return Ok(None);
         };
-        self.confirmed(&key, meta.last_modified.into());
+        let (bytes, good) = tokio::task::spawn_blocking(move || {
+            let good = digest.verify(&bytes).is_ok();
+            (bytes, good)
+        })
+        .await?;
+        if good {
+            self.known.confirmed(&key, meta.last_modified.into());
+        }
         Ok(Some(bytes))
     }
 
@@ -129,15 +156,16 @@ impl BlobStore for ObjectBlobs {
     async fn read(&self, instance: &InstanceName, digest: Digest, offset: u64, end: u64) -> Result<Option<BlobStream>> {
         let key = keys::blob(instance, &digest);
         let Some(result) = self.bucket.get_stream(&key, GetOptions::default()).await? else {
-            self.present.remove(&key);
+            self.known.present.remove(&key);
             return Ok(None);
         };
         if result.meta.size != digest.size {
             return Err(corrupt_blob(digest, self.bucket.delete(&key).await));
         }
-        self.confirmed(&key, result.meta.last_modified.into());
+        let modified = result.meta.last_modified.into();
         let body = result.into_stream();
-        let check = Check { bucket: self.bucket.clone(), key, digest, hasher: digest.function.hasher(), at: 0 };
+        let known = self.known.clone();
+        let check = Check { known, key, digest, modified, hasher: digest.function.hasher(), at: 0 };
         Ok(Some(checked_range(body, check, offset, end)))
     }
 
@@ -145,19 +173,19 @@ impl BlobStore for ObjectBlobs {
         self.check_fits(data.len() as u64)?;
         let key = keys::blob(instance, &digest);
         self.bucket.put(&key, data, PutMode::Create).await?;
-        self.present.insert(key, self.bucket.now());
+        self.known.present.insert(key, self.bucket.now());
         Ok(())
     }
 
     async fn begin_write(&self, instance: &InstanceName, digest: Digest) -> Result<Box<dyn BlobWriter>> {
         let key = keys::blob(instance, &digest);
-        let writer = ObjectWriter::begin(self.bucket.clone(), key, digest.size, self.present.clone()).await?;
+        let writer = ObjectWriter::begin(self.bucket.clone(), key, digest.size, self.known.present.clone()).await?;
         Ok(Box::new(writer))
     }
 
     async fn delete(&self, instance: &InstanceName, digest: Digest) -> Result<()> {
         let key = keys::blob(instance, &digest);
-        self.present.remove(&key);
+        self.known.present.remove(&key);
         self.bucket.delete(&key).await
     }
 
@@ -172,16 +200,19 @@ impl BlobStore for ObjectBlobs {
 
 /// The running digest check of a streamed blob.
 struct Check {
-    bucket: Bucket,
+    known: Known,
     key: Path,
     digest: Digest,
+    /// The object's last-modified time, for re-dating once it checked out.
+    modified: SystemTime,
     hasher: Hasher,
     /// Bytes hashed so far.
     at: u64,
 }
 
 /// The `[offset, end)` part of `body`, ending with DATA_LOSS (and the object
-/// deleted) when the whole body does not match the digest.
+/// deleted) when the whole body does not match the digest; confirmed (and
+/// maybe re-dated) only once it did.
 fn checked_range(
     body: BoxStream<'static, object_store::Result<Bytes>>,
     check: Check,
@@ -197,7 +228,7 @@ fn checked_range(
                     let start = check.at;
                     check.hasher.update(&chunk);
                     check.at += chunk.len() as u64;
-                    check.bucket.stats.read(chunk.len() as u64);
+                    check.known.bucket.stats.read(chunk.len() as u64);
                     let (from, to) = (offset.clamp(start, check.at), end.clamp(start, check.at));
                     if from < to {
                         let piece = chunk.slice((from - start) as usize..(to - start) as usize);
@@ -206,11 +237,12 @@ fn checked_range(
                 }
                 Some(Err(e)) => return Some((Err(super::bucket::failed(Op::Get, &check.key, e)), None)),
                 None => {
-                    let Check { bucket, key, digest, hasher, at } = check;
+                    let Check { known, key, digest, modified, hasher, at } = check;
                     if at == digest.size && hasher.finalize() == digest.hash {
+                        known.confirmed(&key, modified);
                         return None;
                     }
-                    return Some((Err(corrupt_blob(digest, bucket.delete(&key).await)), None));
+                    return Some((Err(corrupt_blob(digest, known.bucket.delete(&key).await)), None));
                 }
             }
         }

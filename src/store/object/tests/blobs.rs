@@ -123,3 +123,34 @@ async fn a_used_blob_older_than_the_refresh_age_is_redated_once() {
     let scratch: Vec<_> = store.list(Some(&"tmp".into())).collect().await;
     assert!(scratch.is_empty(), "the scratch copy is deleted");
 }
+
+#[tokio::test]
+async fn an_old_blob_whose_bytes_do_not_match_is_never_redated() {
+    let (store, bucket, clock) = bucket();
+    let stats = bucket.stats();
+    let blobs = ObjectBlobs::new(bucket);
+    let i = InstanceName::default();
+    let d = digest(b"0123456789");
+    store.put(&keys::blob(&i, &d), PutPayload::from_static(b"0123456780")).await.unwrap();
+    clock.advance(Duration::from_secs(2 * 86_400));
+    blobs.get(&i, d).await.unwrap();
+    let read: Vec<_> = blobs.read(&i, d, 0, 3).await.unwrap().unwrap().collect().await;
+    assert!(read.last().unwrap().is_err(), "the ranged read of a corrupt blob fails");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(requests(&stats, Op::Copy), 0, "no corrupt byte is copied back onto the key");
+    assert_eq!(stats.snapshot().refreshes, 0);
+}
+
+#[tokio::test]
+async fn an_old_blob_read_to_its_end_and_matching_is_redated() {
+    let (_, bucket, clock) = bucket();
+    let stats = bucket.stats();
+    let blobs = ObjectBlobs::new(bucket);
+    let i = InstanceName::default();
+    let data = Bytes::from_static(b"0123456789");
+    blobs.put(&i, digest(&data), data.clone()).await.unwrap();
+    clock.advance(Duration::from_secs(2 * 86_400));
+    let read: Vec<_> = blobs.read(&i, digest(&data), 0, 3).await.unwrap().unwrap().collect().await;
+    assert!(read.iter().all(Result::is_ok));
+    settle(&stats, |s| s.snapshot().refreshes, 1).await;
+}
