@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use object_store::path::Path;
-use object_store::{GetOptions, PutMode};
+use object_store::{GetOptions, ObjectMeta, PutMode};
 
 use super::bucket::{older_than, spawn, Bucket, Recent};
 use super::keys;
@@ -40,6 +40,9 @@ struct Known {
     present: Arc<Recent<SystemTime>>,
     /// Blob key → when this process last re-dated it.
     refreshed: Arc<Recent<SystemTime>>,
+    /// Blob key → the object a GET found damaged, which the caller's
+    /// delete then removes only if it is still there.
+    damaged: Arc<Recent<ObjectMeta>>,
 }
 
 impl ObjectBlobs {
@@ -50,12 +53,21 @@ impl ObjectBlobs {
             bucket: bucket.clone(),
             present: Arc::new(Recent::new(entries)),
             refreshed: Arc::new(Recent::new(entries)),
+            damaged: Arc::new(Recent::new(entries)),
         };
         ObjectBlobs { bucket, known }
     }
 }
 
 impl Known {
+    /// Removes the damaged object `read` described from `key`, unless
+    /// another replica replaced it meanwhile, and forgets it was present.
+    async fn discard(&self, key: &Path, read: &ObjectMeta) -> Result<()> {
+        self.present.remove(key);
+        self.damaged.remove(key);
+        self.bucket.delete_if_same(key, read).await.map(|_| ())
+    }
+
     /// Whether `key` was confirmed present within the existence TTL.
     fn present(&self, key: &Path, now: SystemTime) -> bool {
         self.present.get(key).is_some_and(|seen| !older_than(seen, self.bucket.options.existence_ttl, now))
@@ -143,6 +155,9 @@ impl BlobStore for ObjectBlobs {
         .await?;
         if good {
             self.known.confirmed(&key, meta.last_modified.into());
+        } else {
+            self.known.present.remove(&key);
+            self.known.damaged.insert(key, meta);
         }
         Ok(Some(bytes))
     }
@@ -160,12 +175,12 @@ impl BlobStore for ObjectBlobs {
             return Ok(None);
         };
         if result.meta.size != digest.size {
-            return Err(corrupt_blob(digest, self.bucket.delete(&key).await));
+            return Err(corrupt_blob(digest, self.known.discard(&key, &result.meta).await));
         }
-        let modified = result.meta.last_modified.into();
+        let meta = result.meta.clone();
         let body = result.into_stream();
         let known = self.known.clone();
-        let check = Check { known, key, digest, modified, hasher: digest.function.hasher(), at: 0 };
+        let check = Check { known, key, digest, meta, hasher: digest.function.hasher(), at: 0 };
         Ok(Some(checked_range(body, check, offset, end)))
     }
 
@@ -183,8 +198,14 @@ impl BlobStore for ObjectBlobs {
         Ok(Box::new(writer))
     }
 
+    /// After a GET that found the blob damaged (the caller's repair), only
+    /// that object is removed: a good one another replica uploaded since
+    /// stays. Otherwise the object is removed whatever it is.
     async fn delete(&self, instance: &InstanceName, digest: Digest) -> Result<()> {
         let key = keys::blob(instance, &digest);
+        if let Some(read) = self.known.damaged.get(&key) {
+            return self.known.discard(&key, &read).await;
+        }
         self.known.present.remove(&key);
         self.bucket.delete(&key).await
     }
@@ -203,8 +224,9 @@ struct Check {
     known: Known,
     key: Path,
     digest: Digest,
-    /// The object's last-modified time, for re-dating once it checked out.
-    modified: SystemTime,
+    /// The object as the GET found it: re-dated once it checked out,
+    /// removed (if still there) when it did not.
+    meta: ObjectMeta,
     hasher: Hasher,
     /// Bytes hashed so far.
     at: u64,
@@ -237,12 +259,12 @@ fn checked_range(
                 }
                 Some(Err(e)) => return Some((Err(super::bucket::failed(Op::Get, &check.key, e)), None)),
                 None => {
-                    let Check { known, key, digest, modified, hasher, at } = check;
+                    let Check { known, key, digest, meta, hasher, at } = check;
                     if at == digest.size && hasher.finalize() == digest.hash {
-                        known.confirmed(&key, modified);
+                        known.confirmed(&key, meta.last_modified.into());
                         return None;
                     }
-                    return Some((Err(corrupt_blob(digest, known.bucket.delete(&key).await)), None));
+                    return Some((Err(corrupt_blob(digest, known.discard(&key, &meta).await)), None));
                 }
             }
         }

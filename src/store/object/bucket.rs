@@ -166,6 +166,25 @@ impl Bucket {
         absent_is_none(Op::Delete, key, self.call(Op::Delete, self.store.delete(key)).await).map(|_| ())
     }
 
+    /// DELETE of the object `read` described, only if `key` still holds it
+    /// (same e-tag, or same time and size when the bucket gives none):
+    /// object_store has no conditional delete, so a HEAD compares first.
+    /// Another replica may have replaced a corrupt blob with a good one
+    /// meanwhile; that one stays. Returns whether it deleted.
+    pub(super) async fn delete_if_same(&self, key: &Path, read: &ObjectMeta) -> Result<bool> {
+        let Some(now) = self.head(key).await? else { return Ok(false) };
+        let same = match (&now.e_tag, &read.e_tag) {
+            (Some(now), Some(read)) => now == read,
+            _ => now.last_modified == read.last_modified && now.size == read.size,
+        };
+        if !same {
+            tracing::warn!(%key, "the damaged object was replaced meanwhile; keeping the new one");
+            return Ok(false);
+        }
+        self.delete(key).await?;
+        Ok(true)
+    }
+
     /// COPY (overwriting `to`).
     pub(super) async fn copy(&self, from: &Path, to: &Path) -> Result<()> {
         self.call(Op::Copy, self.store.copy(from, to)).await.map_err(|e| failed(Op::Copy, from, e))

@@ -154,3 +154,24 @@ async fn an_old_blob_read_to_its_end_and_matching_is_redated() {
     assert!(read.iter().all(Result::is_ok));
     settle(&stats, |s| s.snapshot().refreshes, 1).await;
 }
+
+#[tokio::test]
+async fn removing_a_corrupt_blob_spares_a_good_one_uploaded_since_the_read() {
+    let (store, bucket, _) = bucket();
+    let blobs = ObjectBlobs::new(bucket);
+    let i = InstanceName::default();
+    let (good, d) = (Bytes::from_static(b"0123456789"), digest(b"0123456789"));
+    let key = keys::blob(&i, &d);
+    store.put(&key, PutPayload::from_static(b"0123456780")).await.unwrap();
+    assert_ne!(blobs.get(&i, d).await.unwrap(), Some(good.clone()));
+    store.put(&key, PutPayload::from(good.clone())).await.unwrap();
+    blobs.delete(&i, d).await.unwrap();
+    assert_eq!(store.get(&key).await.unwrap().bytes().await.unwrap(), good, "the caller's repair keeps the good blob");
+
+    store.put(&key, PutPayload::from_static(b"0123456780")).await.unwrap();
+    let stream = blobs.read(&i, d, 0, 3).await.unwrap().unwrap();
+    store.put(&key, PutPayload::from(good.clone())).await.unwrap();
+    let read: Vec<_> = stream.collect().await;
+    assert_eq!(read.last().unwrap().as_ref().unwrap_err().code(), tonic::Code::DataLoss);
+    assert_eq!(store.get(&key).await.unwrap().bytes().await.unwrap(), good, "the failed read keeps the good blob");
+}
