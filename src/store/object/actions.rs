@@ -8,12 +8,20 @@ use async_trait::async_trait;
 use object_store::path::Path;
 use object_store::{GetOptions, PutMode, UpdateVersion};
 
-use super::bucket::{in_order, older_than, page_of, spawn, Bucket, Created, Recent};
+use super::bucket::{in_order, older_than, page_of, spawn, Bucket, Created, Found, Recent};
 use super::keys;
+use crate::cache::action_result::MAX_RESULT_BYTES;
 use crate::cache::digest::Digest;
 use crate::cache::resource::InstanceName;
 use crate::error::{Error, Result};
+use crate::provenance::verify::MAX_ENVELOPE_BYTES;
 use crate::store::action_store::{ActionStore, HistoryPage, Version};
+
+/// Largest object read as an entry or a history version: a stored entry is
+/// an ActionResult (at most [`MAX_RESULT_BYTES`]) and its signature
+/// envelope; a larger object is damaged and read as a miss.
+const MAX_ENTRY_BYTES: u64 = 16 << 20;
+const _: () = assert!(MAX_ENTRY_BYTES as usize > 2 * MAX_RESULT_BYTES + MAX_ENVELOPE_BYTES);
 
 /// Times tried for a history version whose time another writer took.
 const HISTORY_ATTEMPTS: u64 = 64;
@@ -47,7 +55,7 @@ impl ObjectActions {
 /// ever replacing a newer entry.
 async fn redate(bucket: &Bucket, key: &Path, seen: Seen) -> Result<()> {
     let if_match = GetOptions { if_match: seen.e_tag.clone(), ..Default::default() };
-    let Some((bytes, _)) = bucket.get_if(key, if_match).await? else { return Ok(()) };
+    let Some(Found::Body(bytes, _)) = bucket.get_if(key, if_match, MAX_ENTRY_BYTES).await? else { return Ok(()) };
     let expected = UpdateVersion { e_tag: seen.e_tag, version: seen.version };
     if bucket.put(key, bytes, PutMode::Update(expected)).await? == Created::Yes {
         bucket.stats.refreshed();
@@ -59,7 +67,14 @@ async fn redate(bucket: &Bucket, key: &Path, seen: Seen) -> Result<()> {
 impl ActionStore for ObjectActions {
     async fn get(&self, instance: &InstanceName, action: &Digest) -> Result<Option<Vec<u8>>> {
         let key = keys::action(instance, action);
-        let Some((bytes, meta)) = self.bucket.get(&key).await? else { return Ok(None) };
+        let (bytes, meta) = match self.bucket.get(&key, MAX_ENTRY_BYTES).await? {
+            Some(Found::Body(bytes, meta)) => (bytes, meta),
+            Some(Found::TooLarge(meta)) => {
+                tracing::error!(%key, size = meta.size, "an Action Cache object is too large to be an entry; a miss");
+                return Ok(None);
+            }
+            None => return Ok(None),
+        };
         let seen = Seen { e_tag: meta.e_tag, version: meta.version, modified: meta.last_modified.into() };
         self.seen.insert(key, seen);
         Ok(Some(bytes.to_vec()))
@@ -106,8 +121,10 @@ impl ActionStore for ObjectActions {
         let sized = listed.iter().filter_map(|m| Some((keys::number_of(&m.location)?, m.size as usize)));
         let (taken, next) = page_of(sized, max_count, max_bytes, must_progress);
         let keys = taken.iter().map(|at| keys::history(instance, action, *at)).collect();
-        let bodies = self.bucket.get_all(keys).await?;
-        let versions = taken.into_iter().zip(bodies).filter_map(|(at, body)| Some((at, body?.0.to_vec()))).collect();
+        let bodies = self.bucket.get_all(keys, MAX_ENTRY_BYTES).await?;
+        // A version gone meanwhile or too large to be one is left out.
+        let versions =
+            taken.into_iter().zip(bodies).filter_map(|(at, body)| Some((at, body?.body()?.to_vec()))).collect();
         Ok(HistoryPage { versions, next })
     }
 

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{GetOptions, ObjectMeta, PutMode};
 
-use super::bucket::{older_than, spawn, Bucket, Recent};
+use super::bucket::{older_than, spawn, Bucket, Found, Recent};
 use super::keys;
 use super::stats::Op;
 use super::writer::ObjectWriter;
@@ -144,9 +144,13 @@ impl BlobStore for ObjectBlobs {
     /// checks too, as the trait says.
     async fn get(&self, instance: &InstanceName, digest: Digest) -> Result<Option<Bytes>> {
         let key = keys::blob(instance, &digest);
-        let Some((bytes, meta)) = self.bucket.get(&key).await? else {
-            self.known.present.remove(&key);
-            return Ok(None);
+        let (bytes, meta) = match self.bucket.get(&key, digest.size).await? {
+            Some(Found::Body(bytes, meta)) => (bytes, meta),
+            Some(Found::TooLarge(meta)) => return Err(corrupt_blob(digest, self.known.discard(&key, &meta).await)),
+            None => {
+                self.known.present.remove(&key);
+                return Ok(None);
+            }
         };
         let (bytes, good) = tokio::task::spawn_blocking(move || {
             let good = digest.verify(&bytes).is_ok();

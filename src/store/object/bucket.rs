@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{GetOptions, GetResult, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -120,21 +120,19 @@ impl Bucket {
         absent_is_none(Op::Head, key, self.call(Op::Head, self.store.head(key)).await)
     }
 
-    /// GET of the whole object with its metadata, `None` if absent.
-    pub(super) async fn get(&self, key: &Path) -> Result<Option<(Bytes, ObjectMeta)>> {
-        self.get_if(key, GetOptions::default()).await
+    /// GET of the whole object, at most `max` bytes (the bucket is not
+    /// trusted to send a sane size), `None` if absent.
+    pub(super) async fn get(&self, key: &Path, max: u64) -> Result<Option<Found>> {
+        self.get_if(key, GetOptions::default(), max).await
     }
 
-    /// GET of the whole object with its metadata, `None` if absent or if a
-    /// precondition in `options` (an e-tag) does not hold.
-    pub(super) async fn get_if(&self, key: &Path, options: GetOptions) -> Result<Option<(Bytes, ObjectMeta)>> {
-        let request = async {
-            let result = self.store.get_opts(key, options).await?;
-            let meta = result.meta.clone();
-            Ok((result.bytes().await?, meta))
-        };
+    /// GET of the whole object, at most `max` bytes, `None` if absent or if
+    /// a precondition in `options` (an e-tag) does not hold. The size is
+    /// checked before the body is read and again while it is.
+    pub(super) async fn get_if(&self, key: &Path, options: GetOptions, max: u64) -> Result<Option<Found>> {
+        let request = async { read_at_most(self.store.get_opts(key, options).await?, max).await };
         let found = absent_is_none(Op::Get, key, self.call(Op::Get, request).await)?;
-        if let Some((bytes, _)) = &found {
+        if let Some(Found::Body(bytes, _)) = &found {
             self.stats.read(bytes.len() as u64);
         }
         Ok(found)
@@ -209,11 +207,50 @@ impl Bucket {
         Ok(listed.map_err(|e| failed(Op::List, prefix, e))?.common_prefixes)
     }
 
-    /// The bodies of `keys`, fetched [`PARALLEL`] at a time, in order; a key
-    /// gone meanwhile is `None`.
-    pub(super) async fn get_all(&self, keys: Vec<Path>) -> Result<Vec<Option<(Bytes, ObjectMeta)>>> {
-        in_order(keys, |key| async move { self.get(&key).await }).await
+    /// The bodies of `keys` (each at most `max` bytes), fetched
+    /// [`PARALLEL`] at a time, in order; a key gone meanwhile is `None`.
+    pub(super) async fn get_all(&self, keys: Vec<Path>, max: u64) -> Result<Vec<Option<Found>>> {
+        in_order(keys, |key| async move { self.get(&key, max).await }).await
     }
+}
+
+/// What a bounded GET found.
+#[derive(Debug)]
+pub(super) enum Found {
+    /// The whole body, within the bound.
+    Body(Bytes, ObjectMeta),
+    /// An object over the bound: damaged (nothing this server writes is that
+    /// large), its body left unread.
+    TooLarge(ObjectMeta),
+}
+
+impl Found {
+    /// The body, when it was within the bound.
+    pub(super) fn body(self) -> Option<Bytes> {
+        match self {
+            Found::Body(bytes, _) => Some(bytes),
+            Found::TooLarge(_) => None,
+        }
+    }
+}
+
+/// Reads the body of `result` if it is at most `max` bytes, by its stated
+/// size and by what actually arrives.
+async fn read_at_most(result: GetResult, max: u64) -> object_store::Result<Found> {
+    let meta = result.meta.clone();
+    if meta.size > max {
+        return Ok(Found::TooLarge(meta));
+    }
+    let mut body = BytesMut::with_capacity(meta.size as usize);
+    let mut stream = result.into_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if (body.len() + chunk.len()) as u64 > max {
+            return Ok(Found::TooLarge(meta));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Found::Body(body.freeze(), meta))
 }
 
 /// `f` over `items`, [`PARALLEL`] at a time, answers in the items' order.

@@ -13,8 +13,14 @@ use object_store::PutMode;
 use super::bucket::{in_order, page_of, Bucket, Created};
 use super::keys;
 use crate::error::{Error, Result};
+use crate::provenance::verify::MAX_ENVELOPE_BYTES;
 use crate::store::hit_log_store::{HitLogStore, HitPage, HitRow, Purged};
 use crate::store::{StoreError, StoreErrorKind};
+
+/// Largest object read as a hit record: a signed record is one envelope the
+/// verifier accepts ([`MAX_ENVELOPE_BYTES`]) and a little framing. A larger
+/// one is damaged: its row is listed empty, which the audit reports.
+const MAX_RECORD_BYTES: u64 = 2 * MAX_ENVELOPE_BYTES as u64;
 
 /// The hit log in the bucket.
 #[derive(Debug)]
@@ -83,11 +89,14 @@ impl HitLogStore for ObjectHitLog {
             listed.into_iter().filter(|m| sequence_of(&m.location).is_some()).map(|m| (m.location, m.size as usize));
         let (taken, left_out) = page_of(sized, max_count, max_bytes, true);
         let next = left_out.and(taken.last().map(|key| key.as_ref().as_bytes().to_vec()));
-        let bodies = self.bucket.get_all(taken.clone()).await?;
+        let bodies = self.bucket.get_all(taken.clone(), MAX_RECORD_BYTES).await?;
         let rows = taken
             .iter()
             .zip(bodies)
-            .filter_map(|(key, body)| Some(HitRow { sequence: sequence_of(key), value: body?.0.to_vec() }))
+            .filter_map(|(key, body)| {
+                let value = body?.body().map(|b| b.to_vec()).unwrap_or_default();
+                Some(HitRow { sequence: sequence_of(key), value })
+            })
             .collect();
         Ok(HitPage { rows, next })
     }

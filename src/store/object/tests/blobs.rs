@@ -175,3 +175,14 @@ async fn removing_a_corrupt_blob_spares_a_good_one_uploaded_since_the_read() {
     assert_eq!(read.last().unwrap().as_ref().unwrap_err().code(), tonic::Code::DataLoss);
     assert_eq!(store.get(&key).await.unwrap().bytes().await.unwrap(), good, "the failed read keeps the good blob");
 }
+
+#[tokio::test]
+async fn a_blob_object_of_another_size_than_its_digest_is_data_loss_and_removed() {
+    let (store, bucket, _) = bucket();
+    let blobs = ObjectBlobs::new(bucket);
+    let i = InstanceName::default();
+    let d = digest(b"0123456789");
+    store.put(&keys::blob(&i, &d), PutPayload::from_static(b"0123456789 and a lot more")).await.unwrap();
+    assert_eq!(blobs.get(&i, d).await.unwrap_err().code(), tonic::Code::DataLoss);
+    assert!(store.head(&keys::blob(&i, &d)).await.is_err(), "the oversized object is removed");
+}
