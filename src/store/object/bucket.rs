@@ -293,13 +293,26 @@ fn absent_is_none<T>(op: Op, key: &Path, result: object_store::Result<T>) -> Res
     }
 }
 
-/// A bucket request that failed: UNAVAILABLE (the client retries), naming
-/// the request and key. The store's message carries no credentials.
+/// A bucket request that failed, naming the request and key. A refusal
+/// (credentials, bucket policy) or a request the store does not support is
+/// the operator's to fix, not the client's to retry: INTERNAL, saying what
+/// to check. Anything else (transport, timeout, 5xx) is UNAVAILABLE: the
+/// client retries. The store's message carries no credentials.
 pub(super) fn failed(op: Op, key: &Path, e: object_store::Error) -> Error {
-    Error::Storage(StoreError::new(
-        StoreErrorKind::Unavailable,
-        format!("object store {} of {key} failed: {e}", op.name()),
-    ))
+    use object_store::Error as E;
+    let what = format!("object store {} of {key}", op.name());
+    let (kind, message) = match &e {
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => (
+            StoreErrorKind::Other,
+            format!("{what} was refused; check the credentials and the bucket policy ([storage]): {e}"),
+        ),
+        E::NotImplemented { .. } | E::NotSupported { .. } => (
+            StoreErrorKind::Other,
+            format!("{what} is not supported by this object store; check the endpoint and its S3 features: {e}"),
+        ),
+        _ => (StoreErrorKind::Unavailable, format!("{what} failed: {e}")),
+    };
+    Error::Storage(StoreError::new(kind, message))
 }
 
 /// A bounded map of recent facts about keys (seen present, last re-dated):

@@ -68,3 +68,21 @@ async fn an_unreachable_bucket_is_unavailable_and_counted_never_absent() {
     let head = stats.snapshot().op(Op::Head);
     assert_eq!((head.requests, head.errors), (1, 1));
 }
+
+#[test]
+fn a_refused_or_unsupported_request_is_internal_and_says_what_to_fix_not_unavailable() {
+    use crate::store::object::bucket::failed;
+    let key = Path::from("cas/x");
+    let source = || "403 Forbidden".into();
+    let denied = failed(Op::Get, &key, object_store::Error::PermissionDenied { path: "cas/x".into(), source: source() });
+    assert_eq!(denied.code(), tonic::Code::Internal);
+    assert!(denied.to_string().contains("check the credentials and the bucket policy"), "{denied}");
+    let unauthenticated =
+        failed(Op::Get, &key, object_store::Error::Unauthenticated { path: "cas/x".into(), source: source() });
+    assert_eq!(unauthenticated.code(), tonic::Code::Internal);
+    let unsupported = failed(Op::Put, &key, object_store::Error::NotSupported { source: "no conditional put".into() });
+    assert_eq!(unsupported.code(), tonic::Code::Internal);
+    assert!(unsupported.to_string().contains("not supported by this object store"), "{unsupported}");
+    let down = failed(Op::Get, &key, object_store::Error::Generic { store: "S3", source: "connection refused".into() });
+    assert_eq!(down.code(), tonic::Code::Unavailable, "a transport failure stays retryable");
+}
