@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use object_store::path::Path;
 use object_store::{GetOptions, PutMode, UpdateVersion};
 
-use super::bucket::{in_order, older_than, page_of, spawn, Bucket, Created, Found, Recent};
+use super::bucket::{in_order, older_than, page_of, Bucket, Created, Found, Recent};
 use super::keys;
 use crate::cache::action_result::MAX_RESULT_BYTES;
 use crate::cache::digest::Digest;
@@ -149,7 +149,7 @@ impl ActionStore for ObjectActions {
     /// entry showed it older than the refresh age does a background task
     /// re-PUT the same bytes, conditional on the e-tag of that read, so a
     /// newer entry written meanwhile is never replaced. At most once per
-    /// refresh age per entry.
+    /// refresh age per entry, and only while a re-dating permit is free.
     fn touch(&self, instance: &InstanceName, action: &Digest) {
         let key = keys::action(instance, action);
         let Some(seen) = self.seen.get(&key) else { return };
@@ -157,13 +157,14 @@ impl ActionStore for ObjectActions {
         if !older_than(seen.modified, self.bucket.options.refresh_age, now) {
             return;
         }
-        self.seen.insert(key.clone(), Seen { modified: now, ..seen.clone() });
-        let bucket = self.bucket.clone();
-        spawn(async move {
-            if let Err(e) = redate(&bucket, &key, seen).await {
-                tracing::warn!(%key, error = %e, "could not refresh the age of a used action entry");
-            }
-        });
+        let (bucket, current) = (self.bucket.clone(), seen.clone());
+        let task = {
+            let key = key.clone();
+            async move { redate(&bucket, &key, current).await }
+        };
+        if self.bucket.spawn_redate(key.clone(), task) {
+            self.seen.insert(key, Seen { modified: now, ..seen });
+        }
     }
 }
 

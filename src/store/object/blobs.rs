@@ -12,7 +12,7 @@ use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{GetOptions, ObjectMeta, PutMode};
 
-use super::bucket::{older_than, spawn, Bucket, Found, Recent};
+use super::bucket::{older_than, Bucket, Found, Recent};
 use super::keys;
 use super::stats::Op;
 use super::writer::ObjectWriter;
@@ -84,13 +84,14 @@ impl Known {
         if !older_than(modified, age, now) || self.refreshed.get(key).is_some_and(|at| !older_than(at, age, now)) {
             return;
         }
-        self.refreshed.insert(key.clone(), now);
-        let (bucket, key) = (self.bucket.clone(), key.clone());
-        spawn(async move {
-            if let Err(e) = redate(&bucket, &key).await {
-                tracing::warn!(%key, error = %e, "could not refresh the age of a used blob");
-            }
-        });
+        let bucket = self.bucket.clone();
+        let task = {
+            let key = key.clone();
+            async move { redate(&bucket, &key).await }
+        };
+        if self.bucket.spawn_redate(key.clone(), task) {
+            self.refreshed.insert(key.clone(), now);
+        }
     }
 }
 

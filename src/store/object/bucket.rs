@@ -12,6 +12,8 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{GetOptions, GetResult, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
+use tokio::sync::Semaphore;
+
 use super::stats::{ObjectStats, Op};
 use crate::clock::{system_clock, Clock};
 use crate::error::{Error, Result};
@@ -36,6 +38,10 @@ pub struct ObjectOptions {
     pub part_size: usize,
     /// Parts of one upload in flight at once (memory ≈ parts × part size).
     pub parts_in_flight: usize,
+    /// Background re-datings running at once; a use that finds none free
+    /// skips its re-dating (a later use tries again), so a burst of old
+    /// objects cannot queue unbounded copies.
+    pub redates_at_once: usize,
 }
 
 impl Default for ObjectOptions {
@@ -46,6 +52,7 @@ impl Default for ObjectOptions {
             refresh_age: Duration::from_secs(24 * 3600),
             part_size: 8 << 20,
             parts_in_flight: 4,
+            redates_at_once: 8,
         }
     }
 }
@@ -58,6 +65,8 @@ pub struct Bucket {
     pub(super) stats: Arc<ObjectStats>,
     pub(super) options: ObjectOptions,
     clock: Clock,
+    /// Permits for background re-datings ([`ObjectOptions::redates_at_once`]).
+    redates: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Bucket {
@@ -78,7 +87,8 @@ pub(super) enum Created {
 impl Bucket {
     /// A bucket over `store` (already scoped to the operator's prefix).
     pub fn new(store: Arc<dyn ObjectStore>, options: ObjectOptions) -> Self {
-        Bucket { store, stats: Arc::default(), options, clock: system_clock() }
+        let redates = Arc::new(Semaphore::new(options.redates_at_once));
+        Bucket { store, stats: Arc::default(), options, clock: system_clock(), redates }
     }
 
     /// The same bucket reading time from `clock` (tests move time).
@@ -94,6 +104,23 @@ impl Bucket {
     /// The time by the injected clock.
     pub(super) fn now(&self) -> SystemTime {
         (self.clock)()
+    }
+
+    /// Starts `redate` of `key` in the background if a re-dating permit is
+    /// free; otherwise skips it (counted) and returns `false`, so the caller
+    /// does not note it as done and a later use tries again.
+    pub(super) fn spawn_redate(&self, key: Path, redate: impl Future<Output = Result<()>> + Send + 'static) -> bool {
+        let Ok(permit) = self.redates.clone().try_acquire_owned() else {
+            self.stats.refresh_skipped();
+            return false;
+        };
+        spawn(async move {
+            if let Err(e) = redate.await {
+                tracing::warn!(%key, error = %e, "could not refresh the age of a used object");
+            }
+            drop(permit);
+        });
+        true
     }
 
     /// Runs one request, timed and counted; `benign` failures (a 404, a lost

@@ -4,9 +4,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
-use super::{bucket, digest, requests, settle};
+use super::{bucket, bucket_with, digest, requests, settle};
 use crate::cache::resource::InstanceName;
-use crate::store::object::{keys, ObjectBlobs, Op};
+use crate::store::object::{keys, ObjectBlobs, ObjectOptions, Op};
 use crate::store::BlobStore;
 
 #[tokio::test]
@@ -185,4 +185,23 @@ async fn a_blob_object_of_another_size_than_its_digest_is_data_loss_and_removed(
     store.put(&keys::blob(&i, &d), PutPayload::from_static(b"0123456789 and a lot more")).await.unwrap();
     assert_eq!(blobs.get(&i, d).await.unwrap_err().code(), tonic::Code::DataLoss);
     assert!(store.head(&keys::blob(&i, &d)).await.is_err(), "the oversized object is removed");
+}
+
+#[tokio::test]
+async fn a_redating_with_no_free_permit_is_skipped_counted_and_tried_again_on_a_later_use() {
+    let options = ObjectOptions { redates_at_once: 0, ..ObjectOptions::default() };
+    let (_, bucket, clock) = bucket_with(options);
+    let stats = bucket.stats();
+    let blobs = ObjectBlobs::new(bucket);
+    let i = InstanceName::default();
+    let data = Bytes::from_static(b"old");
+    blobs.put(&i, digest(&data), data.clone()).await.unwrap();
+    clock.advance(Duration::from_secs(2 * 86_400));
+    blobs.contains(&i, &[digest(&data)]).await.unwrap();
+    clock.advance(Duration::from_secs(120));
+    blobs.contains(&i, &[digest(&data)]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let s = stats.snapshot();
+    assert_eq!((s.refreshes, s.refreshes_skipped), (0, 2), "no copy ran; the second use tried again");
+    assert_eq!(requests(&stats, Op::Copy), 0);
 }
