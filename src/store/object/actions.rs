@@ -81,7 +81,8 @@ impl ActionStore for ObjectActions {
     }
 
     /// Writes the history version (create-only at `stored_at_nanos`, one ns
-    /// later while that time is taken), then the current entry. Across
+    /// later while another entry took that time; a retry finding its own
+    /// version there goes on), then the current entry. Across
     /// replicas "the newest history version is the current entry" holds only
     /// up to their clock skew: two replicas writing one action within it may
     /// leave the older write current. Neither object is half-written, but a
@@ -91,7 +92,7 @@ impl ActionStore for ObjectActions {
         let mut at = stored_at_nanos;
         for _ in 0..HISTORY_ATTEMPTS {
             let key = keys::history(instance, action, at);
-            if self.bucket.put(&key, entry.clone(), PutMode::Create).await? == Created::Yes {
+            if self.bucket.create_or_same(&key, entry.clone()).await? == Created::Yes {
                 let current = keys::action(instance, action);
                 self.bucket.put(&current, entry, PutMode::Overwrite).await?;
                 self.seen.remove(&current);

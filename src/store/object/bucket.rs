@@ -186,6 +186,19 @@ impl Bucket {
         }
     }
 
+    /// A create-only PUT that also counts as done when `key` already holds
+    /// exactly `data`: our own earlier attempt, whose answer was lost and
+    /// which the client retried, is not someone else's object.
+    pub(super) async fn create_or_same(&self, key: &Path, data: Bytes) -> Result<Created> {
+        if self.put(key, data.clone(), PutMode::Create).await? == Created::Yes {
+            return Ok(Created::Yes);
+        }
+        match self.get(key, data.len() as u64).await? {
+            Some(Found::Body(there, _)) if there == data => Ok(Created::Yes),
+            _ => Ok(Created::AlreadyThere),
+        }
+    }
+
     /// DELETE; absent is fine.
     pub(super) async fn delete(&self, key: &Path) -> Result<()> {
         absent_is_none(Op::Delete, key, self.call(Op::Delete, self.store.delete(key)).await).map(|_| ())

@@ -8,7 +8,6 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 use object_store::path::Path;
-use object_store::PutMode;
 
 use super::bucket::{in_order, page_of, Bucket, Created};
 use super::keys;
@@ -56,10 +55,11 @@ fn sequence_of(key: &Path) -> Option<u64> {
 #[async_trait]
 impl HitLogStore for ObjectHitLog {
     /// Create-only: a sequence another server stored first is a
-    /// [`StoreErrorKind::Conflict`].
+    /// [`StoreErrorKind::Conflict`]; one holding this very record (a retried
+    /// attempt of ours) is success, not a duplicate.
     async fn append(&self, invocation: &str, sequence: u64, _answered_at_nanos: u64, record: Vec<u8>) -> Result<()> {
         let key = keys::hit(invocation, sequence);
-        match self.bucket.put(&key, Bytes::from(record), PutMode::Create).await? {
+        match self.bucket.create_or_same(&key, Bytes::from(record)).await? {
             Created::Yes => Ok(()),
             Created::AlreadyThere => Err(Error::Storage(StoreError::new(
                 StoreErrorKind::Conflict,

@@ -74,3 +74,13 @@ async fn an_action_object_too_large_to_be_an_entry_is_a_miss_and_left_out_of_the
     assert_eq!(actions.get(&i, &a).await.unwrap(), None);
     assert_eq!(actions.history(&i, &a).await.unwrap(), vec![(1, b"fine".to_vec())]);
 }
+
+#[tokio::test]
+async fn a_retried_put_of_the_same_entry_at_the_same_time_adds_no_second_version() {
+    let (_, bucket, _) = bucket();
+    let actions = ObjectActions::new(bucket);
+    let (i, a) = (InstanceName::default(), digest(b"action"));
+    assert_eq!(actions.put(&i, &a, b"entry".to_vec(), 7).await.unwrap(), 7);
+    assert_eq!(actions.put(&i, &a, b"entry".to_vec(), 7).await.unwrap(), 7, "the retry finds its own version");
+    assert_eq!(actions.history(&i, &a).await.unwrap(), vec![(7, b"entry".to_vec())]);
+}

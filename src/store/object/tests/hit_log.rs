@@ -63,3 +63,12 @@ async fn a_hit_object_too_large_to_be_a_record_is_listed_as_an_empty_row() {
     let rows: Vec<_> = page.rows.iter().map(|r| (r.sequence, r.value.len())).collect();
     assert_eq!(rows, vec![(Some(1), 4), (Some(2), 0)], "the damaged row is there for the audit to flag, unread");
 }
+
+#[tokio::test]
+async fn a_retried_append_of_the_same_record_succeeds_without_a_duplicate() {
+    let (_, bucket, _) = bucket();
+    let log = ObjectHitLog::new(bucket);
+    log.append("inv", 1, 0, b"record".to_vec()).await.unwrap();
+    log.append("inv", 1, 0, b"record".to_vec()).await.expect("our own earlier attempt is not a conflict");
+    assert_eq!(log.list("inv", None, 10, usize::MAX).await.unwrap().rows.len(), 1);
+}
