@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use super::stats::{ObjectStats, Op};
 use crate::clock::{system_clock, Clock};
 use crate::error::{Error, Result};
+use crate::observe::store_health::StoreHealth;
 use crate::store::{StoreError, StoreErrorKind};
 
 /// Requests of one call (a FindMissingBlobs, a page) sent at once.
@@ -67,6 +68,9 @@ pub struct Bucket {
     clock: Clock,
     /// Permits for background re-datings ([`ObjectOptions::redates_at_once`]).
     redates: Arc<Semaphore>,
+    /// The health probe's last answer: while it gets none, requests fail at
+    /// once instead of each waiting out connect timeouts and retries.
+    health: Arc<StoreHealth>,
 }
 
 impl std::fmt::Debug for Bucket {
@@ -88,7 +92,13 @@ impl Bucket {
     /// A bucket over `store` (already scoped to the operator's prefix).
     pub fn new(store: Arc<dyn ObjectStore>, options: ObjectOptions) -> Self {
         let redates = Arc::new(Semaphore::new(options.redates_at_once));
-        Bucket { store, stats: Arc::default(), options, clock: system_clock(), redates }
+        Bucket { store, stats: Arc::default(), options, clock: system_clock(), redates, health: Arc::default() }
+    }
+
+    /// The same bucket failing fast while `health` says the store is down
+    /// (the probe asks the raw store, so it still sees the recovery).
+    pub fn with_health(self, health: Arc<StoreHealth>) -> Self {
+        Bucket { health, ..self }
     }
 
     /// The same bucket reading time from `clock` (tests move time).
@@ -124,12 +134,17 @@ impl Bucket {
     }
 
     /// Runs one request, timed and counted; `benign` failures (a 404, a lost
-    /// create race) are answers, not errors.
+    /// create race) are answers, not errors. While the health probe gets no
+    /// answer, nothing is sent: the request fails at once as unavailable.
     pub(super) async fn call<T>(
         &self,
         op: Op,
         request: impl Future<Output = object_store::Result<T>>,
     ) -> object_store::Result<T> {
+        if !self.health.is_up() {
+            let source = "unavailable (the health probe gets no answer)".into();
+            return Err(object_store::Error::Generic { store: "object store", source });
+        }
         let started = Instant::now();
         let result = request.await;
         let benign = matches!(

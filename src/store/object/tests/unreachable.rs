@@ -86,3 +86,20 @@ fn a_refused_or_unsupported_request_is_internal_and_says_what_to_fix_not_unavail
     let down = failed(Op::Get, &key, object_store::Error::Generic { store: "S3", source: "connection refused".into() });
     assert_eq!(down.code(), tonic::Code::Unavailable, "a transport failure stays retryable");
 }
+
+#[tokio::test]
+async fn while_the_probe_gets_no_answer_requests_fail_at_once_without_being_sent() {
+    let health = std::sync::Arc::new(crate::observe::store_health::StoreHealth::default());
+    let (_, bucket, _) = super::bucket();
+    let bucket = bucket.with_health(health.clone());
+    let stats = bucket.stats();
+    let blobs = ObjectBlobs::new(bucket);
+    let i = InstanceName::default();
+    health.record(false);
+    let err = blobs.contains(&i, &[super::digest(b"x")]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(err.to_string().contains("unavailable (the health probe gets no answer)"), "{err}");
+    assert_eq!(stats.snapshot().op(Op::Head).requests, 0, "nothing waits on a store known down");
+    health.record(true);
+    assert_eq!(blobs.contains(&i, &[super::digest(b"x")]).await.unwrap(), vec![false], "recovery needs no restart");
+}
