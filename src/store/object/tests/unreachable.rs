@@ -74,7 +74,8 @@ fn a_refused_or_unsupported_request_is_internal_and_says_what_to_fix_not_unavail
     use crate::store::object::bucket::failed;
     let key = Path::from("cas/x");
     let source = || "403 Forbidden".into();
-    let denied = failed(Op::Get, &key, object_store::Error::PermissionDenied { path: "cas/x".into(), source: source() });
+    let denied =
+        failed(Op::Get, &key, object_store::Error::PermissionDenied { path: "cas/x".into(), source: source() });
     assert_eq!(denied.code(), tonic::Code::Internal);
     assert!(denied.to_string().contains("check the credentials and the bucket policy"), "{denied}");
     let unauthenticated =
