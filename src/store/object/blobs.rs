@@ -140,9 +140,11 @@ impl BlobStore for ObjectBlobs {
         .await
     }
 
-    /// Checks the bytes against the digest before re-dating the object (a
-    /// re-dating copies the object back onto its key); the caller still
-    /// checks too, as the trait says.
+    /// An object larger than the digest says is DATA_LOSS (removed unread,
+    /// if still there). Otherwise the bytes are checked against the digest
+    /// before the object is re-dated (a re-dating copies it back onto its
+    /// key); a mismatch is remembered so that the caller's delete (the
+    /// trait's repair) removes only that object.
     async fn get(&self, instance: &InstanceName, digest: Digest) -> Result<Option<Bytes>> {
         let key = keys::blob(instance, &digest);
         let (bytes, meta) = match self.bucket.get(&key, digest.size).await? {
@@ -171,7 +173,7 @@ impl BlobStore for ObjectBlobs {
     /// sending it, so the whole object is streamed through the digest's
     /// hasher and only `[offset, end)` yielded. Those bytes may reach the
     /// caller before the check fails; the stream then ends with DATA_LOSS
-    /// and the object is deleted. The replica layer reads this way only
+    /// and the object is deleted (unless replaced since the read). The replica layer reads this way only
     /// blobs too large for its local cache (which checks before yielding).
     async fn read(&self, instance: &InstanceName, digest: Digest, offset: u64, end: u64) -> Result<Option<BlobStream>> {
         let key = keys::blob(instance, &digest);
