@@ -68,7 +68,8 @@ impl Stores {
             refresh_age: settings.refresh_age,
             ..ObjectOptions::default()
         };
-        let bucket = Bucket::new(store.clone(), options).with_clock(clock.clone());
+        let health = Arc::new(StoreHealth::default());
+        let bucket = Bucket::new(store.clone(), options).with_clock(clock.clone()).with_health(health.clone());
         let replica_stats = Arc::new(ReplicaStats::new());
         let local: Arc<dyn BlobStore> = Arc::new(rocks.clone());
         let remote: Arc<dyn BlobStore> = Arc::new(ObjectBlobs::new(bucket.clone()));
@@ -88,7 +89,7 @@ impl Stores {
                 store,
                 object_stats: bucket.stats(),
                 replica_stats,
-                health: Arc::default(),
+                health,
                 describe: settings.describe(),
             }),
         })

@@ -216,7 +216,7 @@ pub struct StorageConfig {
     #[serde(default, deserialize_with = "de_duration", serialize_with = "ser_some_duration")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<Duration>,
-    /// Bound on one request (default 30s).
+    /// Bound on one whole request, body included (default 10m).
     #[serde(default, deserialize_with = "de_duration", serialize_with = "ser_some_duration")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_timeout: Option<Duration>,

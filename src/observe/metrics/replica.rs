@@ -48,6 +48,12 @@ pub(super) fn encode(e: &mut DescriptorEncoder, replica: &Replica) -> std::fmt::
         "Objects whose age was renewed so that the bucket's lifecycle rules keep what is used",
         &[("", "", s.refreshes as i64)],
     )?;
+    counter(
+        e,
+        "object_store_refreshes_skipped",
+        "Refreshes skipped because the most allowed at once were running (a later use tries again)",
+        &[("", "", s.refreshes_skipped as i64)],
+    )?;
     let r = replica.replica_stats.snapshot();
     counter(
         e,

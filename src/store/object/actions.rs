@@ -8,12 +8,20 @@ use async_trait::async_trait;
 use object_store::path::Path;
 use object_store::{GetOptions, PutMode, UpdateVersion};
 
-use super::bucket::{in_order, older_than, page_of, spawn, Bucket, Created, Recent};
+use super::bucket::{in_order, older_than, page_of, Bucket, Created, Found, Recent};
 use super::keys;
+use crate::cache::action_result::MAX_RESULT_BYTES;
 use crate::cache::digest::Digest;
 use crate::cache::resource::InstanceName;
 use crate::error::{Error, Result};
+use crate::provenance::verify::MAX_ENVELOPE_BYTES;
 use crate::store::action_store::{ActionStore, HistoryPage, Version};
+
+/// Largest object read as an entry or a history version: a stored entry is
+/// an ActionResult (at most [`MAX_RESULT_BYTES`]) and its signature
+/// envelope; a larger object is damaged and read as a miss.
+const MAX_ENTRY_BYTES: u64 = 16 << 20;
+const _: () = assert!(MAX_ENTRY_BYTES as usize > 2 * MAX_RESULT_BYTES + MAX_ENVELOPE_BYTES);
 
 /// Times tried for a history version whose time another writer took.
 const HISTORY_ATTEMPTS: u64 = 64;
@@ -47,7 +55,7 @@ impl ObjectActions {
 /// ever replacing a newer entry.
 async fn redate(bucket: &Bucket, key: &Path, seen: Seen) -> Result<()> {
     let if_match = GetOptions { if_match: seen.e_tag.clone(), ..Default::default() };
-    let Some((bytes, _)) = bucket.get_if(key, if_match).await? else { return Ok(()) };
+    let Some(Found::Body(bytes, _)) = bucket.get_if(key, if_match, MAX_ENTRY_BYTES).await? else { return Ok(()) };
     let expected = UpdateVersion { e_tag: seen.e_tag, version: seen.version };
     if bucket.put(key, bytes, PutMode::Update(expected)).await? == Created::Yes {
         bucket.stats.refreshed();
@@ -59,14 +67,22 @@ async fn redate(bucket: &Bucket, key: &Path, seen: Seen) -> Result<()> {
 impl ActionStore for ObjectActions {
     async fn get(&self, instance: &InstanceName, action: &Digest) -> Result<Option<Vec<u8>>> {
         let key = keys::action(instance, action);
-        let Some((bytes, meta)) = self.bucket.get(&key).await? else { return Ok(None) };
+        let (bytes, meta) = match self.bucket.get(&key, MAX_ENTRY_BYTES).await? {
+            Some(Found::Body(bytes, meta)) => (bytes, meta),
+            Some(Found::TooLarge(meta)) => {
+                tracing::error!(%key, size = meta.size, "an Action Cache object is too large to be an entry; a miss");
+                return Ok(None);
+            }
+            None => return Ok(None),
+        };
         let seen = Seen { e_tag: meta.e_tag, version: meta.version, modified: meta.last_modified.into() };
         self.seen.insert(key, seen);
         Ok(Some(bytes.to_vec()))
     }
 
     /// Writes the history version (create-only at `stored_at_nanos`, one ns
-    /// later while that time is taken), then the current entry. Across
+    /// later while another entry took that time; a retry finding its own
+    /// version there goes on), then the current entry. Across
     /// replicas "the newest history version is the current entry" holds only
     /// up to their clock skew: two replicas writing one action within it may
     /// leave the older write current. Neither object is half-written, but a
@@ -76,7 +92,7 @@ impl ActionStore for ObjectActions {
         let mut at = stored_at_nanos;
         for _ in 0..HISTORY_ATTEMPTS {
             let key = keys::history(instance, action, at);
-            if self.bucket.put(&key, entry.clone(), PutMode::Create).await? == Created::Yes {
+            if self.bucket.create_or_same(&key, entry.clone()).await? == Created::Yes {
                 let current = keys::action(instance, action);
                 self.bucket.put(&current, entry, PutMode::Overwrite).await?;
                 self.seen.remove(&current);
@@ -106,8 +122,10 @@ impl ActionStore for ObjectActions {
         let sized = listed.iter().filter_map(|m| Some((keys::number_of(&m.location)?, m.size as usize)));
         let (taken, next) = page_of(sized, max_count, max_bytes, must_progress);
         let keys = taken.iter().map(|at| keys::history(instance, action, *at)).collect();
-        let bodies = self.bucket.get_all(keys).await?;
-        let versions = taken.into_iter().zip(bodies).filter_map(|(at, body)| Some((at, body?.0.to_vec()))).collect();
+        let bodies = self.bucket.get_all(keys, MAX_ENTRY_BYTES).await?;
+        // A version gone meanwhile or too large to be one is left out.
+        let versions =
+            taken.into_iter().zip(bodies).filter_map(|(at, body)| Some((at, body?.body()?.to_vec()))).collect();
         Ok(HistoryPage { versions, next })
     }
 
@@ -132,7 +150,7 @@ impl ActionStore for ObjectActions {
     /// entry showed it older than the refresh age does a background task
     /// re-PUT the same bytes, conditional on the e-tag of that read, so a
     /// newer entry written meanwhile is never replaced. At most once per
-    /// refresh age per entry.
+    /// refresh age per entry, and only while a re-dating permit is free.
     fn touch(&self, instance: &InstanceName, action: &Digest) {
         let key = keys::action(instance, action);
         let Some(seen) = self.seen.get(&key) else { return };
@@ -140,13 +158,14 @@ impl ActionStore for ObjectActions {
         if !older_than(seen.modified, self.bucket.options.refresh_age, now) {
             return;
         }
-        self.seen.insert(key.clone(), Seen { modified: now, ..seen.clone() });
-        let bucket = self.bucket.clone();
-        spawn(async move {
-            if let Err(e) = redate(&bucket, &key, seen).await {
-                tracing::warn!(%key, error = %e, "could not refresh the age of a used action entry");
-            }
-        });
+        let (bucket, current) = (self.bucket.clone(), seen.clone());
+        let task = {
+            let key = key.clone();
+            async move { redate(&bucket, &key, current).await }
+        };
+        if self.bucket.spawn_redate(key.clone(), task) {
+            self.seen.insert(key, Seen { modified: now, ..seen });
+        }
     }
 }
 

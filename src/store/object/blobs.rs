@@ -10,9 +10,9 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use object_store::path::Path;
-use object_store::{GetOptions, PutMode};
+use object_store::{GetOptions, ObjectMeta, PutMode};
 
-use super::bucket::{older_than, spawn, Bucket, Recent};
+use super::bucket::{older_than, Bucket, Found, Recent};
 use super::keys;
 use super::stats::Op;
 use super::writer::ObjectWriter;
@@ -28,26 +28,55 @@ const MAX_OBJECT: u64 = 5 << 40;
 #[derive(Debug)]
 pub struct ObjectBlobs {
     bucket: Bucket,
+    known: Known,
+}
+
+/// What this process remembers of blob keys, shared with the checks of
+/// streamed reads (which confirm a blob only once its last byte matched).
+#[derive(Clone, Debug)]
+struct Known {
+    bucket: Bucket,
     /// Blob key → when the bucket last confirmed it present.
     present: Arc<Recent<SystemTime>>,
     /// Blob key → when this process last re-dated it.
     refreshed: Arc<Recent<SystemTime>>,
+    /// Blob key → the object a GET found damaged, which the caller's
+    /// delete then removes only if it is still there.
+    damaged: Arc<Recent<ObjectMeta>>,
 }
 
 impl ObjectBlobs {
     /// The CAS of `bucket`.
     pub fn new(bucket: Bucket) -> Self {
         let entries = bucket.options.existence_entries;
-        ObjectBlobs { bucket, present: Arc::new(Recent::new(entries)), refreshed: Arc::new(Recent::new(entries)) }
+        let known = Known {
+            bucket: bucket.clone(),
+            present: Arc::new(Recent::new(entries)),
+            refreshed: Arc::new(Recent::new(entries)),
+            damaged: Arc::new(Recent::new(entries)),
+        };
+        ObjectBlobs { bucket, known }
+    }
+}
+
+impl Known {
+    /// Removes the damaged object `read` described from `key`, unless
+    /// another replica replaced it meanwhile, and forgets it was present.
+    async fn discard(&self, key: &Path, read: &ObjectMeta) -> Result<()> {
+        self.present.remove(key);
+        self.damaged.remove(key);
+        self.bucket.delete_if_same(key, read).await.map(|_| ())
     }
 
     /// Whether `key` was confirmed present within the existence TTL.
-    fn known_present(&self, key: &Path, now: SystemTime) -> bool {
+    fn present(&self, key: &Path, now: SystemTime) -> bool {
         self.present.get(key).is_some_and(|seen| !older_than(seen, self.bucket.options.existence_ttl, now))
     }
 
     /// Notes a confirmation of `key` last modified at `modified`, and
-    /// re-dates it in the background when it is getting old.
+    /// re-dates it in the background when it is getting old. Called only
+    /// after a HEAD (no bytes seen) or once the bytes read matched the
+    /// digest, so the re-dating copies back only what was there and good.
     fn confirmed(&self, key: &Path, modified: SystemTime) {
         let now = self.bucket.now();
         self.present.insert(key.clone(), now);
@@ -55,13 +84,14 @@ impl ObjectBlobs {
         if !older_than(modified, age, now) || self.refreshed.get(key).is_some_and(|at| !older_than(at, age, now)) {
             return;
         }
-        self.refreshed.insert(key.clone(), now);
-        let (bucket, key) = (self.bucket.clone(), key.clone());
-        spawn(async move {
-            if let Err(e) = redate(&bucket, &key).await {
-                tracing::warn!(%key, error = %e, "could not refresh the age of a used blob");
-            }
-        });
+        let bucket = self.bucket.clone();
+        let task = {
+            let key = key.clone();
+            async move { redate(&bucket, &key).await }
+        };
+        if self.bucket.spawn_redate(key.clone(), task) {
+            self.refreshed.insert(key.clone(), now);
+        }
     }
 }
 
@@ -93,16 +123,16 @@ impl BlobStore for ObjectBlobs {
         let now = self.bucket.now();
         super::bucket::in_order(digests.to_vec(), |digest| async move {
             let key = keys::blob(instance, &digest);
-            if self.known_present(&key, now) {
+            if self.known.present(&key, now) {
                 return Ok(true);
             }
             match self.bucket.head(&key).await? {
                 Some(meta) => {
-                    self.confirmed(&key, meta.last_modified.into());
+                    self.known.confirmed(&key, meta.last_modified.into());
                     Ok(true)
                 }
                 None => {
-                    self.present.remove(&key);
+                    self.known.present.remove(&key);
                     Ok(false)
                 }
             }
@@ -110,13 +140,32 @@ impl BlobStore for ObjectBlobs {
         .await
     }
 
+    /// An object larger than the digest says is DATA_LOSS (removed unread,
+    /// if still there). Otherwise the bytes are checked against the digest
+    /// before the object is re-dated (a re-dating copies it back onto its
+    /// key); a mismatch is remembered so that the caller's delete (the
+    /// trait's repair) removes only that object.
     async fn get(&self, instance: &InstanceName, digest: Digest) -> Result<Option<Bytes>> {
         let key = keys::blob(instance, &digest);
-        let Some((bytes, meta)) = self.bucket.get(&key).await? else {
-            self.present.remove(&key);
-            return Ok(None);
+        let (bytes, meta) = match self.bucket.get(&key, digest.size).await? {
+            Some(Found::Body(bytes, meta)) => (bytes, meta),
+            Some(Found::TooLarge(meta)) => return Err(corrupt_blob(digest, self.known.discard(&key, &meta).await)),
+            None => {
+                self.known.present.remove(&key);
+                return Ok(None);
+            }
         };
-        self.confirmed(&key, meta.last_modified.into());
+        let (bytes, good) = tokio::task::spawn_blocking(move || {
+            let good = digest.verify(&bytes).is_ok();
+            (bytes, good)
+        })
+        .await?;
+        if good {
+            self.known.confirmed(&key, meta.last_modified.into());
+        } else {
+            self.known.present.remove(&key);
+            self.known.damaged.insert(key, meta);
+        }
         Ok(Some(bytes))
     }
 
@@ -124,20 +173,21 @@ impl BlobStore for ObjectBlobs {
     /// sending it, so the whole object is streamed through the digest's
     /// hasher and only `[offset, end)` yielded. Those bytes may reach the
     /// caller before the check fails; the stream then ends with DATA_LOSS
-    /// and the object is deleted. The replica layer reads this way only
+    /// and the object is deleted (unless replaced since the read). The replica layer reads this way only
     /// blobs too large for its local cache (which checks before yielding).
     async fn read(&self, instance: &InstanceName, digest: Digest, offset: u64, end: u64) -> Result<Option<BlobStream>> {
         let key = keys::blob(instance, &digest);
         let Some(result) = self.bucket.get_stream(&key, GetOptions::default()).await? else {
-            self.present.remove(&key);
+            self.known.present.remove(&key);
             return Ok(None);
         };
         if result.meta.size != digest.size {
-            return Err(corrupt_blob(digest, self.bucket.delete(&key).await));
+            return Err(corrupt_blob(digest, self.known.discard(&key, &result.meta).await));
         }
-        self.confirmed(&key, result.meta.last_modified.into());
+        let meta = result.meta.clone();
         let body = result.into_stream();
-        let check = Check { bucket: self.bucket.clone(), key, digest, hasher: digest.function.hasher(), at: 0 };
+        let known = self.known.clone();
+        let check = Check { known, key, digest, meta, hasher: digest.function.hasher(), at: 0 };
         Ok(Some(checked_range(body, check, offset, end)))
     }
 
@@ -145,19 +195,25 @@ impl BlobStore for ObjectBlobs {
         self.check_fits(data.len() as u64)?;
         let key = keys::blob(instance, &digest);
         self.bucket.put(&key, data, PutMode::Create).await?;
-        self.present.insert(key, self.bucket.now());
+        self.known.present.insert(key, self.bucket.now());
         Ok(())
     }
 
     async fn begin_write(&self, instance: &InstanceName, digest: Digest) -> Result<Box<dyn BlobWriter>> {
         let key = keys::blob(instance, &digest);
-        let writer = ObjectWriter::begin(self.bucket.clone(), key, digest.size, self.present.clone()).await?;
+        let writer = ObjectWriter::begin(self.bucket.clone(), key, digest.size, self.known.present.clone()).await?;
         Ok(Box::new(writer))
     }
 
+    /// After a GET that found the blob damaged (the caller's repair), only
+    /// that object is removed: a good one another replica uploaded since
+    /// stays. Otherwise the object is removed whatever it is.
     async fn delete(&self, instance: &InstanceName, digest: Digest) -> Result<()> {
         let key = keys::blob(instance, &digest);
-        self.present.remove(&key);
+        if let Some(read) = self.known.damaged.get(&key) {
+            return self.known.discard(&key, &read).await;
+        }
+        self.known.present.remove(&key);
         self.bucket.delete(&key).await
     }
 
@@ -172,16 +228,20 @@ impl BlobStore for ObjectBlobs {
 
 /// The running digest check of a streamed blob.
 struct Check {
-    bucket: Bucket,
+    known: Known,
     key: Path,
     digest: Digest,
+    /// The object as the GET found it: re-dated once it checked out,
+    /// removed (if still there) when it did not.
+    meta: ObjectMeta,
     hasher: Hasher,
     /// Bytes hashed so far.
     at: u64,
 }
 
 /// The `[offset, end)` part of `body`, ending with DATA_LOSS (and the object
-/// deleted) when the whole body does not match the digest.
+/// deleted) when the whole body does not match the digest; confirmed (and
+/// maybe re-dated) only once it did.
 fn checked_range(
     body: BoxStream<'static, object_store::Result<Bytes>>,
     check: Check,
@@ -197,7 +257,7 @@ fn checked_range(
                     let start = check.at;
                     check.hasher.update(&chunk);
                     check.at += chunk.len() as u64;
-                    check.bucket.stats.read(chunk.len() as u64);
+                    check.known.bucket.stats.read(chunk.len() as u64);
                     let (from, to) = (offset.clamp(start, check.at), end.clamp(start, check.at));
                     if from < to {
                         let piece = chunk.slice((from - start) as usize..(to - start) as usize);
@@ -206,11 +266,12 @@ fn checked_range(
                 }
                 Some(Err(e)) => return Some((Err(super::bucket::failed(Op::Get, &check.key, e)), None)),
                 None => {
-                    let Check { bucket, key, digest, hasher, at } = check;
+                    let Check { known, key, digest, meta, hasher, at } = check;
                     if at == digest.size && hasher.finalize() == digest.hash {
+                        known.confirmed(&key, meta.last_modified.into());
                         return None;
                     }
-                    return Some((Err(corrupt_blob(digest, bucket.delete(&key).await)), None));
+                    return Some((Err(corrupt_blob(digest, known.discard(&key, &meta).await)), None));
                 }
             }
         }

@@ -7,14 +7,17 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{GetOptions, GetResult, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
+use tokio::sync::Semaphore;
+
 use super::stats::{ObjectStats, Op};
 use crate::clock::{system_clock, Clock};
 use crate::error::{Error, Result};
+use crate::observe::store_health::StoreHealth;
 use crate::store::{StoreError, StoreErrorKind};
 
 /// Requests of one call (a FindMissingBlobs, a page) sent at once.
@@ -36,6 +39,10 @@ pub struct ObjectOptions {
     pub part_size: usize,
     /// Parts of one upload in flight at once (memory ≈ parts × part size).
     pub parts_in_flight: usize,
+    /// Background re-datings running at once; a use that finds none free
+    /// skips its re-dating (a later use tries again), so a burst of old
+    /// objects cannot queue unbounded copies.
+    pub redates_at_once: usize,
 }
 
 impl Default for ObjectOptions {
@@ -46,6 +53,7 @@ impl Default for ObjectOptions {
             refresh_age: Duration::from_secs(24 * 3600),
             part_size: 8 << 20,
             parts_in_flight: 4,
+            redates_at_once: 8,
         }
     }
 }
@@ -58,6 +66,11 @@ pub struct Bucket {
     pub(super) stats: Arc<ObjectStats>,
     pub(super) options: ObjectOptions,
     clock: Clock,
+    /// Permits for background re-datings ([`ObjectOptions::redates_at_once`]).
+    redates: Arc<Semaphore>,
+    /// The health probe's last answer: while it gets none, requests fail at
+    /// once instead of each waiting out connect timeouts and retries.
+    health: Arc<StoreHealth>,
 }
 
 impl std::fmt::Debug for Bucket {
@@ -78,7 +91,14 @@ pub(super) enum Created {
 impl Bucket {
     /// A bucket over `store` (already scoped to the operator's prefix).
     pub fn new(store: Arc<dyn ObjectStore>, options: ObjectOptions) -> Self {
-        Bucket { store, stats: Arc::default(), options, clock: system_clock() }
+        let redates = Arc::new(Semaphore::new(options.redates_at_once));
+        Bucket { store, stats: Arc::default(), options, clock: system_clock(), redates, health: Arc::default() }
+    }
+
+    /// The same bucket failing fast while `health` says the store is down
+    /// (the probe asks the raw store, so it still sees the recovery).
+    pub fn with_health(self, health: Arc<StoreHealth>) -> Self {
+        Bucket { health, ..self }
     }
 
     /// The same bucket reading time from `clock` (tests move time).
@@ -96,13 +116,35 @@ impl Bucket {
         (self.clock)()
     }
 
+    /// Starts `redate` of `key` in the background if a re-dating permit is
+    /// free; otherwise skips it (counted) and returns `false`, so the caller
+    /// does not note it as done and a later use tries again.
+    pub(super) fn spawn_redate(&self, key: Path, redate: impl Future<Output = Result<()>> + Send + 'static) -> bool {
+        let Ok(permit) = self.redates.clone().try_acquire_owned() else {
+            self.stats.refresh_skipped();
+            return false;
+        };
+        spawn(async move {
+            if let Err(e) = redate.await {
+                tracing::warn!(%key, error = %e, "could not refresh the age of a used object");
+            }
+            drop(permit);
+        });
+        true
+    }
+
     /// Runs one request, timed and counted; `benign` failures (a 404, a lost
-    /// create race) are answers, not errors.
+    /// create race) are answers, not errors. While the health probe gets no
+    /// answer, nothing is sent: the request fails at once as unavailable.
     pub(super) async fn call<T>(
         &self,
         op: Op,
         request: impl Future<Output = object_store::Result<T>>,
     ) -> object_store::Result<T> {
+        if !self.health.is_up() {
+            let source = "unavailable (the health probe gets no answer)".into();
+            return Err(object_store::Error::Generic { store: "object store", source });
+        }
         let started = Instant::now();
         let result = request.await;
         let benign = matches!(
@@ -120,21 +162,19 @@ impl Bucket {
         absent_is_none(Op::Head, key, self.call(Op::Head, self.store.head(key)).await)
     }
 
-    /// GET of the whole object with its metadata, `None` if absent.
-    pub(super) async fn get(&self, key: &Path) -> Result<Option<(Bytes, ObjectMeta)>> {
-        self.get_if(key, GetOptions::default()).await
+    /// GET of the whole object, at most `max` bytes (the bucket is not
+    /// trusted to send a sane size), `None` if absent.
+    pub(super) async fn get(&self, key: &Path, max: u64) -> Result<Option<Found>> {
+        self.get_if(key, GetOptions::default(), max).await
     }
 
-    /// GET of the whole object with its metadata, `None` if absent or if a
-    /// precondition in `options` (an e-tag) does not hold.
-    pub(super) async fn get_if(&self, key: &Path, options: GetOptions) -> Result<Option<(Bytes, ObjectMeta)>> {
-        let request = async {
-            let result = self.store.get_opts(key, options).await?;
-            let meta = result.meta.clone();
-            Ok((result.bytes().await?, meta))
-        };
+    /// GET of the whole object, at most `max` bytes, `None` if absent or if
+    /// a precondition in `options` (an e-tag) does not hold. The size is
+    /// checked before the body is read and again while it is.
+    pub(super) async fn get_if(&self, key: &Path, options: GetOptions, max: u64) -> Result<Option<Found>> {
+        let request = async { read_at_most(self.store.get_opts(key, options).await?, max).await };
         let found = absent_is_none(Op::Get, key, self.call(Op::Get, request).await)?;
-        if let Some((bytes, _)) = &found {
+        if let Some(Found::Body(bytes, _)) = &found {
             self.stats.read(bytes.len() as u64);
         }
         Ok(found)
@@ -161,9 +201,41 @@ impl Bucket {
         }
     }
 
+    /// A create-only PUT that also counts as done when `key` already holds
+    /// exactly `data`: our own earlier attempt, whose answer was lost and
+    /// which the client retried, is not someone else's object.
+    pub(super) async fn create_or_same(&self, key: &Path, data: Bytes) -> Result<Created> {
+        if self.put(key, data.clone(), PutMode::Create).await? == Created::Yes {
+            return Ok(Created::Yes);
+        }
+        match self.get(key, data.len() as u64).await? {
+            Some(Found::Body(there, _)) if there == data => Ok(Created::Yes),
+            _ => Ok(Created::AlreadyThere),
+        }
+    }
+
     /// DELETE; absent is fine.
     pub(super) async fn delete(&self, key: &Path) -> Result<()> {
         absent_is_none(Op::Delete, key, self.call(Op::Delete, self.store.delete(key)).await).map(|_| ())
+    }
+
+    /// DELETE of the object `read` described, only if `key` still holds it
+    /// (same e-tag, or same time and size when the bucket gives none):
+    /// object_store has no conditional delete, so a HEAD compares first.
+    /// Another replica may have replaced a corrupt blob with a good one
+    /// meanwhile; that one stays. Returns whether it deleted.
+    pub(super) async fn delete_if_same(&self, key: &Path, read: &ObjectMeta) -> Result<bool> {
+        let Some(now) = self.head(key).await? else { return Ok(false) };
+        let same = match (&now.e_tag, &read.e_tag) {
+            (Some(now), Some(read)) => now == read,
+            _ => now.last_modified == read.last_modified && now.size == read.size,
+        };
+        if !same {
+            tracing::warn!(%key, "the damaged object was replaced meanwhile; keeping the new one");
+            return Ok(false);
+        }
+        self.delete(key).await?;
+        Ok(true)
     }
 
     /// COPY (overwriting `to`).
@@ -190,11 +262,50 @@ impl Bucket {
         Ok(listed.map_err(|e| failed(Op::List, prefix, e))?.common_prefixes)
     }
 
-    /// The bodies of `keys`, fetched [`PARALLEL`] at a time, in order; a key
-    /// gone meanwhile is `None`.
-    pub(super) async fn get_all(&self, keys: Vec<Path>) -> Result<Vec<Option<(Bytes, ObjectMeta)>>> {
-        in_order(keys, |key| async move { self.get(&key).await }).await
+    /// The bodies of `keys` (each at most `max` bytes), fetched
+    /// [`PARALLEL`] at a time, in order; a key gone meanwhile is `None`.
+    pub(super) async fn get_all(&self, keys: Vec<Path>, max: u64) -> Result<Vec<Option<Found>>> {
+        in_order(keys, |key| async move { self.get(&key, max).await }).await
     }
+}
+
+/// What a bounded GET found.
+#[derive(Debug)]
+pub(super) enum Found {
+    /// The whole body, within the bound.
+    Body(Bytes, ObjectMeta),
+    /// An object over the bound: damaged (nothing this server writes is that
+    /// large), its body left unread.
+    TooLarge(ObjectMeta),
+}
+
+impl Found {
+    /// The body, when it was within the bound.
+    pub(super) fn body(self) -> Option<Bytes> {
+        match self {
+            Found::Body(bytes, _) => Some(bytes),
+            Found::TooLarge(_) => None,
+        }
+    }
+}
+
+/// Reads the body of `result` if it is at most `max` bytes, by its stated
+/// size and by what actually arrives.
+async fn read_at_most(result: GetResult, max: u64) -> object_store::Result<Found> {
+    let meta = result.meta.clone();
+    if meta.size > max {
+        return Ok(Found::TooLarge(meta));
+    }
+    let mut body = BytesMut::with_capacity(meta.size as usize);
+    let mut stream = result.into_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if (body.len() + chunk.len()) as u64 > max {
+            return Ok(Found::TooLarge(meta));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Found::Body(body.freeze(), meta))
 }
 
 /// `f` over `items`, [`PARALLEL`] at a time, answers in the items' order.
@@ -237,13 +348,26 @@ fn absent_is_none<T>(op: Op, key: &Path, result: object_store::Result<T>) -> Res
     }
 }
 
-/// A bucket request that failed: UNAVAILABLE (the client retries), naming
-/// the request and key. The store's message carries no credentials.
+/// A bucket request that failed, naming the request and key. A refusal
+/// (credentials, bucket policy) or a request the store does not support is
+/// the operator's to fix, not the client's to retry: INTERNAL, saying what
+/// to check. Anything else (transport, timeout, 5xx) is UNAVAILABLE: the
+/// client retries. The store's message carries no credentials.
 pub(super) fn failed(op: Op, key: &Path, e: object_store::Error) -> Error {
-    Error::Storage(StoreError::new(
-        StoreErrorKind::Unavailable,
-        format!("object store {} of {key} failed: {e}", op.name()),
-    ))
+    use object_store::Error as E;
+    let what = format!("object store {} of {key}", op.name());
+    let (kind, message) = match &e {
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => (
+            StoreErrorKind::Other,
+            format!("{what} was refused; check the credentials and the bucket policy ([storage]): {e}"),
+        ),
+        E::NotImplemented { .. } | E::NotSupported { .. } => (
+            StoreErrorKind::Other,
+            format!("{what} is not supported by this object store; check the endpoint and its S3 features: {e}"),
+        ),
+        _ => (StoreErrorKind::Unavailable, format!("{what} failed: {e}")),
+    };
+    Error::Storage(StoreError::new(kind, message))
 }
 
 /// A bounded map of recent facts about keys (seen present, last re-dated):

@@ -17,8 +17,12 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 
 /// Default bound on opening a connection to the object store.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default bound on one request, large enough for an 8 MiB part on a slow link.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default bound on one request. The client's timeout is the TOTAL time of
+/// a request, streaming its body included, so it must let the largest GET
+/// finish (a multi-GiB blob at ~10 MB/s takes minutes); a store that does
+/// not answer at all is caught sooner by the connect timeout and the health
+/// probe, which short-circuits requests while the store is down.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default number of retries of a failed idempotent request.
 pub const DEFAULT_MAX_RETRIES: usize = 3;
 /// Default first pause between retries (it doubles up to 15 s).
@@ -51,7 +55,8 @@ pub struct ObjectStoreSettings {
     pub path_style: Option<bool>,
     /// Bound on opening a connection.
     pub connect_timeout: Duration,
-    /// Bound on one request.
+    /// Bound on one request, its body's transfer included (see
+    /// [`DEFAULT_REQUEST_TIMEOUT`]).
     pub request_timeout: Duration,
     /// Retries of a failed idempotent request before it is an error.
     pub max_retries: usize,

@@ -8,13 +8,18 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 use object_store::path::Path;
-use object_store::PutMode;
 
 use super::bucket::{in_order, page_of, Bucket, Created};
 use super::keys;
 use crate::error::{Error, Result};
+use crate::provenance::verify::MAX_ENVELOPE_BYTES;
 use crate::store::hit_log_store::{HitLogStore, HitPage, HitRow, Purged};
 use crate::store::{StoreError, StoreErrorKind};
+
+/// Largest object read as a hit record: a signed record is one envelope the
+/// verifier accepts ([`MAX_ENVELOPE_BYTES`]) and a little framing. A larger
+/// one is damaged: its row is listed empty, which the audit reports.
+const MAX_RECORD_BYTES: u64 = 2 * MAX_ENVELOPE_BYTES as u64;
 
 /// The hit log in the bucket.
 #[derive(Debug)]
@@ -50,10 +55,11 @@ fn sequence_of(key: &Path) -> Option<u64> {
 #[async_trait]
 impl HitLogStore for ObjectHitLog {
     /// Create-only: a sequence another server stored first is a
-    /// [`StoreErrorKind::Conflict`].
+    /// [`StoreErrorKind::Conflict`]; one holding this very record (a retried
+    /// attempt of ours) is success, not a duplicate.
     async fn append(&self, invocation: &str, sequence: u64, _answered_at_nanos: u64, record: Vec<u8>) -> Result<()> {
         let key = keys::hit(invocation, sequence);
-        match self.bucket.put(&key, Bytes::from(record), PutMode::Create).await? {
+        match self.bucket.create_or_same(&key, Bytes::from(record)).await? {
             Created::Yes => Ok(()),
             Created::AlreadyThere => Err(Error::Storage(StoreError::new(
                 StoreErrorKind::Conflict,
@@ -83,11 +89,14 @@ impl HitLogStore for ObjectHitLog {
             listed.into_iter().filter(|m| sequence_of(&m.location).is_some()).map(|m| (m.location, m.size as usize));
         let (taken, left_out) = page_of(sized, max_count, max_bytes, true);
         let next = left_out.and(taken.last().map(|key| key.as_ref().as_bytes().to_vec()));
-        let bodies = self.bucket.get_all(taken.clone()).await?;
+        let bodies = self.bucket.get_all(taken.clone(), MAX_RECORD_BYTES).await?;
         let rows = taken
             .iter()
             .zip(bodies)
-            .filter_map(|(key, body)| Some(HitRow { sequence: sequence_of(key), value: body?.0.to_vec() }))
+            .filter_map(|(key, body)| {
+                let value = body?.body().map(|b| b.to_vec()).unwrap_or_default();
+                Some(HitRow { sequence: sequence_of(key), value })
+            })
             .collect();
         Ok(HitPage { rows, next })
     }

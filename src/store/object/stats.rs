@@ -56,6 +56,7 @@ pub struct ObjectStats {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     refreshes: AtomicU64,
+    refreshes_skipped: AtomicU64,
 }
 
 /// One kind of request's counters at one moment.
@@ -80,6 +81,9 @@ pub struct ObjectStatsSnapshot {
     pub bytes_written: u64,
     /// Objects whose age was refreshed so bucket lifecycle rules keep them.
     pub refreshes: u64,
+    /// Refreshes skipped because as many as allowed were already running
+    /// (a later use tries again).
+    pub refreshes_skipped: u64,
 }
 
 impl ObjectStatsSnapshot {
@@ -115,6 +119,11 @@ impl ObjectStats {
         self.refreshes.fetch_add(1, Relaxed);
     }
 
+    /// Counts one refresh skipped for want of a free permit.
+    pub fn refresh_skipped(&self) {
+        self.refreshes_skipped.fetch_add(1, Relaxed);
+    }
+
     /// Every counter now.
     pub fn snapshot(&self) -> ObjectStatsSnapshot {
         let ops = Op::ALL
@@ -134,6 +143,7 @@ impl ObjectStats {
             bytes_read: self.bytes_read.load(Relaxed),
             bytes_written: self.bytes_written.load(Relaxed),
             refreshes: self.refreshes.load(Relaxed),
+            refreshes_skipped: self.refreshes_skipped.load(Relaxed),
         }
     }
 }

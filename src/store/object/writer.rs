@@ -16,6 +16,18 @@ use super::stats::Op;
 use crate::error::Result;
 use crate::store::BlobWriter;
 
+/// S3's most parts in one multipart upload.
+const MAX_PARTS: u64 = 10_000;
+
+/// The part size of a `size`-byte upload: the configured one, or the
+/// smallest whole number of MiB that fits the blob in [`MAX_PARTS`] parts.
+/// Memory held is at most `parts_in_flight` parts: 4 × 8 MiB by default, up
+/// to 4 × 525 MiB for S3's largest (5 TiB) object.
+fn part_size_for(size: u64, configured: usize) -> usize {
+    let needed = size.div_ceil(MAX_PARTS).next_multiple_of(1 << 20);
+    (configured as u64).max(needed) as usize
+}
+
 /// Where the bytes of a write go.
 enum Sink {
     /// The blob is already stored: the bytes are dropped, commit succeeds.
@@ -33,6 +45,8 @@ pub struct ObjectWriter {
     bucket: Bucket,
     key: Path,
     present: Arc<Recent<SystemTime>>,
+    /// The size of each part of a multipart upload.
+    part_size: usize,
     sink: Option<Sink>,
 }
 
@@ -46,6 +60,7 @@ impl ObjectWriter {
         size: u64,
         present: Arc<Recent<SystemTime>>,
     ) -> Result<ObjectWriter> {
+        let part_size = part_size_for(size, bucket.options.part_size);
         let sink = if bucket.head(&key).await?.is_some() {
             Sink::Skip
         } else if size < bucket.options.part_size as u64 {
@@ -53,9 +68,9 @@ impl ObjectWriter {
         } else {
             let upload = bucket.call(Op::Multipart, bucket.store.put_multipart(&key)).await;
             let upload = upload.map_err(|e| failed(Op::Multipart, &key, e))?;
-            Sink::Upload(WriteMultipart::new_with_chunk_size(upload, bucket.options.part_size))
+            Sink::Upload(WriteMultipart::new_with_chunk_size(upload, part_size))
         };
-        Ok(ObjectWriter { bucket, key, present, sink: Some(sink) })
+        Ok(ObjectWriter { bucket, key, present, part_size, sink: Some(sink) })
     }
 
     fn sink(&mut self) -> &mut Sink {
@@ -66,7 +81,7 @@ impl ObjectWriter {
 #[async_trait]
 impl BlobWriter for ObjectWriter {
     async fn write(&mut self, data: Bytes) -> Result<()> {
-        let (part_size, in_flight) = (self.bucket.options.part_size, self.bucket.options.parts_in_flight);
+        let (part_size, in_flight) = (self.part_size, self.bucket.options.parts_in_flight);
         let stats = self.bucket.stats.clone();
         let key = self.key.clone();
         match self.sink() {
@@ -123,5 +138,21 @@ impl Drop for ObjectWriter {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::part_size_for;
+
+    #[test]
+    fn parts_grow_so_that_any_blob_fits_in_ten_thousand_of_them() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(part_size_for(20 * MIB, 8 << 20), 8 << 20, "a usual blob keeps the configured size");
+        assert_eq!(part_size_for(80_000 * MIB, 8 << 20), 8 << 20, "exactly 10,000 parts of 8 MiB");
+        assert_eq!(part_size_for(80_000 * MIB + 1, 8 << 20), 9 << 20, "one byte more needs larger parts");
+        let largest = 5u64 << 40;
+        let part = part_size_for(largest, 8 << 20) as u64;
+        assert!(largest.div_ceil(part) <= 10_000 && part % MIB == 0 && part < 530 * MIB, "{part}");
     }
 }

@@ -1,9 +1,11 @@
 use std::time::Duration;
 
+use object_store::{ObjectStoreExt, PutPayload};
+
 use super::{bucket, digest, requests, settle};
 use crate::cache::resource::InstanceName;
 use crate::store::action_store::ActionStore;
-use crate::store::object::{ObjectActions, Op};
+use crate::store::object::{keys, ObjectActions, Op};
 
 #[tokio::test]
 async fn entries_are_stored_with_a_history_that_pages_and_purges_to_the_newest() {
@@ -58,4 +60,27 @@ async fn a_touch_redates_an_old_entry_but_never_overwrites_a_newer_one() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(replica_b.get(&i, &a).await.unwrap(), Some(b"new".to_vec()), "the newer entry stays");
     assert_eq!(stats.snapshot().refreshes, 1);
+}
+
+#[tokio::test]
+async fn an_action_object_too_large_to_be_an_entry_is_a_miss_and_left_out_of_the_history() {
+    let (store, bucket, _) = bucket();
+    let actions = ObjectActions::new(bucket);
+    let (i, a) = (InstanceName::default(), digest(b"action"));
+    actions.put(&i, &a, b"fine".to_vec(), 1).await.unwrap();
+    let huge = PutPayload::from(vec![0u8; (16 << 20) + 1]);
+    store.put(&keys::action(&i, &a), huge.clone()).await.unwrap();
+    store.put(&keys::history(&i, &a, 2), huge).await.unwrap();
+    assert_eq!(actions.get(&i, &a).await.unwrap(), None);
+    assert_eq!(actions.history(&i, &a).await.unwrap(), vec![(1, b"fine".to_vec())]);
+}
+
+#[tokio::test]
+async fn a_retried_put_of_the_same_entry_at_the_same_time_adds_no_second_version() {
+    let (_, bucket, _) = bucket();
+    let actions = ObjectActions::new(bucket);
+    let (i, a) = (InstanceName::default(), digest(b"action"));
+    assert_eq!(actions.put(&i, &a, b"entry".to_vec(), 7).await.unwrap(), 7);
+    assert_eq!(actions.put(&i, &a, b"entry".to_vec(), 7).await.unwrap(), 7, "the retry finds its own version");
+    assert_eq!(actions.history(&i, &a).await.unwrap(), vec![(7, b"entry".to_vec())]);
 }

@@ -4,9 +4,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
-use super::{bucket, digest, requests, settle};
+use super::{bucket, bucket_with, digest, requests, settle};
 use crate::cache::resource::InstanceName;
-use crate::store::object::{keys, ObjectBlobs, Op};
+use crate::store::object::{keys, ObjectBlobs, ObjectOptions, Op};
 use crate::store::BlobStore;
 
 #[tokio::test]
@@ -122,4 +122,86 @@ async fn a_used_blob_older_than_the_refresh_age_is_redated_once() {
     assert_eq!(blobs.get(&i, digest(&data)).await.unwrap(), Some(data));
     let scratch: Vec<_> = store.list(Some(&"tmp".into())).collect().await;
     assert!(scratch.is_empty(), "the scratch copy is deleted");
+}
+
+#[tokio::test]
+async fn an_old_blob_whose_bytes_do_not_match_is_never_redated() {
+    let (store, bucket, clock) = bucket();
+    let stats = bucket.stats();
+    let blobs = ObjectBlobs::new(bucket);
+    let i = InstanceName::default();
+    let d = digest(b"0123456789");
+    store.put(&keys::blob(&i, &d), PutPayload::from_static(b"0123456780")).await.unwrap();
+    clock.advance(Duration::from_secs(2 * 86_400));
+    blobs.get(&i, d).await.unwrap();
+    let read: Vec<_> = blobs.read(&i, d, 0, 3).await.unwrap().unwrap().collect().await;
+    assert!(read.last().unwrap().is_err(), "the ranged read of a corrupt blob fails");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(requests(&stats, Op::Copy), 0, "no corrupt byte is copied back onto the key");
+    assert_eq!(stats.snapshot().refreshes, 0);
+}
+
+#[tokio::test]
+async fn an_old_blob_read_to_its_end_and_matching_is_redated() {
+    let (_, bucket, clock) = bucket();
+    let stats = bucket.stats();
+    let blobs = ObjectBlobs::new(bucket);
+    let i = InstanceName::default();
+    let data = Bytes::from_static(b"0123456789");
+    blobs.put(&i, digest(&data), data.clone()).await.unwrap();
+    clock.advance(Duration::from_secs(2 * 86_400));
+    let read: Vec<_> = blobs.read(&i, digest(&data), 0, 3).await.unwrap().unwrap().collect().await;
+    assert!(read.iter().all(Result::is_ok));
+    settle(&stats, |s| s.snapshot().refreshes, 1).await;
+}
+
+#[tokio::test]
+async fn removing_a_corrupt_blob_spares_a_good_one_uploaded_since_the_read() {
+    let (store, bucket, _) = bucket();
+    let blobs = ObjectBlobs::new(bucket);
+    let i = InstanceName::default();
+    let (good, d) = (Bytes::from_static(b"0123456789"), digest(b"0123456789"));
+    let key = keys::blob(&i, &d);
+    store.put(&key, PutPayload::from_static(b"0123456780")).await.unwrap();
+    assert_ne!(blobs.get(&i, d).await.unwrap(), Some(good.clone()));
+    store.put(&key, PutPayload::from(good.clone())).await.unwrap();
+    blobs.delete(&i, d).await.unwrap();
+    assert_eq!(store.get(&key).await.unwrap().bytes().await.unwrap(), good, "the caller's repair keeps the good blob");
+
+    store.put(&key, PutPayload::from_static(b"0123456780")).await.unwrap();
+    let stream = blobs.read(&i, d, 0, 3).await.unwrap().unwrap();
+    store.put(&key, PutPayload::from(good.clone())).await.unwrap();
+    let read: Vec<_> = stream.collect().await;
+    assert_eq!(read.last().unwrap().as_ref().unwrap_err().code(), tonic::Code::DataLoss);
+    assert_eq!(store.get(&key).await.unwrap().bytes().await.unwrap(), good, "the failed read keeps the good blob");
+}
+
+#[tokio::test]
+async fn a_blob_object_of_another_size_than_its_digest_is_data_loss_and_removed() {
+    let (store, bucket, _) = bucket();
+    let blobs = ObjectBlobs::new(bucket);
+    let i = InstanceName::default();
+    let d = digest(b"0123456789");
+    store.put(&keys::blob(&i, &d), PutPayload::from_static(b"0123456789 and a lot more")).await.unwrap();
+    assert_eq!(blobs.get(&i, d).await.unwrap_err().code(), tonic::Code::DataLoss);
+    assert!(store.head(&keys::blob(&i, &d)).await.is_err(), "the oversized object is removed");
+}
+
+#[tokio::test]
+async fn a_redating_with_no_free_permit_is_skipped_counted_and_tried_again_on_a_later_use() {
+    let options = ObjectOptions { redates_at_once: 0, ..ObjectOptions::default() };
+    let (_, bucket, clock) = bucket_with(options);
+    let stats = bucket.stats();
+    let blobs = ObjectBlobs::new(bucket);
+    let i = InstanceName::default();
+    let data = Bytes::from_static(b"old");
+    blobs.put(&i, digest(&data), data.clone()).await.unwrap();
+    clock.advance(Duration::from_secs(2 * 86_400));
+    blobs.contains(&i, &[digest(&data)]).await.unwrap();
+    clock.advance(Duration::from_secs(120));
+    blobs.contains(&i, &[digest(&data)]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let s = stats.snapshot();
+    assert_eq!((s.refreshes, s.refreshes_skipped), (0, 2), "no copy ran; the second use tried again");
+    assert_eq!(requests(&stats, Op::Copy), 0);
 }

@@ -29,11 +29,15 @@ impl TestClock {
 /// A bucket in memory (the store too, to look behind the backend's back)
 /// and a clock starting now.
 fn bucket() -> (Arc<InMemory>, Bucket, TestClock) {
+    bucket_with(ObjectOptions::default())
+}
+
+/// [`bucket`] with other options.
+fn bucket_with(options: ObjectOptions) -> (Arc<InMemory>, Bucket, TestClock) {
     let store = Arc::new(InMemory::new());
     let clock = TestClock(Arc::new(Mutex::new(SystemTime::now())));
     let now = clock.clone();
-    let bucket =
-        Bucket::new(store.clone(), ObjectOptions::default()).with_clock(Arc::new(move || *now.0.lock().unwrap()));
+    let bucket = Bucket::new(store.clone(), options).with_clock(Arc::new(move || *now.0.lock().unwrap()));
     (store, bucket, clock)
 }
 
