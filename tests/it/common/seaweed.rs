@@ -271,10 +271,25 @@ fn weed_binary() -> PathBuf {
     weed
 }
 
-/// `N` distinct ports free now (all held until all are chosen).
+/// `N` distinct ports free now (all held until all are chosen), below
+/// Linux's ephemeral range (32768 and up): a restart binds the same ports
+/// again, and in between the suite's other connections and `127.0.0.1:0`
+/// servers, which take ephemeral ports, must not be able to take one.
 fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: [TcpListener; N] = std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").unwrap());
-    listeners.map(|l| l.local_addr().unwrap().port())
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let mut seed = (u64::from(std::process::id()) << 32 ^ now.as_nanos() as u64) | 1;
+    let mut held: Vec<TcpListener> = Vec::with_capacity(N);
+    while held.len() < N {
+        // xorshift: a different port on each try, from a per-process start.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let port = 20_000 + (seed % 12_000) as u16;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 fn port_flags(component: &str, ports: [u16; 2]) -> [String; 2] {
