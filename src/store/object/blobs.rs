@@ -133,11 +133,13 @@ impl BlobStore for ObjectBlobs {
             return Ok(None);
         };
         if result.meta.size != digest.size {
+            self.present.remove(&key);
             return Err(corrupt_blob(digest, self.bucket.delete(&key).await));
         }
         self.confirmed(&key, result.meta.last_modified.into());
         let body = result.into_stream();
-        let check = Check { bucket: self.bucket.clone(), key, digest, hasher: digest.function.hasher(), at: 0 };
+        let (bucket, present, hasher) = (self.bucket.clone(), self.present.clone(), digest.function.hasher());
+        let check = Check { bucket, present, key, digest, hasher, at: 0 };
         Ok(Some(checked_range(body, check, offset, end)))
     }
 
@@ -173,6 +175,8 @@ impl BlobStore for ObjectBlobs {
 /// The running digest check of a streamed blob.
 struct Check {
     bucket: Bucket,
+    /// The existence cache, which must forget a blob deleted as corrupt.
+    present: Arc<Recent<SystemTime>>,
     key: Path,
     digest: Digest,
     hasher: Hasher,
@@ -206,10 +210,11 @@ fn checked_range(
                 }
                 Some(Err(e)) => return Some((Err(super::bucket::failed(Op::Get, &check.key, e)), None)),
                 None => {
-                    let Check { bucket, key, digest, hasher, at } = check;
+                    let Check { bucket, present, key, digest, hasher, at } = check;
                     if at == digest.size && hasher.finalize() == digest.hash {
                         return None;
                     }
+                    present.remove(&key);
                     return Some((Err(corrupt_blob(digest, bucket.delete(&key).await)), None));
                 }
             }
