@@ -20,4 +20,5 @@ mod mtls;
 mod provenance;
 mod reliability;
 mod scale_out;
+mod scale_out_security;
 mod verify_build;

@@ -25,11 +25,11 @@ use tonic::Code;
 use crate::common::*;
 
 /// The key prefix every replica of a test shares inside its bucket.
-const PREFIX: &str = "replicas";
+pub(crate) const PREFIX: &str = "replicas";
 /// How long the AC copy of a replica lives in these tests (`[storage] ac_ttl`).
-const AC_TTL: Duration = Duration::from_secs(1);
+pub(crate) const AC_TTL: Duration = Duration::from_secs(1);
 /// Bound on waiting for a change to reach every replica (TTL, policy reload).
-const SETTLE: Duration = Duration::from_secs(15);
+pub(crate) const SETTLE: Duration = Duration::from_secs(15);
 
 /// Repeats `$check` (an async bool) until it holds, failing after [`SETTLE`].
 macro_rules! until {
@@ -43,14 +43,14 @@ macro_rules! until {
 }
 
 /// Two signing keys in files and one trust policy file all replicas read.
-struct Keys {
+pub(crate) struct Keys {
     dir: tempfile::TempDir,
-    keys: [SigningKey; 2],
+    pub(crate) keys: [SigningKey; 2],
 }
 
 impl Keys {
     /// Keys 1 and 2, both active in the shared trust policy.
-    fn new() -> Keys {
+    pub(crate) fn new() -> Keys {
         let keys = Keys { dir: tempfile::tempdir().unwrap(), keys: [generate(), generate()] };
         for (i, key) in keys.keys.iter().enumerate() {
             write_atomically(&keys.key_file(i), &pem(key));
@@ -59,16 +59,16 @@ impl Keys {
         keys
     }
 
-    fn key_file(&self, i: usize) -> PathBuf {
+    pub(crate) fn key_file(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("key{}.pem", i + 1))
     }
 
-    fn policy_file(&self) -> PathBuf {
+    pub(crate) fn policy_file(&self) -> PathBuf {
         self.dir.path().join("trust-policy.toml")
     }
 
     /// Rewrites the shared trust policy with each key's state.
-    fn set_policy(&self, version: u64, states: [KeyState; 2]) {
+    pub(crate) fn set_policy(&self, version: u64, states: [KeyState; 2]) {
         let entries = [("key-1", &self.keys[0], states[0]), ("key-2", &self.keys[1], states[1])];
         write_atomically(&self.policy_file(), policy_toml(version, &entries).as_bytes());
     }
@@ -81,12 +81,24 @@ fn generate() -> SigningKey {
 /// Replica `i` (signing with key `i`) of `bucket`: plaintext gRPC, its own
 /// data directory, the shared prefix and trust policy, a short AC TTL.
 fn replica(bucket: &Bucket, keys: &Keys, i: usize) -> ServerProcess {
+    replica_with(bucket, keys, i, ["--plaintext-insecure".to_owned()])
+}
+
+/// Replica `i` of `bucket` as [`replica`] makes it, but reached the way
+/// `access` says (`--plaintext-insecure`, or an mTLS PKI and its policy).
+pub(crate) fn replica_with(
+    bucket: &Bucket,
+    keys: &Keys,
+    i: usize,
+    access: impl IntoIterator<Item = String>,
+) -> ServerProcess {
     let config = keys.dir.path().join("replica.toml");
     let text = format!("store = {:?}\n\n[storage]\nac_ttl = \"{}ms\"\n", bucket.url(PREFIX), AC_TTL.as_millis());
     std::fs::write(&config, text).unwrap();
     let (key, policy) = (keys.key_file(i), keys.policy_file());
-    let args = ["--plaintext-insecure", "--config", config.to_str().unwrap()];
-    let args = args.into_iter().map(str::to_owned).chain([
+    let args = access.into_iter().chain([
+        "--config".to_owned(),
+        config.display().to_string(),
         "--signing-key".to_owned(),
         key.display().to_string(),
         "--trust-policy".to_owned(),
@@ -105,13 +117,13 @@ fn two_replicas(test: &str) -> (Bucket, Keys, ServerProcess, ServerProcess) {
 }
 
 /// Every key under `dir` (e.g. `cas`, `ac`) of the replicas' prefix.
-async fn keys_under(bucket: &Bucket, dir: &str) -> Vec<String> {
+pub(crate) async fn keys_under(bucket: &Bucket, dir: &str) -> Vec<String> {
     let store = bucket.store(PREFIX);
     let listed: Vec<_> = store.list(Some(&ObjectPath::from(dir))).try_collect().await.unwrap();
     listed.into_iter().map(|m| m.location.to_string()).collect()
 }
 
-fn blob_name(d: &reapi::Digest) -> String {
+pub(crate) fn blob_name(d: &reapi::Digest) -> String {
     format!("blobs/{}", rn(d))
 }
 
@@ -228,15 +240,23 @@ async fn an_ac_object_altered_in_the_bucket_is_a_miss_on_every_replica_once_ac_t
     assert_eq!(ca.lookup("", &action).await.unwrap_err(), Code::NotFound, "and it stays a miss");
 }
 
-/// Runs verify-build over `invocation` against `server` until it has
-/// audited `hits` hits (the hit log is written after the reply).
-async fn audit_invocation(server: &ServerProcess, keys: &Keys, invocation: &str, hits: usize) -> String {
+/// Runs verify-build over `invocation` against `server`, with `client`'s
+/// extra arguments (an mTLS identity, `--reader`), until it has audited
+/// `hits` hits (the hit log is written after the reply).
+pub(crate) async fn audit_invocation(
+    server: &ServerProcess,
+    keys: &Keys,
+    invocation: &str,
+    hits: usize,
+    client: &[String],
+) -> String {
     let expected = format!("{hits} cache hits audited: {hits} verified, 0 failed");
     let start = Instant::now();
     loop {
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_provcache"))
             .args(["verify-build", "--server", &server.url(), "--invocation", invocation, "--policy"])
             .arg(keys.policy_file())
+            .args(client)
             .output()
             .await
             .expect("running verify-build");
@@ -262,7 +282,7 @@ async fn verify_build_sees_every_hit_of_an_invocation_served_half_by_a_and_half_
         reader.lookup_as("", &action, &request_metadata(invocation, "Genrule", &salt)).await.unwrap();
     }
     for server in [&a, &b] {
-        let report = audit_invocation(server, &keys, invocation, 4).await;
+        let report = audit_invocation(server, &keys, invocation, 4, &[]).await;
         assert!(report.contains(invocation), "{report}");
     }
 }

@@ -133,7 +133,7 @@ impl Seaweed {
         fs::create_dir_all(&data).unwrap();
         let child = Command::new(&self.weed)
             .args(["server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-volume.max=0"])
-            .args(["-master.volumeSizeLimitMB=512", "-master.telemetry=false"])
+            .args(["-master.volumeSizeLimitMB=64", "-master.telemetry=false"])
             .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
             .arg(format!("-dir={}", data.display()))
             .args(port_flags("master", p.master))

@@ -101,6 +101,7 @@ async fn a_ranged_read_yields_the_range_and_a_tampered_blob_ends_in_data_loss() 
     let last = read.last().unwrap().as_ref().expect_err("the stream ends in an error");
     assert_eq!(last.code(), tonic::Code::DataLoss);
     assert!(store.head(&keys::blob(&i, &d)).await.is_err(), "the tampered object is deleted");
+    assert_eq!(blobs.contains(&i, &[d]).await.unwrap(), [false], "and no longer known to be present");
     assert_eq!(blobs.read(&i, d, 0, 3).await.unwrap().map(|_| ()), None);
 }
 
