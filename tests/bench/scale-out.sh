@@ -13,12 +13,14 @@
 #
 #   tests/bench/scale-out.sh [SIZE]         # default 1GiB; RSS_SIZE default 4GiB (0 skips)
 #
-# Environment: ROUNDS (ab.sh, default 7), DURATION (default 5s),
+# Environment: SECTIONS (default "1 2 3 4"), ROUNDS (ab.sh, default 7), DURATION (default 5s),
 # PROVCACHE_SEAWEEDFS_DIR (default ~/.cache/provcache/seaweedfs), PROVCACHE_BIN.
 set -euo pipefail
 size=${1:-1GiB}
 rss_size=${RSS_SIZE:-4GiB}
 duration=${DURATION:-5s}
+sections=" ${SECTIONS:-1 2 3 4} "
+want() { [[ "$sections" == *" $1 "* ]]; }
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=tests/bench/common.sh
 . "$here/common.sh"
@@ -51,6 +53,7 @@ for i in $(seq 120); do
 done
 echo "SeaweedFS at $AWS_ENDPOINT_URL, bucket ready; CPU: $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)"
 
+if want 1; then
 echo "== 1. replica (--store) / embedded, A/B"
 "$here/ab.sh" "--store $store" '' --scenario ac-hit --duration "$duration"
 "$here/ab.sh" "--store $store" '' --scenario find-missing --duration "$duration"
@@ -60,10 +63,12 @@ ttl0="$work/ttl0.toml"
 printf 'store = "%s"\n[storage]\nac_ttl = "0s"\n' "$store" >"$ttl0"
 echo "== 1b. replica with ac_ttl 0 / replica with the default ac_ttl (hits)"
 "$here/ab.sh" "--config $ttl0" "--store $store" --scenario ac-hit --duration "$duration"
+fi
 
-echo "== 2. two replicas on one bucket, each under its own bench, vs one"
 start_provcache one --plaintext-insecure --store "$store"
 one_url=$url
+if want 2; then
+echo "== 2. two replicas on one bucket, each under its own bench, vs one"
 start_provcache two --plaintext-insecure --store "$store"
 two_url=$url
 "$bin" bench --server "$one_url" --scenario ac-hit --duration "$duration" | sed 's/^/one replica:   /'
@@ -73,12 +78,15 @@ a=$!
 wait "$a"
 sed 's/^/two replicas, A: /' "$work/one.out"
 sed 's/^/two replicas, B: /' "$work/two.out"
+fi
 
+if want 3; then
 echo "== 3. $size through a replica vs the object store's raw speed"
 "$bin" bench --server "$one_url" --scenario big-write,big-read --size "$size" --chunk 64KiB
 "$bin" bench --store "$store" --scenario raw-store-write,raw-store-read --size "$size"
+fi
 
-if [ "$rss_size" != 0 ]; then
+if want 4 && [ "$rss_size" != 0 ]; then
     echo "== 4. replica RSS while $rss_size streams in and out"
     PROVCACHE_RSS_FLAGS="--store $store" "$here/rss.sh" "$rss_size"
 fi
