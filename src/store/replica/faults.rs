@@ -1,7 +1,10 @@
 //! Test doubles for a replica's remote: memory stores that can be switched
 //! off (answering UNAVAILABLE, like an unreachable bucket), return tampered
 //! bytes (like a bucket someone wrote into), or answer slowly (so
-//! concurrent readers really overlap). They count the reads that reach them.
+//! concurrent readers really overlap). As a replica's local cache, they can
+//! refuse writes (like a full disk) or lose what they committed (like an
+//! eviction). They count the reads that reach them. The domain's tests use
+//! them too, as a store that fails mid-upload.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,10 +23,12 @@ use crate::store::{BlobStore, BlobStream, BlobWriter, StoreError, StoreErrorKind
 
 /// The switches of a faulty remote.
 #[derive(Debug, Default)]
-pub(super) struct Faults {
+pub(crate) struct Faults {
     off: AtomicBool,
     tamper: AtomicBool,
     slow: AtomicBool,
+    forget: AtomicBool,
+    refusals: AtomicUsize,
     reads: AtomicUsize,
 }
 
@@ -43,6 +48,17 @@ impl Faults {
         self.slow.store(on, Ordering::SeqCst);
     }
 
+    /// Makes the next `count` writes fail to start, as on a full disk.
+    pub fn refuse_writes(&self, count: usize) {
+        self.refusals.store(count, Ordering::SeqCst);
+    }
+
+    /// Makes committed writes report success but store nothing, as if the
+    /// blob were evicted at once.
+    pub fn forget_writes(&self, on: bool) {
+        self.forget.store(on, Ordering::SeqCst);
+    }
+
     /// How many reads (whole or ranged) reached the remote.
     pub fn reads(&self) -> usize {
         self.reads.load(Ordering::SeqCst)
@@ -51,6 +67,15 @@ impl Faults {
     fn check(&self) -> Result<()> {
         if self.off.load(Ordering::SeqCst) {
             return Err(Error::Storage(StoreError::new(StoreErrorKind::Unavailable, "remote switched off")));
+        }
+        Ok(())
+    }
+
+    fn check_write(&self) -> Result<()> {
+        self.check()?;
+        let refused = self.refusals.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if refused {
+            return Err(Error::Storage(StoreError::new(StoreErrorKind::NoSpace, "local disk full")));
         }
         Ok(())
     }
@@ -68,7 +93,7 @@ impl Faults {
 /// A remote blob store over a [`MemoryStore`] (`inner`, which tests read
 /// and plant blobs in directly).
 #[derive(Debug, Default)]
-pub(super) struct FaultyBlobs {
+pub(crate) struct FaultyBlobs {
     pub inner: MemoryStore,
     pub faults: Arc<Faults>,
 }
@@ -102,12 +127,15 @@ impl BlobStore for FaultyBlobs {
     }
 
     async fn put(&self, instance: &InstanceName, digest: Digest, data: Bytes) -> Result<()> {
-        self.faults.check()?;
+        self.faults.check_write()?;
+        if self.faults.forget.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         self.inner.put(instance, digest, data).await
     }
 
     async fn begin_write(&self, instance: &InstanceName, digest: Digest) -> Result<Box<dyn BlobWriter>> {
-        self.faults.check()?;
+        self.faults.check_write()?;
         let inner = self.inner.begin_write(instance, digest).await?;
         Ok(Box::new(FaultyWriter { inner, faults: self.faults.clone() }))
     }
@@ -122,7 +150,8 @@ impl BlobStore for FaultyBlobs {
     }
 }
 
-/// A remote writer that fails while the remote is off.
+/// A writer that fails while the store is off and stores nothing while it
+/// forgets.
 struct FaultyWriter {
     inner: Box<dyn BlobWriter>,
     faults: Arc<Faults>,
@@ -137,6 +166,9 @@ impl BlobWriter for FaultyWriter {
 
     async fn commit(self: Box<Self>) -> Result<()> {
         self.faults.check()?;
+        if self.faults.forget.load(Ordering::SeqCst) {
+            return self.inner.abort().await;
+        }
         self.inner.commit().await
     }
 
