@@ -21,6 +21,9 @@ use crate::store::memory::MemoryStore;
 use crate::store::memory_actions::MemoryActions;
 use crate::store::{BlobStore, BlobStream, BlobWriter, StoreError, StoreErrorKind};
 
+/// How long a slow store takes to answer a read or a put.
+pub(crate) const SLOW: Duration = Duration::from_millis(50);
+
 /// The switches of a faulty remote.
 #[derive(Debug, Default)]
 pub(crate) struct Faults {
@@ -30,6 +33,8 @@ pub(crate) struct Faults {
     forget: AtomicBool,
     refusals: AtomicUsize,
     reads: AtomicUsize,
+    waiting: AtomicUsize,
+    most_waiting: AtomicUsize,
 }
 
 impl Faults {
@@ -43,7 +48,7 @@ impl Faults {
         self.tamper.store(on, Ordering::SeqCst);
     }
 
-    /// Makes ranged reads wait a little before answering.
+    /// Makes reads and puts wait [`SLOW`] before answering.
     pub fn slow(&self, on: bool) {
         self.slow.store(on, Ordering::SeqCst);
     }
@@ -69,6 +74,20 @@ impl Faults {
             return Err(Error::Storage(StoreError::new(StoreErrorKind::Unavailable, "remote switched off")));
         }
         Ok(())
+    }
+
+    /// The most slow calls that were waiting at once.
+    pub fn most_at_once(&self) -> usize {
+        self.most_waiting.load(Ordering::SeqCst)
+    }
+
+    async fn wait_if_slow(&self) {
+        if self.slow.load(Ordering::SeqCst) {
+            let now = self.waiting.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_waiting.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(SLOW).await;
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     fn check_write(&self) -> Result<()> {
@@ -108,6 +127,7 @@ impl BlobStore for FaultyBlobs {
     async fn get(&self, instance: &InstanceName, digest: Digest) -> Result<Option<Bytes>> {
         self.faults.check()?;
         self.faults.reads.fetch_add(1, Ordering::SeqCst);
+        self.faults.wait_if_slow().await;
         Ok(self.inner.get(instance, digest).await?.map(|data| self.faults.damage(data)))
     }
 
@@ -116,9 +136,7 @@ impl BlobStore for FaultyBlobs {
     async fn read(&self, instance: &InstanceName, digest: Digest, offset: u64, end: u64) -> Result<Option<BlobStream>> {
         self.faults.check()?;
         self.faults.reads.fetch_add(1, Ordering::SeqCst);
-        if self.faults.slow.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.faults.wait_if_slow().await;
         let Some(data) = self.inner.get(instance, digest).await? else { return Ok(None) };
         let range = self.faults.damage(data).slice(offset as usize..end as usize);
         let middle = range.len() / 2;
@@ -128,6 +146,7 @@ impl BlobStore for FaultyBlobs {
 
     async fn put(&self, instance: &InstanceName, digest: Digest, data: Bytes) -> Result<()> {
         self.faults.check_write()?;
+        self.faults.wait_if_slow().await;
         if self.faults.forget.load(Ordering::SeqCst) {
             return Ok(());
         }
