@@ -66,18 +66,6 @@ async fn tampered_remote_bytes_are_not_served_when_the_local_disk_refuses_every_
 }
 
 #[tokio::test]
-async fn tampered_remote_bytes_are_not_served_when_every_filled_copy_is_evicted_before_it_is_read() {
-    let (s, digest, _) = setup("evicted as soon as it lands, and tampered").await;
-    s.local.faults.forget_writes(true);
-    s.remote.faults.tamper(true);
-
-    let error = collect(s.blobs.read(&instance(), digest, 0, 4).await).await.unwrap_err();
-
-    assert_eq!(error.code(), Code::DataLoss);
-    assert!(!s.remote.inner.holds(&instance(), digest), "tampered bytes stay in the bucket");
-}
-
-#[tokio::test]
 async fn a_blob_whose_filled_copies_are_evicted_is_served_checked_after_one_retry() {
     let (s, digest, data) = setup("evicted as soon as it lands, but good").await;
     s.local.faults.forget_writes(true);
