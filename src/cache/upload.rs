@@ -370,6 +370,20 @@ impl Uploads {
             )));
         }
         session.last_used.store(self.now_ms(), Ordering::Release);
+        if write_offset > 0 && session.committed == 0 {
+            // A resume this server holds no bytes of: the earlier stream went
+            // to another replica, or the session expired. ABORTED, because
+            // Bazel retries it (not NOT_FOUND or INVALID_ARGUMENT), and its
+            // retry asks QueryWriteStatus, which answers NOT_FOUND once the
+            // session is gone, so the client restarts at offset 0. The same
+            // code as an expired session's.
+            self.discard(session).await;
+            return Err(Error::Aborted(format!(
+                "this server holds no bytes of upload {} (write_offset {write_offset}); \
+                 ask QueryWriteStatus and start again from offset 0",
+                session.resource.upload_id
+            )));
+        }
         if write_offset != session.committed {
             return Err(Error::InvalidArgument(format!(
                 "write_offset {write_offset} does not match the committed size {} of upload {}; \
@@ -403,7 +417,11 @@ impl Uploads {
         // A blob of one piece or less stays in memory and is handed over whole at the end.
         while session.resource.digest.size > WRITE_PIECE as u64 && session.feed.sink().buf.len() >= WRITE_PIECE {
             let piece = session.feed.sink().buf.split_to(WRITE_PIECE).freeze();
-            self.hand_over(session, piece).await?;
+            if let Err(error) = self.hand_over(session, piece).await {
+                // The piece is counted as committed but lost: no resume can complete this session.
+                self.discard(session).await;
+                return Err(error);
+            }
         }
         if !finish {
             return Ok(None);
@@ -444,16 +462,30 @@ impl Uploads {
             )));
         }
         let tail = session.feed.sink().buf.split().freeze();
-        if !digest.is_empty_blob() {
-            if !tail.is_empty() {
-                self.hand_over(session, tail).await?;
-            }
-            if let Some(writer) = session.writer.take() {
-                writer.commit().await?;
-            }
+        if let Err(error) = self.commit(session, digest, tail).await {
+            // The hash and the tail are consumed: the session cannot be
+            // resumed, so it goes, QueryWriteStatus answers NOT_FOUND and the
+            // client restarts at 0 (the error keeps its code, UNAVAILABLE for
+            // a store that is down, so the client retries).
+            self.discard(session).await;
+            return Err(error);
         }
         self.remove(&session.resource, &session.principal);
         Ok(WriteOutcome::Complete(session.committed))
+    }
+
+    /// Hands the last bytes of a checked upload to the store and commits it.
+    async fn commit(&self, session: &mut Session, digest: Digest, tail: Bytes) -> Result<()> {
+        if digest.is_empty_blob() {
+            return Ok(());
+        }
+        if !tail.is_empty() {
+            self.hand_over(session, tail).await?;
+        }
+        match session.writer.take() {
+            Some(writer) => writer.commit().await,
+            None => Ok(()),
+        }
     }
 
     async fn discard(&self, session: &mut Session) {

@@ -275,3 +275,27 @@ async fn a_256_mib_blob_streams_both_ways() {
     assert_eq!(total, LEN);
     assert_eq!(hex::encode(check.finalize()), d.hash);
 }
+
+/// A resumed Write reaching a server without its session (a load balancer
+/// sent the first stream to another replica, or the session expired) is
+/// ABORTED, which Bazel retries: its retry asks QueryWriteStatus, gets
+/// NOT_FOUND and restarts at 0, which completes. (INVALID_ARGUMENT, the old
+/// answer, made Bazel fail the upload.)
+#[tokio::test]
+async fn a_resumed_write_the_server_has_no_session_for_is_aborted_and_a_restart_at_zero_completes() {
+    let server = TestServer::start().await;
+    let mut c = server.clients().await;
+    let data = noise(300 * 1024, 7);
+    let d = sha(&data);
+    let name = format!("uploads/elsewhere/blobs/{}", rn(&d));
+
+    let rest = write_requests(&name, &data[100 * 1024..], 64 * 1024, 100 * 1024, true);
+    let err = c.bs.write(futures::stream::iter(rest)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    let status = c.bs.query_write_status(QueryWriteStatusRequest { resource_name: name.clone() }).await;
+    assert_eq!(status.unwrap_err().code(), Code::NotFound);
+
+    let whole = write_requests(&name, &data, 64 * 1024, 0, true);
+    assert_eq!(c.bs.write(futures::stream::iter(whole)).await.unwrap().into_inner().committed_size, data.len() as i64);
+    assert_eq!(c.read(&format!("blobs/{}", rn(&d)), 0, 0).await.unwrap(), data);
+}

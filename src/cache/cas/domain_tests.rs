@@ -132,3 +132,84 @@ async fn an_upload_is_stored_when_its_digest_matches_and_leaves_nothing_when_it_
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(!store.holds(&instance(), claimed), "the aborted upload stored nothing");
 }
+
+/// An upload of `data` (more than one piece, so the store's writer is open
+/// before the end) into `store`, fed all but its last byte.
+async fn started_upload(
+    store: Arc<dyn crate::store::BlobStore>,
+    data: &[u8],
+) -> (Uploads, WriteResource, Arc<tokio::sync::Mutex<crate::cache::upload::Session>>) {
+    let uploads = Uploads::new(store, &Limits::default());
+    let resource =
+        WriteResource { instance: instance(), upload_id: "u2".into(), digest: digest(data), compressor: None };
+    let session = uploads.session(&resource, &enforcer()).unwrap();
+    let head = Bytes::copy_from_slice(&data[..data.len() - 1]);
+    uploads.feed(&mut *session.lock().await, 0, head, false, &enforcer()).await.unwrap();
+    (uploads, resource, session)
+}
+
+#[tokio::test]
+async fn an_upload_whose_commit_finds_the_store_unavailable_is_dropped_so_the_client_restarts_at_zero() {
+    let store = Arc::new(crate::store::replica::faults::FaultyBlobs::default());
+    let data: Vec<u8> = (0..WRITE_PIECE * 2 + 9).map(|i| (i % 241) as u8).collect();
+    let (uploads, resource, session) = started_upload(store.clone(), &data).await;
+    let last = Bytes::copy_from_slice(&data[data.len() - 1..]);
+    let offset = (data.len() - 1) as i64;
+
+    store.faults.switch_off(true);
+    let error = uploads.feed(&mut *session.lock().await, offset, last, true, &enforcer()).await.unwrap_err();
+
+    assert_eq!(error.code(), tonic::Code::Unavailable, "the client must see a retryable error");
+    assert_eq!(uploads.progress(&resource, "tester"), None, "QueryWriteStatus must answer NOT_FOUND");
+    store.faults.switch_off(false);
+    let again = uploads.session(&resource, &enforcer()).unwrap();
+    let whole = Bytes::from(data.clone());
+    let outcome = uploads.feed(&mut *again.lock().await, 0, whole, true, &enforcer()).await.unwrap();
+    assert_eq!(outcome, Some(WriteOutcome::Complete(data.len() as i64)));
+    assert!(store.inner.holds(&instance(), resource.digest));
+}
+
+#[tokio::test]
+async fn a_resumed_write_the_server_holds_no_bytes_of_is_aborted_so_the_client_asks_and_restarts() {
+    let store = MemoryStore::new(None);
+    let uploads = Uploads::new(Arc::new(store.clone()), &Limits::default());
+    let data = b"the first half went to another replica";
+    let resource =
+        WriteResource { instance: instance(), upload_id: "u3".into(), digest: digest(data), compressor: None };
+    let session = uploads.session(&resource, &enforcer()).unwrap();
+    let rest = Bytes::copy_from_slice(&data[10..]);
+
+    let error = uploads.feed(&mut *session.lock().await, 10, rest, true, &enforcer()).await.unwrap_err();
+
+    assert_eq!(error.code(), tonic::Code::Aborted, "Bazel retries ABORTED, not INVALID_ARGUMENT");
+    assert_eq!(uploads.progress(&resource, "tester"), None, "QueryWriteStatus must answer NOT_FOUND");
+    assert!(!store.holds(&instance(), resource.digest));
+}
+
+#[tokio::test]
+async fn a_batch_over_a_slow_store_runs_its_blobs_at_once_and_answers_each_in_request_order() {
+    let store = Arc::new(crate::store::replica::faults::FaultyBlobs::default());
+    let cas = Cas::new(store.clone());
+    let texts: Vec<Vec<u8>> = (0..20).map(|i| format!("batched blob {i}").into_bytes()).collect();
+    let mut blobs: Vec<BatchBlob> = texts
+        .iter()
+        .map(|t| BatchBlob { digest: Ok(digest(t)), data: Bytes::copy_from_slice(t), compressor: None })
+        .collect();
+    let liar = BatchBlob { digest: Ok(digest(b"claimed")), data: Bytes::from_static(b"other"), compressor: None };
+    blobs.insert(3, liar);
+    store.faults.slow(true);
+
+    let stored = cas.batch_update(&instance(), blobs, &enforcer()).await.unwrap();
+    let mut digests: Vec<Digest> = texts.iter().map(|t| digest(t)).collect();
+    digests.insert(5, digest(b"never stored"));
+    let read = cas.batch_read(&instance(), &digests, false).await.unwrap();
+
+    let codes: Vec<Option<tonic::Code>> = stored.iter().map(|r| r.as_ref().err().map(|e| e.code())).collect();
+    let mut expected = vec![None; 21];
+    expected[3] = Some(tonic::Code::InvalidArgument);
+    assert_eq!(codes, expected);
+    assert_eq!(read[5].as_ref().unwrap_err().code(), tonic::Code::NotFound);
+    let found: Vec<Vec<u8>> = read.into_iter().filter_map(|r| r.ok()).map(|(data, _)| data.to_vec()).collect();
+    assert_eq!(found, texts, "blobs come back in request order");
+    assert_eq!(store.faults.most_at_once(), 16, "a batch must neither run sequentially nor unbounded");
+}

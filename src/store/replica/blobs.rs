@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::fill::Fills;
+use super::fill::{serve_from_remote, Fills, Request};
 use super::stats::{is_unavailable, ReplicaStats};
 use crate::cache::digest::Digest;
 use crate::cache::resource::InstanceName;
@@ -25,7 +25,7 @@ const VERIFY_ON_WORKER_MAX: usize = 256 * 1024;
 ///   local copy is best effort.
 /// - Reads try the local cache first. Bytes from the remote are checked
 ///   against the digest before they are cached or served (a ranged read of
-///   a blob too large for the local cache is the one exception: see
+///   a large blob the local cache cannot hold is the one exception: see
 ///   [`BlobStore::read`] below).
 /// - The remote decides presence and size limits: a blob only in the local
 ///   cache may already have expired from the bucket, and other replicas must
@@ -81,7 +81,7 @@ impl ReadThroughBlobs {
 }
 
 /// Checks `data` against `digest`, on the blocking pool if it is large.
-async fn verify(digest: Digest, data: Bytes) -> Result<(Bytes, bool)> {
+pub(super) async fn verify(digest: Digest, data: Bytes) -> Result<(Bytes, bool)> {
     if data.len() < VERIFY_ON_WORKER_MAX {
         let good = digest.verify(&data).is_ok();
         return Ok((data, good));
@@ -139,7 +139,9 @@ impl BlobStore for ReadThroughBlobs {
     /// then served from the local copy, so every byte served was checked. A
     /// mismatch removes the remote object and ends in DATA_LOSS.
     ///
-    /// A blob too large for the local cache is streamed from the remote's own
+    /// A blob the local cache cannot hold (too large for it, or a fill that
+    /// failed twice) is read whole from the remote and checked before it is
+    /// served, up to a bound; above it, it is streamed from the remote's own
     /// `read`, which checks the digest only as the stream ends: a client may
     /// have received bytes of a corrupt blob before the DATA_LOSS (it must
     /// check the digest of what it reassembles, as REAPI clients do).
@@ -154,10 +156,10 @@ impl BlobStore for ReadThroughBlobs {
             // or a failing local store: the remote still has the blob.
             Err(error) => tracing::warn!(%digest, %error, "local cache could not serve a blob; reading through"),
         }
+        let request = Request { instance, digest, offset, end };
         if self.local.check_fits(digest.size).is_err() {
-            return self.remote.read(instance, digest, offset, end).await;
+            return serve_from_remote(&self.remote, &self.stats, request).await;
         }
-        let request = super::fill::Request { instance, digest, offset, end };
         self.fills.read_through(&self.local, &self.remote, &self.stats, request).await
     }
 

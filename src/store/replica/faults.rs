@@ -1,7 +1,10 @@
 //! Test doubles for a replica's remote: memory stores that can be switched
 //! off (answering UNAVAILABLE, like an unreachable bucket), return tampered
 //! bytes (like a bucket someone wrote into), or answer slowly (so
-//! concurrent readers really overlap). They count the reads that reach them.
+//! concurrent readers really overlap). As a replica's local cache, they can
+//! refuse writes (like a full disk) or lose what they committed (like an
+//! eviction). They count the reads that reach them. The domain's tests use
+//! them too, as a store that fails mid-upload.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,13 +21,20 @@ use crate::store::memory::MemoryStore;
 use crate::store::memory_actions::MemoryActions;
 use crate::store::{BlobStore, BlobStream, BlobWriter, StoreError, StoreErrorKind};
 
+/// How long a slow store takes to answer a read or a put.
+pub(crate) const SLOW: Duration = Duration::from_millis(50);
+
 /// The switches of a faulty remote.
 #[derive(Debug, Default)]
-pub(super) struct Faults {
+pub(crate) struct Faults {
     off: AtomicBool,
     tamper: AtomicBool,
     slow: AtomicBool,
+    forget: AtomicBool,
+    refusals: AtomicUsize,
     reads: AtomicUsize,
+    waiting: AtomicUsize,
+    most_waiting: AtomicUsize,
 }
 
 impl Faults {
@@ -38,9 +48,20 @@ impl Faults {
         self.tamper.store(on, Ordering::SeqCst);
     }
 
-    /// Makes ranged reads wait a little before answering.
+    /// Makes reads and puts wait [`SLOW`] before answering.
     pub fn slow(&self, on: bool) {
         self.slow.store(on, Ordering::SeqCst);
+    }
+
+    /// Makes the next `count` writes fail to start, as on a full disk.
+    pub fn refuse_writes(&self, count: usize) {
+        self.refusals.store(count, Ordering::SeqCst);
+    }
+
+    /// Makes committed writes report success but store nothing, as if the
+    /// blob were evicted at once.
+    pub fn forget_writes(&self, on: bool) {
+        self.forget.store(on, Ordering::SeqCst);
     }
 
     /// How many reads (whole or ranged) reached the remote.
@@ -51,6 +72,29 @@ impl Faults {
     fn check(&self) -> Result<()> {
         if self.off.load(Ordering::SeqCst) {
             return Err(Error::Storage(StoreError::new(StoreErrorKind::Unavailable, "remote switched off")));
+        }
+        Ok(())
+    }
+
+    /// The most slow calls that were waiting at once.
+    pub fn most_at_once(&self) -> usize {
+        self.most_waiting.load(Ordering::SeqCst)
+    }
+
+    async fn wait_if_slow(&self) {
+        if self.slow.load(Ordering::SeqCst) {
+            let now = self.waiting.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_waiting.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(SLOW).await;
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn check_write(&self) -> Result<()> {
+        self.check()?;
+        let refused = self.refusals.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if refused {
+            return Err(Error::Storage(StoreError::new(StoreErrorKind::NoSpace, "local disk full")));
         }
         Ok(())
     }
@@ -68,7 +112,7 @@ impl Faults {
 /// A remote blob store over a [`MemoryStore`] (`inner`, which tests read
 /// and plant blobs in directly).
 #[derive(Debug, Default)]
-pub(super) struct FaultyBlobs {
+pub(crate) struct FaultyBlobs {
     pub inner: MemoryStore,
     pub faults: Arc<Faults>,
 }
@@ -83,6 +127,7 @@ impl BlobStore for FaultyBlobs {
     async fn get(&self, instance: &InstanceName, digest: Digest) -> Result<Option<Bytes>> {
         self.faults.check()?;
         self.faults.reads.fetch_add(1, Ordering::SeqCst);
+        self.faults.wait_if_slow().await;
         Ok(self.inner.get(instance, digest).await?.map(|data| self.faults.damage(data)))
     }
 
@@ -91,9 +136,7 @@ impl BlobStore for FaultyBlobs {
     async fn read(&self, instance: &InstanceName, digest: Digest, offset: u64, end: u64) -> Result<Option<BlobStream>> {
         self.faults.check()?;
         self.faults.reads.fetch_add(1, Ordering::SeqCst);
-        if self.faults.slow.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.faults.wait_if_slow().await;
         let Some(data) = self.inner.get(instance, digest).await? else { return Ok(None) };
         let range = self.faults.damage(data).slice(offset as usize..end as usize);
         let middle = range.len() / 2;
@@ -102,12 +145,16 @@ impl BlobStore for FaultyBlobs {
     }
 
     async fn put(&self, instance: &InstanceName, digest: Digest, data: Bytes) -> Result<()> {
-        self.faults.check()?;
+        self.faults.check_write()?;
+        self.faults.wait_if_slow().await;
+        if self.faults.forget.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         self.inner.put(instance, digest, data).await
     }
 
     async fn begin_write(&self, instance: &InstanceName, digest: Digest) -> Result<Box<dyn BlobWriter>> {
-        self.faults.check()?;
+        self.faults.check_write()?;
         let inner = self.inner.begin_write(instance, digest).await?;
         Ok(Box::new(FaultyWriter { inner, faults: self.faults.clone() }))
     }
@@ -122,7 +169,8 @@ impl BlobStore for FaultyBlobs {
     }
 }
 
-/// A remote writer that fails while the remote is off.
+/// A writer that fails while the store is off and stores nothing while it
+/// forgets.
 struct FaultyWriter {
     inner: Box<dyn BlobWriter>,
     faults: Arc<Faults>,
@@ -137,6 +185,9 @@ impl BlobWriter for FaultyWriter {
 
     async fn commit(self: Box<Self>) -> Result<()> {
         self.faults.check()?;
+        if self.faults.forget.load(Ordering::SeqCst) {
+            return self.inner.abort().await;
+        }
         self.inner.commit().await
     }
 

@@ -4,14 +4,16 @@
 //! wait for a single fill instead of each downloading it.
 //!
 //! The price of serving only checked bytes: the first byte of a missed blob
-//! waits for the whole download. Blobs too large for the local cache skip
-//! this (see `ReadThroughBlobs::read`).
+//! waits for the whole download. A blob the local cache cannot hold is read
+//! whole and checked in memory, or, above a bound, streamed and checked only
+//! at its end (see [`serve_from_remote`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use futures::StreamExt;
 
+use super::blobs::verify;
 use super::stats::ReplicaStats;
 use crate::cache::digest::Digest;
 use crate::cache::resource::InstanceName;
@@ -23,6 +25,15 @@ type BlobKey = (InstanceName, Digest);
 
 /// One gate per blob being filled; readers of the same blob queue on it.
 type Gate = tokio::sync::Mutex<()>;
+
+/// Fills tried before a blob the local cache could not keep is served from
+/// the remote: one retry rides out a transient local failure.
+const FILL_ATTEMPTS: usize = 2;
+
+/// The largest blob served from a whole, checked remote read when the local
+/// cache cannot hold it (each such read holds this much memory while it is
+/// served); larger ones are streamed and checked only at the end.
+const VERIFIED_BUFFER_MAX: u64 = 64 * 1024 * 1024;
 
 /// A ranged read that missed the local cache.
 pub(super) struct Request<'a> {
@@ -63,10 +74,13 @@ impl Fills {
         gate
     }
 
-    /// Serves `request` after making sure the blob is in the local cache:
-    /// the first reader fills it (in its own task, so a reader that hangs
-    /// up does not waste the download others wait for), later ones find it
-    /// there once the gate opens.
+    /// Serves `request` from the local cache after making sure the blob is
+    /// there: the first reader fills it (in its own task, so a reader that
+    /// hangs up does not waste the download others wait for), later ones
+    /// find it there once the gate opens. A fill that could not leave the
+    /// blob in the local cache (disk full, a failed write, an eviction
+    /// before the re-read) is tried once more; then the blob is served from
+    /// the remote by [`serve_from_remote`].
     pub(super) async fn read_through(
         &self,
         local: &Arc<dyn BlobStore>,
@@ -75,28 +89,71 @@ impl Fills {
         request: Request<'_>,
     ) -> Result<Option<BlobStream>> {
         let Request { instance, digest, offset, end } = request;
-        let guard = self.gate((instance.clone(), digest)).lock_owned().await;
-        if let Some(stream) = local.read(instance, digest, offset, end).await? {
-            stats.cas_fill_shared();
-            return Ok(Some(stream));
+        for _ in 0..FILL_ATTEMPTS {
+            let guard = self.gate((instance.clone(), digest)).lock_owned().await;
+            if let Some(stream) = local.read(instance, digest, offset, end).await? {
+                stats.cas_fill_shared();
+                return Ok(Some(stream));
+            }
+            let fill =
+                Fill { local: local.clone(), remote: remote.clone(), stats: stats.clone(), instance: instance.clone() };
+            let filled = tokio::spawn(async move {
+                let _guard = guard;
+                fill.run(digest).await
+            })
+            .await??;
+            match filled {
+                Filled::Absent => return Ok(None),
+                Filled::NotCached => continue,
+                Filled::Cached => match local.read(instance, digest, offset, end).await {
+                    Ok(Some(stream)) => return Ok(Some(stream)),
+                    Ok(None) => tracing::warn!(%digest, "a filled blob left the local cache before it was read"),
+                    Err(error) => tracing::warn!(%digest, %error, "the local cache could not serve a filled blob"),
+                },
+            }
         }
-        let fill =
-            Fill { local: local.clone(), remote: remote.clone(), stats: stats.clone(), instance: instance.clone() };
-        let filled = tokio::spawn(async move {
-            let _guard = guard;
-            fill.run(digest).await
-        })
-        .await??;
-        match filled {
-            Filled::Absent => Ok(None),
-            Filled::Cached => match local.read(instance, digest, offset, end).await? {
-                Some(stream) => Ok(Some(stream)),
-                // Evicted or removed in the meantime: the remote still has it.
-                None => remote.read(instance, digest, offset, end).await,
-            },
-            Filled::NotCached => remote.read(instance, digest, offset, end).await,
-        }
+        serve_from_remote(remote, stats, Request { instance, digest, offset, end }).await
     }
+}
+
+/// Serves a range of a blob the local cache cannot hold. A blob of at most
+/// [`VERIFIED_BUFFER_MAX`] bytes is read whole, checked against its digest
+/// and served from that buffer, so every byte served was checked (a
+/// mismatch removes the remote object and is DATA_LOSS).
+///
+/// A larger blob is streamed from the remote's own `read`, which checks the
+/// digest only as the stream ends: this is the one weaker guarantee. A
+/// client may have received bytes of a corrupt blob before the DATA_LOSS
+/// (it must check the digest of what it reassembles, as REAPI clients do).
+pub(super) async fn serve_from_remote(
+    remote: &Arc<dyn BlobStore>,
+    stats: &ReplicaStats,
+    request: Request<'_>,
+) -> Result<Option<BlobStream>> {
+    let Request { instance, digest, offset, end } = request;
+    if digest.size > VERIFIED_BUFFER_MAX {
+        return remote.read(instance, digest, offset, end).await;
+    }
+    let Some(data) = remote.get(instance, digest).await? else { return Ok(None) };
+    let (data, good) = verify(digest, data).await?;
+    if !good {
+        return Err(reject_remote(remote, stats, instance, digest).await);
+    }
+    let range = data.slice(offset as usize..end as usize);
+    Ok(Some(Box::pin(futures::stream::once(async move { Ok(range) }))))
+}
+
+/// The remote's copy of `digest` failed its check: it is counted and
+/// removed from the remote (no replica must serve it), and the read is
+/// DATA_LOSS.
+async fn reject_remote(
+    remote: &Arc<dyn BlobStore>,
+    stats: &ReplicaStats,
+    instance: &InstanceName,
+    digest: Digest,
+) -> crate::error::Error {
+    stats.corrupt_from_remote();
+    corrupt_blob(digest, remote.delete(instance, digest).await)
 }
 
 /// One download of a blob from the remote into the local cache.
@@ -143,8 +200,7 @@ impl Fill {
         }
         if len != digest.size || hasher.finalize() != digest.hash {
             let _ = writer.abort().await;
-            self.stats.corrupt_from_remote();
-            return Err(corrupt_blob(digest, self.remote.delete(&self.instance, digest).await));
+            return Err(reject_remote(&self.remote, &self.stats, &self.instance, digest).await);
         }
         match writer.commit().await {
             Ok(()) => {

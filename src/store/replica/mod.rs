@@ -34,8 +34,10 @@ pub use blobs::ReadThroughBlobs;
 pub use stats::{ReplicaStats, ReplicaStatsSnapshot};
 
 #[cfg(test)]
-mod faults;
+pub(crate) mod faults;
 #[cfg(test)]
 mod tests_actions;
 #[cfg(test)]
 mod tests_blobs;
+#[cfg(test)]
+mod tests_fill;
