@@ -42,8 +42,6 @@ pub struct Replica {
     pub replica_stats: Arc<ReplicaStats>,
     /// Whether the bucket answers now.
     pub health: Arc<StoreHealth>,
-    /// How the operator named it (`s3://bucket/prefix at endpoint`), never a secret.
-    pub describe: String,
 }
 
 impl Stores {
@@ -85,13 +83,7 @@ impl Stores {
                 replica_stats.clone(),
             )),
             hits: Arc::new(ObjectHitLog::new(bucket.clone())),
-            replica: Some(Replica {
-                store,
-                object_stats: bucket.stats(),
-                replica_stats,
-                health,
-                describe: settings.describe(),
-            }),
+            replica: Some(Replica { store, object_stats: bucket.stats(), replica_stats, health }),
         })
     }
 }
