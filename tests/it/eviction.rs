@@ -169,6 +169,43 @@ async fn a_blob_larger_than_the_bound_is_refused() {
     server.stop().await;
 }
 
+/// Every file under `dir` with its length (what `du --apparent-size` counts).
+fn files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        match entry.file_type().unwrap().is_dir() {
+            true => all.extend(files(&entry.path())),
+            false => all.push((entry.path(), entry.metadata().unwrap().len())),
+        }
+    }
+    all
+}
+
+#[tokio::test]
+async fn the_data_directory_stays_within_the_bound_plus_the_documented_overhead() {
+    let max = 16 * 1024 * KIB;
+    let server = bounded_server(max).await;
+    let mut c = server.clients().await;
+    // Six times the bound in unique 1 MiB blobs, each logged in the WAL on its way in.
+    for n in 0..96u64 {
+        c.upload("", &[&noise(1024 * KIB as usize, 50_000 + n)]).await;
+    }
+    settled(&server, max).await;
+    let bound = max + provcache::store::rocks::disk_overhead(max);
+    // Obsolete WAL and blob files are deleted by RocksDB's background jobs.
+    let mut used = 0;
+    for _ in 0..100 {
+        used = files(server.dir.path()).iter().map(|f| f.1).sum();
+        if used <= bound {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(used <= bound, "the data directory holds {used} bytes, over {bound}: {:#?}", files(server.dir.path()));
+    server.stop().await;
+}
+
 /// Measures how long the real binary takes from start to its first answered
 /// call on a data directory holding many records (default one million; set
 /// `PROVCACHE_RESTART_RECORDS`). Size accounting is restored from counters,

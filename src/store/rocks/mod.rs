@@ -288,3 +288,23 @@ mod tests {
         assert_ne!(key(b"x", "a"), key(b"x", "b"));
     }
 }
+
+/// The most write-ahead log RocksDB keeps: an eighth of `--max-size`, at
+/// least 16 MiB (one chunk-family memtable and a margin), at most 256 MiB.
+pub fn wal_bound(max_size: Option<u64>) -> u64 {
+    max_size.map_or(WAL_MAX, |m| (m / 8).clamp(WAL_MIN, WAL_MAX))
+}
+
+const WAL_MIN: u64 = 16 << 20;
+const WAL_MAX: u64 = 256 << 20;
+/// Each of RocksDB's five kept info logs is rotated at this size.
+const LOG_FILE_BYTES: usize = 1 << 20;
+
+/// How far the data directory may exceed `--max-size` once writes settle:
+/// the WAL bound, evicted blobs awaiting collection in their blob files (a
+/// quarter of the bound, at least a memtable's worth), and 16 MiB for
+/// RocksDB's own files (manifest, options, info logs, small tables).
+/// Documented in docs/storage.md; checked by tests/it/eviction.rs.
+pub fn disk_overhead(max_size: u64) -> u64 {
+    wal_bound(Some(max_size)) + (max_size / 4).max(16 << 20) + (16 << 20)
+}

@@ -11,8 +11,10 @@ use rocksdb::{
 
 use super::lru::{self, Lru, CF_ATIME, CF_LRU, CF_USAGE};
 use super::verified::VerifiedChunks;
+use super::{
+    wal_bound, DEFAULT_VERIFIED_CHUNK_CACHE, FORMAT_VERSION, LOCK_STRIPES, LOG_FILE_BYTES, MIN_BLOB_FILE_VALUE,
+};
 use super::{RocksStore, StoreOptions, CF_AC, CF_AC_HISTORY, CF_AUDIT, CF_CAS, CF_CHUNKS, CF_META, CF_PENDING};
-use super::{DEFAULT_VERIFIED_CHUNK_CACHE, FORMAT_VERSION, LOCK_STRIPES, MIN_BLOB_FILE_VALUE};
 use crate::error::{Error, Result};
 use crate::store::StoreErrorKind;
 
@@ -57,8 +59,13 @@ impl RocksStore {
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.increase_parallelism(2);
-        db_opts.set_max_total_wal_size(256 << 20);
+        // Small column families fill their memtables slowly, and a WAL file
+        // lives until every column family it holds writes of has flushed:
+        // without this bound the WAL kept every blob written since the last
+        // flush of the Action Cache (docs/storage.md, "Disk use").
+        db_opts.set_max_total_wal_size(wal_bound(options.max_size));
         db_opts.set_keep_log_file_num(5);
+        db_opts.set_max_log_file_size(LOG_FILE_BYTES);
         // After a crash or a torn write the WAL may end in a partial or
         // corrupt record. Point-in-time recovery replays every record up to
         // the first bad one and drops the rest, so the store opens in a
@@ -97,6 +104,9 @@ impl RocksStore {
         chunks.set_min_blob_size(MIN_BLOB_FILE_VALUE as u64);
         chunks.set_blob_compression_type(DBCompressionType::None);
         chunks.set_enable_blob_gc(true);
+        // Evicted blobs stay in their blob files until a compaction drops
+        // the last reference: compact the oldest files once half garbage.
+        chunks.set_blob_gc_force_threshold(0.5);
         // Bounded memtables keep RSS flat while a large blob streams in.
         chunks.set_write_buffer_size(8 << 20);
         chunks.set_max_write_buffer_number(3);
