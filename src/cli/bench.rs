@@ -72,6 +72,11 @@ pub struct BenchArgs {
     /// per call, and --attacker its memory (Linux).
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
+    /// A directory on the server's data file system (its --data-dir):
+    /// big-write then also measures the synced sequential write speed there
+    /// and prints G6, the big write's speed over min(SHA-256, disk).
+    #[arg(long, value_name = "DIR")]
+    disk_dir: Option<PathBuf>,
     /// The object store (s3://BUCKET/PREFIX; endpoint and credentials from
     /// the AWS_* variables) whose raw speed the raw-store-* scenarios
     /// measure, with the client library and part sizes a replica uses.
@@ -110,6 +115,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         chunk: args.chunk as usize,
         connections: args.connections,
         server_pid: args.server_pid,
+        disk_dir: args.disk_dir.clone(),
     };
     for scenario in &args.scenario {
         if let Some(kind) = scenario.strip_prefix("raw-store-") {

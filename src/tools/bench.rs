@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use prost::Message;
 use tonic::transport::Channel;
@@ -273,6 +273,10 @@ pub struct Params {
     pub connections: usize,
     /// The server's process id, to report its CPU per call (Linux).
     pub server_pid: Option<u32>,
+    /// A directory on the server's data file system: `big-write` then also
+    /// measures that file system's synced sequential write speed, the other
+    /// physical limit of a big write (goal G6).
+    pub disk_dir: Option<std::path::PathBuf>,
 }
 
 /// Stores one Action Cache entry through the real write path and writes a
@@ -456,9 +460,26 @@ pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<
             })
             .await)
         }
-        "big-write" => Ok(big_write(&ch(0), &instance, p.size, p.chunk, run_id).await?.0),
+        "big-write" => {
+            let disk = match &p.disk_dir {
+                Some(dir) => Some(synced_write_speed(dir, p.size).await?),
+                None => None,
+            };
+            let (report, _, sha_mb_s) = big_write(&ch(0), &instance, p.size, p.chunk, run_id).await?;
+            if let Some(disk_mb_s) = disk {
+                let limit = sha_mb_s.min(disk_mb_s);
+                eprintln!(
+                    "big-write: synced sequential write into {}: {disk_mb_s:.0} MB/s; G6 = {:.0} / min(SHA-256 \
+                     {sha_mb_s:.0}, disk {disk_mb_s:.0}) = {:.2}",
+                    p.disk_dir.as_ref().map_or(String::new(), |d| d.display().to_string()),
+                    report.mb_per_sec,
+                    report.mb_per_sec / limit
+                );
+            }
+            Ok(report)
+        }
         "big-read" => {
-            let (_, digest) = big_write(&ch(0), &instance, p.size, p.chunk, run_id).await?;
+            let (_, digest, _) = big_write(&ch(0), &instance, p.size, p.chunk, run_id).await?;
             big_read(&ch(0), &instance, &digest).await
         }
         other => {
@@ -491,16 +512,46 @@ fn write_messages(name: String, data: Bytes, chunk: usize) -> Vec<WriteRequest> 
     }
 }
 
+/// The file system's synced sequential write speed in MB/s: `size` bytes
+/// written in 1 MiB blocks to a temporary file in `dir`, then fdatasync, the
+/// way the server's data reaches the disk. The file is removed.
+async fn synced_write_speed(dir: &std::path::Path, size: usize) -> anyhow::Result<f64> {
+    use std::io::Write as _;
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let block = pseudo_random_bytes(rand_seed(), 1 << 20);
+        let path = dir.join(format!(".provcache-disk-probe-{}", std::process::id()));
+        let mut file = std::fs::File::create_new(&path)
+            .with_context(|| format!("--disk-dir: cannot create {}", path.display()))?;
+        let t = Instant::now();
+        let written = (|| {
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(block.len());
+                file.write_all(&block[..n])?;
+                left -= n;
+            }
+            file.sync_data()
+        })();
+        let secs = t.elapsed().as_secs_f64();
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        written.with_context(|| format!("writing {}", path.display()))?;
+        Ok(size as f64 / secs / 1e6)
+    })
+    .await?
+}
+
 /// One big blob streamed with ByteStream; the client generates and hashes the
 /// data up front (one pass) and then streams a repeated block, so neither side
-/// holds the blob. Also measures single-core SHA-256 speed for comparison.
+/// holds the blob. Also measures single-core SHA-256 speed (MB/s, returned
+/// last) for comparison.
 async fn big_write(
     ch: &Channel,
     instance: &str,
     size: usize,
     chunk: usize,
     seed: u64,
-) -> anyhow::Result<(Report, reapi::Digest)> {
+) -> anyhow::Result<(Report, reapi::Digest, f64)> {
     let block = pseudo_random_bytes(seed, chunk);
     let blocks = size.div_ceil(chunk);
     let sha_start = Instant::now();
@@ -537,7 +588,7 @@ async fn big_write(
         size >> 20,
         mb_s / sha_mb_s
     );
-    Ok((single("big-write", size, secs, cpu_seconds() - cpu0), written))
+    Ok((single("big-write", size, secs, cpu_seconds() - cpu0), written, sha_mb_s))
 }
 
 pub(crate) fn single(name: &str, size: usize, secs: f64, cpu: f64) -> Report {
