@@ -11,10 +11,13 @@
 
 #[cfg(feature = "server")]
 mod checks;
+mod listen;
 #[cfg(feature = "server")]
 mod plan;
 mod settings;
 
+#[cfg(feature = "server")]
+pub use checks::readable_file;
 #[cfg(feature = "server")]
 pub use plan::{load_policy, tls_server, Access, Pki, Plan, ProvenancePlan, Signing, Storage};
 pub(crate) use settings::{de_duration, de_size, ser_duration};

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use super::checks::{own_signing, writable_data_dir};
+use super::checks::{own_signing, readable_file, writable_data_dir};
 use super::{IdentityArg, Settings, StorageConfig, VerifyModeArg};
 use crate::access::identity::IdentityMode;
 use crate::access::pki::DEV_TRUST_DOMAIN;
@@ -27,6 +27,15 @@ use crate::provenance::{Mode, ProvenanceConfig};
 use crate::server::ServerOptions;
 use crate::store::object::client::ObjectStoreSettings;
 use crate::store::rocks::StoreOptions;
+
+/// The refusal of an own TLS PKI without signing files: the development key
+/// and its hot-reloaded trust policy would live in the data directory, where
+/// whoever can write it could add a key and have forged entries served as
+/// verified.
+const OWN_PKI_NEEDS_SIGNING: &str = "with your own TLS PKI (--tls-cert, --tls-key, --client-ca), \
+     signing_key (--signing-key) and trust_policy (--trust-policy) are required: the development signing key \
+     and trust policy are for the development PKI only; create a key with `provcache keygen --out FILE \
+     --state active` and put the entry it prints in the trust policy file (docs/signing.md)";
 
 /// The rule a plaintext listener without a policy grants everything by.
 const PLAINTEXT_RULE: &str = "plaintext-all";
@@ -63,6 +72,9 @@ pub enum Access {
         principal: String,
         /// The configured policy, or one granting `principal` everything.
         policy: Policy,
+        /// No policy was named: every caller may read and write (allowed
+        /// on a loopback address only, with a warning at start).
+        grants_all: bool,
     },
     /// Mutual TLS: the principal comes from the client certificate.
     Mtls {
@@ -162,6 +174,7 @@ impl Plan {
                 key: key.clone(),
                 trust_policy: trust_policy.clone(),
             },
+            _ if matches!(access, Access::Mtls { pki: Pki::Own { .. }, .. }) => anyhow::bail!(OWN_PKI_NEEDS_SIGNING),
             _ => Signing::Development { dir: dev_dir },
         };
         writable_data_dir(&s.data_dir)?;
@@ -212,10 +225,13 @@ impl Plan {
         Ok(notes)
     }
 
-    /// The warnings `serve` logs at start for settings that weaken provenance.
+    /// The warnings `serve` logs at start (and `--check-config` prints)
+    /// for settings that weaken access control or provenance.
     pub fn warnings(&self) -> Vec<&'static str> {
         let p = &self.provenance;
+        let open = matches!(self.access, Access::Plaintext { grants_all: true, .. });
         [
+            (open, OPEN_PLAINTEXT_WARNING),
             (p.signing_disabled, "signing of Action Cache entries is OFF (--unsafe-no-sign): for measurements only"),
             (
                 p.verification_disabled,
@@ -286,13 +302,29 @@ fn object_store(url: &str, c: &StorageConfig) -> anyhow::Result<ObjectStoreSetti
     Ok(o)
 }
 
-/// Plaintext: the configured policy, or one granting the principal everything.
+/// The one warning of a plaintext listener without a policy.
+const OPEN_PLAINTEXT_WARNING: &str = "plaintext without an authorization policy: EVERY caller that can reach \
+     the listener can read and write (a development default, loopback addresses only); name a policy \
+     with --authz-policy FILE (authz_policy, docs/access-control.md)";
+
+/// Plaintext: the configured policy or, on a loopback address only, one
+/// granting the principal everything: anybody who can connect is that
+/// principal, so elsewhere it would open the cache to the network.
 fn plaintext(s: &Settings) -> anyhow::Result<Access> {
-    let policy = match &s.policy {
-        Some(path) => load_policy(path)?,
-        None => Policy::grant_all(PLAINTEXT_RULE, &s.plaintext_principal)?,
-    };
-    Ok(Access::Plaintext { principal: s.plaintext_principal.clone(), policy })
+    let principal = s.plaintext_principal.clone();
+    if let Some(path) = &s.policy {
+        return Ok(Access::Plaintext { principal, policy: load_policy(path)?, grants_all: false });
+    }
+    if !s.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "plaintext_insecure (--plaintext-insecure) without authz_policy (--authz-policy) on listen {}, \
+             not a loopback address: every caller that reaches it could read and write the cache; name an \
+             authorization policy with --authz-policy FILE (docs/access-control.md), or listen on 127.0.0.1",
+            s.listen
+        );
+    }
+    let policy = Policy::grant_all(PLAINTEXT_RULE, &principal)?;
+    Ok(Access::Plaintext { principal, policy, grants_all: true })
 }
 
 /// Mutual TLS: an own PKI needs a policy (and, with uri-san, trust domains);
@@ -311,6 +343,9 @@ fn mtls(s: &Settings, dev_dir: &Path) -> anyhow::Result<Access> {
     let policy = policy.as_deref().map(load_policy).transpose()?;
     let pki = match (own, policy) {
         (Some((cert, key)), Some(policy)) => {
+            readable_file("tls_cert (--tls-cert)", cert)?;
+            readable_file("tls_key (--tls-key)", key)?;
+            s.client_ca.iter().try_for_each(|ca| readable_file("client_ca (--client-ca)", ca))?;
             let mut t = TlsSettings::new(cert.clone(), key.clone(), s.client_ca.clone(), s.crl.clone());
             t.crl_reload_interval = s.crl_reload_interval;
             Pki::Own { tls: tls_server(&t)?, policy }
@@ -343,9 +378,10 @@ pub fn load_policy(path: &Path) -> anyhow::Result<Policy> {
     Policy::load(path).with_context(|| format!("authorization policy {}", path.display()))
 }
 
-/// Loads a TLS server's certificate, key, client CAs and CRLs; errors say so.
+/// Loads a TLS server's certificate, key, client CAs and CRLs; errors name
+/// the flags (the file is in the message of the error itself).
 pub fn tls_server(settings: &TlsSettings) -> anyhow::Result<TlsServer> {
-    TlsServer::from_settings(settings).context("TLS settings")
+    TlsServer::from_settings(settings).context("TLS files (--tls-cert, --tls-key, --client-ca, --crl)")
 }
 
 #[cfg(test)]
@@ -375,10 +411,13 @@ mod tests {
     /// Certificates of an operator's own PKI (generated like the dev PKI, in another directory).
     fn own_pki(dir: &Path) -> ServeConfig {
         let pki = crate::access::pki::ensure_dev_pki(&dir.join("own-pki")).unwrap();
+        let (key, trust) = crate::access::pki::ensure_dev_signing(&dir.join("own-keys")).unwrap();
         ServeConfig {
             tls_cert: Some(pki.server_cert),
             tls_key: Some(pki.server_key),
             client_ca: vec![pki.ca_cert],
+            signing_key: Some(key),
+            trust_policy: Some(trust),
             ..in_dir(dir)
         }
     }
@@ -392,6 +431,16 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let msg = error(own_pki(tmp.path()));
         assert_eq!(msg, "authz_policy (--authz-policy) is required with your own PKI");
+    }
+
+    #[test]
+    fn an_own_pki_without_signing_files_is_refused_naming_the_flags_and_keygen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let policy = write_policy(tmp.path(), "spiffe://example.org/ci");
+        let c = ServeConfig { policy: Some(policy), trust_domain: vec!["example.org".into()], ..own_pki(tmp.path()) };
+        let msg = error(ServeConfig { signing_key: None, trust_policy: None, ..c });
+        assert_eq!(msg, OWN_PKI_NEEDS_SIGNING);
+        assert!(msg.contains("--signing-key") && msg.contains("--trust-policy") && msg.contains("provcache keygen"));
     }
 
     #[test]
@@ -467,13 +516,35 @@ mod tests {
             ..in_dir(tmp.path())
         };
         let plan = Plan::new(&settings(c)).unwrap();
-        let Access::Plaintext { principal, policy } = &plan.access else { panic!("not plaintext: {:?}", plan.access) };
+        let Access::Plaintext { principal, policy, grants_all: true } = &plan.access else {
+            panic!("not open plaintext: {:?}", plan.access)
+        };
         assert_eq!(principal, "proxy");
         let instance = InstanceName::parse("any/instance").unwrap();
         for permission in Permission::ALL {
             assert_eq!(policy.check("proxy", &instance, permission), Ok(PLAINTEXT_RULE));
             assert!(policy.check("someone-else", &instance, permission).is_err());
         }
+    }
+
+    #[test]
+    fn plaintext_without_a_policy_is_refused_off_loopback_and_warned_about_on_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = |listen: &str| ServeConfig {
+            plaintext_insecure: Some(true),
+            listen: Some(listen.parse().unwrap()),
+            ..in_dir(tmp.path())
+        };
+        let msg = error(open("0.0.0.0:8980"));
+        assert!(msg.starts_with("plaintext_insecure (--plaintext-insecure) without authz_policy (--authz-policy)"));
+        assert!(msg.contains("listen 0.0.0.0:8980, not a loopback address"), "{msg}");
+        for loopback in ["127.0.0.1:8980", "[::1]:8980"] {
+            let warnings = Plan::new(&settings(open(loopback))).unwrap().warnings();
+            assert_eq!(warnings, [OPEN_PLAINTEXT_WARNING], "{loopback}");
+        }
+        let policy = write_policy(tmp.path(), "proxy");
+        let plan = Plan::new(&settings(ServeConfig { policy: Some(policy), ..open("0.0.0.0:8980") })).unwrap();
+        assert!(plan.warnings().is_empty(), "a named policy decides: {:?}", plan.warnings());
     }
 
     #[test]
