@@ -11,17 +11,15 @@
 //! it starts. [`Plan::check`] describes what `serve` would create or use.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
-
-use super::checks::{own_signing, readable_file, writable_data_dir};
-use super::{IdentityArg, Settings, StorageConfig, VerifyModeArg};
+use super::access::{mtls, plaintext, OPEN_PLAINTEXT_WARNING};
+use super::checks::{own_signing, writable_data_dir};
+use super::{Settings, StorageConfig, VerifyModeArg};
 use crate::access::identity::IdentityMode;
-use crate::access::pki::DEV_TRUST_DOMAIN;
 use crate::access::policy::Policy;
-use crate::access::tls::{TlsServer, TlsSettings};
+use crate::access::tls::TlsServer;
 use crate::limits::Limits;
 use crate::provenance::{Mode, ProvenanceConfig};
 use crate::server::ServerOptions;
@@ -36,9 +34,6 @@ const OWN_PKI_NEEDS_SIGNING: &str = "with your own TLS PKI (--tls-cert, --tls-ke
      signing_key (--signing-key) and trust_policy (--trust-policy) are required: the development signing key \
      and trust policy are for the development PKI only; create a key with `provcache keygen --out FILE \
      --state active` and put the entry it prints in the trust policy file (docs/signing.md)";
-
-/// The rule a plaintext listener without a policy grants everything by.
-const PLAINTEXT_RULE: &str = "plaintext-all";
 
 /// Everything `serve` starts from, validated, so that `serve` and
 /// `--check-config` cannot disagree about what a configuration means.
@@ -302,93 +297,16 @@ fn object_store(url: &str, c: &StorageConfig) -> anyhow::Result<ObjectStoreSetti
     Ok(o)
 }
 
-/// The one warning of a plaintext listener without a policy.
-const OPEN_PLAINTEXT_WARNING: &str = "plaintext without an authorization policy: EVERY caller that can reach \
-     the listener can read and write (a development default, loopback addresses only); name a policy \
-     with --authz-policy FILE (authz_policy, docs/access-control.md)";
-
-/// Plaintext: the configured policy or, on a loopback address only, one
-/// granting the principal everything: anybody who can connect is that
-/// principal, so elsewhere it would open the cache to the network.
-fn plaintext(s: &Settings) -> anyhow::Result<Access> {
-    let principal = s.plaintext_principal.clone();
-    if let Some(path) = &s.policy {
-        return Ok(Access::Plaintext { principal, policy: load_policy(path)?, grants_all: false });
-    }
-    if !s.listen.ip().is_loopback() {
-        anyhow::bail!(
-            "plaintext_insecure (--plaintext-insecure) without authz_policy (--authz-policy) on listen {}, \
-             not a loopback address: every caller that reaches it could read and write the cache; name an \
-             authorization policy with --authz-policy FILE (docs/access-control.md), or listen on 127.0.0.1",
-            s.listen
-        );
-    }
-    let policy = Policy::grant_all(PLAINTEXT_RULE, &principal)?;
-    Ok(Access::Plaintext { principal, policy, grants_all: true })
-}
-
-/// Mutual TLS: an own PKI needs a policy (and, with uri-san, trust domains);
-/// the development PKI brings both.
-fn mtls(s: &Settings, dev_dir: &Path) -> anyhow::Result<Access> {
-    let own = match (&s.tls_cert, &s.tls_key) {
-        (Some(cert), Some(key)) => Some((cert, key)),
-        (None, None) => None,
-        _ => anyhow::bail!("tls_cert, tls_key and client_ca go together (--tls-cert, --tls-key, --client-ca)"),
-    };
-    let policy = match (&s.policy, own) {
-        (Some(path), _) => Some(path.clone()),
-        (None, Some(_)) => anyhow::bail!("authz_policy (--authz-policy) is required with your own PKI"),
-        (None, None) => Some(dev_dir.join("policy.toml")).filter(|p| p.exists()),
-    };
-    let policy = policy.as_deref().map(load_policy).transpose()?;
-    let pki = match (own, policy) {
-        (Some((cert, key)), Some(policy)) => {
-            readable_file("tls_cert (--tls-cert)", cert)?;
-            readable_file("tls_key (--tls-key)", key)?;
-            s.client_ca.iter().try_for_each(|ca| readable_file("client_ca (--client-ca)", ca))?;
-            let mut t = TlsSettings::new(cert.clone(), key.clone(), s.client_ca.clone(), s.crl.clone());
-            t.crl_reload_interval = s.crl_reload_interval;
-            Pki::Own { tls: tls_server(&t)?, policy }
-        }
-        (_, policy) => Pki::Development {
-            dir: dev_dir.to_owned(),
-            crls: s.crl.clone(),
-            crl_reload_interval: s.crl_reload_interval,
-            policy,
-        },
-    };
-    let identity = identity_mode(s.identity, &s.trust_domain, matches!(pki, Pki::Development { .. }))?;
-    Ok(Access::Mtls { pki, identity })
-}
-
-/// Where the principal is in a client certificate; uri-san needs trust
-/// domains, which the development PKI supplies when none are configured.
-fn identity_mode(arg: IdentityArg, trust_domains: &[String], development: bool) -> anyhow::Result<IdentityMode> {
-    Ok(match arg {
-        IdentityArg::UriSan if !trust_domains.is_empty() => IdentityMode::spiffe(trust_domains.iter().cloned()),
-        IdentityArg::UriSan if development => IdentityMode::spiffe([DEV_TRUST_DOMAIN]),
-        IdentityArg::UriSan => anyhow::bail!("identity uri-san needs at least one trust_domain (--trust-domain)"),
-        IdentityArg::DnsSan => IdentityMode::DnsSan,
-        IdentityArg::CommonName => IdentityMode::CommonName,
-    })
-}
-
-/// Loads an authorization policy file; errors name it.
-pub fn load_policy(path: &Path) -> anyhow::Result<Policy> {
-    Policy::load(path).with_context(|| format!("authorization policy {}", path.display()))
-}
-
-/// Loads a TLS server's certificate, key, client CAs and CRLs; errors name
-/// the flags (the file is in the message of the error itself).
-pub fn tls_server(settings: &TlsSettings) -> anyhow::Result<TlsServer> {
-    TlsServer::from_settings(settings).context("TLS files (--tls-cert, --tls-key, --client-ca, --crl)")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
     use crate::access::gate::Permission;
+    use crate::access::pki::DEV_TRUST_DOMAIN;
     use crate::cache::resource::InstanceName;
+    use crate::config::access::PLAINTEXT_RULE;
+    use crate::config::IdentityArg;
     use crate::config::{resolve, ServeConfig};
 
     fn settings(c: ServeConfig) -> Settings {
