@@ -8,7 +8,11 @@ use std::time::{Duration, Instant};
 use provcache::access::pki::DevClient;
 use provcache::proto::reapi;
 
-use crate::common::{sha, update, with_request_metadata, ServerProcess};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::common::{sha, update, with_request_metadata, write_atomically, ServerProcess};
 
 fn provcache(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_provcache"))
@@ -115,12 +119,25 @@ fn plaintext_without_an_authorization_policy_on_loopback_starts_with_one_loud_wa
 fn an_own_tls_pki_without_signing_flags_stops_serve_and_check_config() {
     let tmp = tempfile::tempdir().unwrap();
     let pki = provcache::access::pki::ensure_dev_pki(&tmp.path().join("own-pki")).unwrap();
-    let path = |p: &Path| p.to_str().unwrap().to_owned();
-    let (cert, key, ca, policy) =
-        (path(&pki.server_cert), path(&pki.server_key), path(&pki.ca_cert), path(&pki.policy));
-    let args = ["--listen", "127.0.0.1:0", "--tls-cert", &cert, "--tls-key", &key, "--client-ca", &ca];
-    let args = [&args[..], &["--authz-policy", &policy, "--trust-domain", "provcache.dev"]].concat();
+    let args = own_pki_args(&pki, &pki.server_cert);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     both_refuse(&tmp.path().join("data"), &args, &["--signing-key", "--trust-policy", "provcache keygen"]);
+}
+
+/// `serve` arguments for an operator's own PKI (made like the development
+/// one) with `cert` as the server certificate, and no signing flags.
+fn own_pki_args(pki: &provcache::access::pki::DevPki, cert: &Path) -> Vec<String> {
+    let mut args = vec!["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+    for (flag, path) in [
+        ("--tls-cert", cert),
+        ("--tls-key", &pki.server_key),
+        ("--client-ca", &pki.ca_cert),
+        ("--authz-policy", &pki.policy),
+    ] {
+        args.extend([flag.to_owned(), path.to_str().unwrap().to_owned()]);
+    }
+    args.extend(["--trust-domain".to_owned(), "provcache.dev".to_owned()]);
+    args
 }
 
 #[test]
@@ -313,15 +330,16 @@ fn a_missing_tls_certificate_is_refused_naming_the_flag_the_path_and_the_os_erro
     let tmp = tempfile::tempdir().unwrap();
     let pki = provcache::access::pki::ensure_dev_pki(&tmp.path().join("own-pki")).unwrap();
     let typo = tmp.path().join("server.pme");
-    let path = |p: &Path| p.to_str().unwrap().to_owned();
-    let (cert, key, ca, policy) = (path(&typo), path(&pki.server_key), path(&pki.ca_cert), path(&pki.policy));
-    let args = ["--listen", "127.0.0.1:0", "--tls-cert", &cert, "--tls-key", &key, "--client-ca", &ca];
-    let args = [&args[..], &["--authz-policy", &policy, "--trust-domain", "provcache.dev"]].concat();
-    both_refuse(&tmp.path().join("data"), &args, &["tls_cert (--tls-cert)", &cert, "No such file or directory"]);
     let garbage = write(tmp.path(), "garbage.pem", "not a certificate\n");
-    let args = ["--listen", "127.0.0.1:0", "--tls-cert", &garbage, "--tls-key", &key, "--client-ca", &ca];
-    let args = [&args[..], &["--authz-policy", &policy, "--trust-domain", "provcache.dev"]].concat();
-    both_refuse(&tmp.path().join("data"), &args, &["--tls-cert", &garbage]);
+    let typo_str = typo.to_str().unwrap();
+    for (cert, expected) in [
+        (typo.as_path(), &["tls_cert (--tls-cert)", typo_str, "No such file or directory"][..]),
+        (Path::new(&garbage), &["--tls-cert", &garbage][..]),
+    ] {
+        let args = own_pki_args(&pki, cert);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        both_refuse(&tmp.path().join("data"), &args, expected);
+    }
 }
 
 #[test]
@@ -379,4 +397,40 @@ fn a_runtime_failure_to_create_the_development_keys_names_the_path_on_one_line()
     let dev = write(&data, "dev-pki", "a file where the development PKI goes");
     let args = ["serve", "--plaintext-insecure", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()];
     fails_with_one_line(&args, 1, &["error: ", &dev, "os error"]);
+}
+
+/// Polls the health service until `service` reports `expected` (the server
+/// notices a changed key file within seconds); panics after a minute.
+async fn wait_for_health(health: &mut HealthClient<tonic::transport::Channel>, service: &str, expected: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let request = HealthCheckRequest { service: service.into() };
+        let status = health.check(request).await.unwrap().into_inner().status();
+        if status == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{service} stayed {status:?}, not {expected:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_action_cache_is_not_serving_while_its_signing_key_is_unusable_and_serving_once_it_is_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, trust) = provcache::access::pki::ensure_dev_signing(&tmp.path().join("keys")).unwrap();
+    let (key_arg, trust_arg) = (key.to_str().unwrap(), trust.to_str().unwrap());
+    let server = ServerProcess::start(["--plaintext-insecure", "--signing-key", key_arg, "--trust-policy", trust_arg]);
+    let mut health = HealthClient::new(server.channel().await);
+    let (ac, cas) =
+        ("build.bazel.remote.execution.v2.ActionCache", "build.bazel.remote.execution.v2.ContentAddressableStorage");
+    wait_for_health(&mut health, ac, ServingStatus::Serving).await;
+
+    let good = std::fs::read(&key).unwrap();
+    write_atomically(&key, b"not a key\n");
+    wait_for_health(&mut health, ac, ServingStatus::NotServing).await;
+    let request = HealthCheckRequest { service: cas.into() };
+    assert_eq!(health.check(request).await.unwrap().into_inner().status(), ServingStatus::Serving, "reads go on");
+
+    write_atomically(&key, &good);
+    wait_for_health(&mut health, ac, ServingStatus::Serving).await;
 }
