@@ -382,7 +382,7 @@ fn a_data_dir_held_by_another_server_is_said_once_naming_the_directory_and_the_l
     let expected =
         format!("data directory {dir} is in use by another provcache process (RocksDB lock {})", lock.display());
     let line = fails_with_one_line(&args, 1, &["error: ", &expected, "--data-dir"]);
-    let out = Command::new(env!("CARGO_BIN_EXE_provcache")).args(&args).env("NO_COLOR", "1").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_provcache")).args(args).env("NO_COLOR", "1").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.matches("in use").count(), 1, "said once: {stderr}");
     assert!(!stderr.contains("lock file"), "not the raw RocksDB text: {stderr}");
