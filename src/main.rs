@@ -51,7 +51,19 @@ struct BackupArgs {
     dest: PathBuf,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Runs the command; a failure is one line on stderr, `error: ...`, and
+/// the exit status docs/configuration.md documents (2: refused, 1: failed).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", cli::one_line(&e));
+            std::process::ExitCode::from(cli::exit_code(&e))
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = match &cli.command {
         Command::Serve(args) => {
@@ -77,18 +89,25 @@ fn main() -> anyhow::Result<()> {
 
 fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let db = provcache::server::db_path(&args.data_dir);
-    anyhow::ensure!(db.is_dir(), "{} holds no provcache storage (no db/ directory)", args.data_dir.display());
-    anyhow::ensure!(!args.dest.exists(), "{} exists already; name a new directory", args.dest.display());
+    let refuse = |why: String| anyhow::Error::from(cli::Refused(why));
+    if !db.is_dir() {
+        return Err(refuse(format!(
+            "--data-dir {} holds no provcache storage (no db/ directory)",
+            args.data_dir.display()
+        )));
+    }
+    if args.dest.exists() {
+        return Err(refuse(format!("DEST {} exists already; name a new directory", args.dest.display())));
+    }
     let store = provcache::store::rocks::RocksStore::open(&db, &provcache::store::rocks::StoreOptions::default())
         .map_err(|e| {
-            if e.to_string().contains("lock") {
-                anyhow::anyhow!(
-                    "{} is in use by a running server: stop it first (SIGTERM), or snapshot the \
-                 filesystem (provcache recovers from a crash-consistent copy)",
-                    args.data_dir.display()
-                )
-            } else {
-                anyhow::anyhow!("opening {}: {e}", db.display())
+            let e = anyhow::Error::from(e);
+            match cli::in_use(&e, &args.data_dir) {
+                Some(in_use) => anyhow::anyhow!(
+                    "{in_use}: stop it first (SIGTERM), or snapshot the filesystem (provcache recovers from a \
+                     crash-consistent copy)"
+                ),
+                None => e.context(format!("opening {}", db.display())),
             }
         })?;
     store.checkpoint(&args.dest)?;

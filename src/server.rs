@@ -126,7 +126,13 @@ pub struct Cache {
     budget: Arc<RequestBudget>,
     /// A replica's object store, its counters and health.
     replica: Option<Replica>,
+    /// Entries are stored unsigned (`--unsafe-no-sign`): no key is needed.
+    signing_disabled: bool,
 }
+
+/// How often the health service's ActionCache status follows whether a
+/// signing key is usable (the key itself is reloaded every 2 s).
+const SIGNER_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The RocksDB directory inside a data directory.
 pub fn db_path(data_dir: &Path) -> PathBuf {
@@ -184,6 +190,7 @@ impl Cache {
             transport,
             budget,
             replica,
+            signing_disabled: options.provenance.signing_disabled,
         })
     }
 
@@ -279,7 +286,32 @@ impl Cache {
     pub fn spawn_maintenance(&self) -> Background {
         let mut tasks = vec![self.spawn_housekeeping(), spawn_eviction(self.store.clone())];
         tasks.extend(self.replica.as_ref().map(|r| self.spawn_store_probe(r)));
+        tasks.extend((!self.signing_disabled).then(|| self.spawn_signer_watch()));
         Background(tasks)
+    }
+
+    /// While no signing key is usable (its file, reloaded from disk, became
+    /// unreadable or unparsable), every UpdateActionResult fails: the
+    /// ActionCache service is NOT_SERVING on the health service until a
+    /// good key is back. Checked every [`SIGNER_CHECK_EVERY`].
+    fn spawn_signer_watch(&self) -> tokio::task::JoinHandle<()> {
+        use tonic::server::NamedService;
+        let (health, provenance) = (self.health.clone(), self.ctx.provenance.clone());
+        tokio::spawn(async move {
+            let mut could_sign = true;
+            // The first look comes after start-up has reported SERVING.
+            let start = tokio::time::Instant::now() + SIGNER_CHECK_EVERY;
+            let mut tick = tokio::time::interval_at(start, SIGNER_CHECK_EVERY);
+            loop {
+                tick.tick().await;
+                let can_sign = provenance.hit_signer().is_some();
+                if can_sign != could_sign {
+                    let status = if can_sign { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    health.set_service_status(ActionCacheServer::<ActionCacheService>::NAME, status).await;
+                    could_sign = can_sign;
+                }
+            }
+        })
     }
 
     /// Asks a replica's bucket whether it answers, every [`PROBE_EVERY`]:

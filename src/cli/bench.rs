@@ -98,6 +98,12 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         return soak(&args, duration).await;
     }
     let target = args.client.target()?;
+    for (flag, path) in [("--attacker-cert", &args.attacker_cert), ("--attacker-key", &args.attacker_key)] {
+        path.as_deref().map(|p| super::readable(flag, p)).transpose()?;
+    }
+    if let Some(path) = &args.write_request {
+        super::in_existing_dir("--write-request", path)?;
+    }
     let mut attacker_target = target.clone();
     if let (Some((ca, _, _)), Some(cert), Some(key)) = (&target.tls, &args.attacker_cert, &args.attacker_key) {
         attacker_target.tls = Some((ca.clone(), cert.clone(), key.clone()));

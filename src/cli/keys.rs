@@ -39,10 +39,17 @@ pub struct IssueCertArgs {
 
 /// Writes a new signing key and prints the trust-policy entry that trusts it.
 pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     use provcache::provenance::trust::KeyState;
     let state = if args.state == "active" { KeyState::Active } else { KeyState::VerifyOnly };
+    if args.out.exists() {
+        let why =
+            format!("--out {} exists already; keygen never overwrites a key: name a new file", args.out.display());
+        return Err(super::Refused(why).into());
+    }
+    super::in_existing_dir("--out", &args.out)?;
     let key = provcache::provenance::signing::SigningKey::generate()?;
-    key.write_pem(&args.out)?;
+    key.write_pem(&args.out).context("--out")?;
     let now = std::time::SystemTime::now();
     let entry = provcache::provenance::trust::render_key_entry(
         &args.name,
@@ -66,6 +73,9 @@ pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
 
 /// Issues a client certificate for a principal from the development CA.
 pub fn issue_cert(args: IssueCertArgs) -> anyhow::Result<()> {
+    super::readable("--ca-dir", &args.ca_dir.join("ca.pem"))?;
+    super::readable("--ca-dir", &args.ca_dir.join("ca.key"))?;
+    super::in_existing_dir("--out", &args.out)?;
     let issued = provcache::access::pki::issue_client_cert(&args.ca_dir, &args.principal, &args.out, args.valid_for)?;
     println!("wrote {} and {}", issued.cert.display(), issued.key.display());
     Ok(())

@@ -25,6 +25,7 @@ fn check_config(settings: &Settings, plan: &Plan, file: Option<&Path>) -> anyhow
         None => println!("# no configuration file"),
     }
     notes.iter().for_each(|n| println!("# {n}"));
+    plan.warnings().iter().for_each(|w| println!("# warning: {w}"));
     println!("# effective settings:\n{}", settings.to_toml());
     println!("configuration OK");
     Ok(())
@@ -59,9 +60,9 @@ impl ServeArgs {
 /// Both refuse a configuration the plan cannot use the same way: its
 /// message, status 2, before anything is created or bound.
 pub fn run(args: &ServeArgs, settings: Settings, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
-    let plan = Plan::new(&settings).unwrap_or_else(|e| config_failed(format!("{e:#}")));
+    let plan = Plan::new(&settings).unwrap_or_else(|e| config_failed(super::one_line(&e)));
     if args.check_config {
-        check_config(&settings, &plan, args.config.as_deref()).unwrap_or_else(|e| config_failed(format!("{e:#}")));
+        check_config(&settings, &plan, args.config.as_deref()).unwrap_or_else(|e| config_failed(super::one_line(&e)));
         return Ok(());
     }
     runtime.block_on(serve(plan))
@@ -95,7 +96,7 @@ async fn serve(plan: Plan) -> anyhow::Result<()> {
     }
     let listeners = Listeners { grpc, metrics };
     match plan.access {
-        Access::Plaintext { principal, policy } => serve_plaintext(&options, listeners, principal, policy).await,
+        Access::Plaintext { principal, policy, .. } => serve_plaintext(&options, listeners, principal, policy).await,
         Access::Mtls { pki, identity } => serve_mtls(&options, listeners, pki, identity).await,
     }
 }
@@ -166,9 +167,14 @@ async fn serve_mtls(
     cache.serve_tls(listeners.grpc, config, shutdown_signal()).await
 }
 
-/// Opens the data directory; errors name it.
+/// Opens the data directory; errors name it, and one held by another
+/// server says so once, with what to do.
 fn open(options: &ServerOptions, gate: SharedGate) -> anyhow::Result<Cache> {
-    Cache::open(options, gate).with_context(|| format!("opening the data directory {}", options.data_dir.display()))
+    let dir = &options.data_dir;
+    Cache::open(options, gate).map_err(|e| match super::in_use(&e, dir) {
+        Some(in_use) => anyhow::anyhow!("{in_use}: stop that server, or give this one its own --data-dir"),
+        None => e.context(format!("opening the data directory {}", dir.display())),
+    })
 }
 
 fn start_metrics(cache: &Cache, listener: Option<TcpListener>) -> anyhow::Result<()> {

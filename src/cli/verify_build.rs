@@ -58,14 +58,15 @@ pub fn run(args: VerifyBuildArgs, runtime: &tokio::runtime::Runtime) -> anyhow::
         }
         Err(e) => {
             let empty = e.downcast_ref::<provcache::tools::verify_build::NothingToAudit>().is_some();
+            let message = super::one_line(&e);
             if json {
-                let doc = provcache::tools::verify_build::error_json(empty, &format!("{e:#}"));
+                let doc = provcache::tools::verify_build::error_json(empty, &message);
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             }
             if empty {
-                eprintln!("verify-build: {e:#}");
+                eprintln!("verify-build: {message}");
             } else {
-                eprintln!("verify-build: the audit could not run: {e:#}");
+                eprintln!("verify-build: the audit could not run: {message}");
             }
             std::process::exit(2);
         }

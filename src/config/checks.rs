@@ -38,6 +38,19 @@ pub(super) fn own_signing(key: &Path, trust_policy: &Path, signing_disabled: boo
     }
 }
 
+/// Refuses a file that cannot be opened for reading, naming the setting or
+/// flag (`setting`), the path and the operating system's reason, so that a
+/// typo never surfaces as a bare "No such file or directory".
+pub fn readable_file(setting: &str, path: &Path) -> anyhow::Result<()> {
+    match std::fs::File::open(path) {
+        Ok(_) => Ok(()),
+        Err(e) => anyhow::bail!(
+            "{setting} {}: cannot read it: {e}; check the path and that the user provcache runs as may read it",
+            path.display()
+        ),
+    }
+}
+
 /// Refuses a data directory the server could not write: the nearest existing
 /// directory on its path (itself, or where it would be created) must accept
 /// a new file. Probes with a file it removes at once; creates nothing else.

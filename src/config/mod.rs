@@ -10,13 +10,20 @@
 //!    validates and describes the same plan, so the two cannot disagree.
 
 #[cfg(feature = "server")]
+mod access;
+#[cfg(feature = "server")]
 mod checks;
+mod listen;
 #[cfg(feature = "server")]
 mod plan;
 mod settings;
 
 #[cfg(feature = "server")]
-pub use plan::{load_policy, tls_server, Access, Pki, Plan, ProvenancePlan, Signing, Storage};
+pub use access::{load_policy, tls_server};
+#[cfg(feature = "server")]
+pub use checks::readable_file;
+#[cfg(feature = "server")]
+pub use plan::{Access, Pki, Plan, ProvenancePlan, Signing, Storage};
 pub(crate) use settings::{de_duration, de_size, ser_duration};
 pub use settings::{
     resolve, ConfigError, IdentityArg, LogFormat, ServeConfig, Settings, StorageConfig, VerifyModeArg,

@@ -11,25 +11,29 @@
 //! it starts. [`Plan::check`] describes what `serve` would create or use.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
-
+use super::access::{mtls, plaintext, OPEN_PLAINTEXT_WARNING};
 use super::checks::{own_signing, writable_data_dir};
-use super::{IdentityArg, Settings, StorageConfig, VerifyModeArg};
+use super::{Settings, StorageConfig, VerifyModeArg};
 use crate::access::identity::IdentityMode;
-use crate::access::pki::DEV_TRUST_DOMAIN;
 use crate::access::policy::Policy;
-use crate::access::tls::{TlsServer, TlsSettings};
+use crate::access::tls::TlsServer;
 use crate::limits::Limits;
 use crate::provenance::{Mode, ProvenanceConfig};
 use crate::server::ServerOptions;
 use crate::store::object::client::ObjectStoreSettings;
 use crate::store::rocks::StoreOptions;
 
-/// The rule a plaintext listener without a policy grants everything by.
-const PLAINTEXT_RULE: &str = "plaintext-all";
+/// The refusal of an own TLS PKI without signing files: the development key
+/// and its hot-reloaded trust policy would live in the data directory, where
+/// whoever can write it could add a key and have forged entries served as
+/// verified.
+const OWN_PKI_NEEDS_SIGNING: &str = "with your own TLS PKI (--tls-cert, --tls-key, --client-ca), \
+     signing_key (--signing-key) and trust_policy (--trust-policy) are required: the development signing key \
+     and trust policy are for the development PKI only; create a key with `provcache keygen --out FILE \
+     --state active` and put the entry it prints in the trust policy file (docs/signing.md)";
 
 /// Everything `serve` starts from, validated, so that `serve` and
 /// `--check-config` cannot disagree about what a configuration means.
@@ -63,6 +67,9 @@ pub enum Access {
         principal: String,
         /// The configured policy, or one granting `principal` everything.
         policy: Policy,
+        /// No policy was named: every caller may read and write (allowed
+        /// on a loopback address only, with a warning at start).
+        grants_all: bool,
     },
     /// Mutual TLS: the principal comes from the client certificate.
     Mtls {
@@ -162,6 +169,7 @@ impl Plan {
                 key: key.clone(),
                 trust_policy: trust_policy.clone(),
             },
+            _ if matches!(access, Access::Mtls { pki: Pki::Own { .. }, .. }) => anyhow::bail!(OWN_PKI_NEEDS_SIGNING),
             _ => Signing::Development { dir: dev_dir },
         };
         writable_data_dir(&s.data_dir)?;
@@ -212,10 +220,13 @@ impl Plan {
         Ok(notes)
     }
 
-    /// The warnings `serve` logs at start for settings that weaken provenance.
+    /// The warnings `serve` logs at start (and `--check-config` prints)
+    /// for settings that weaken access control or provenance.
     pub fn warnings(&self) -> Vec<&'static str> {
         let p = &self.provenance;
+        let open = matches!(self.access, Access::Plaintext { grants_all: true, .. });
         [
+            (open, OPEN_PLAINTEXT_WARNING),
             (p.signing_disabled, "signing of Action Cache entries is OFF (--unsafe-no-sign): for measurements only"),
             (
                 p.verification_disabled,
@@ -286,73 +297,16 @@ fn object_store(url: &str, c: &StorageConfig) -> anyhow::Result<ObjectStoreSetti
     Ok(o)
 }
 
-/// Plaintext: the configured policy, or one granting the principal everything.
-fn plaintext(s: &Settings) -> anyhow::Result<Access> {
-    let policy = match &s.policy {
-        Some(path) => load_policy(path)?,
-        None => Policy::grant_all(PLAINTEXT_RULE, &s.plaintext_principal)?,
-    };
-    Ok(Access::Plaintext { principal: s.plaintext_principal.clone(), policy })
-}
-
-/// Mutual TLS: an own PKI needs a policy (and, with uri-san, trust domains);
-/// the development PKI brings both.
-fn mtls(s: &Settings, dev_dir: &Path) -> anyhow::Result<Access> {
-    let own = match (&s.tls_cert, &s.tls_key) {
-        (Some(cert), Some(key)) => Some((cert, key)),
-        (None, None) => None,
-        _ => anyhow::bail!("tls_cert, tls_key and client_ca go together (--tls-cert, --tls-key, --client-ca)"),
-    };
-    let policy = match (&s.policy, own) {
-        (Some(path), _) => Some(path.clone()),
-        (None, Some(_)) => anyhow::bail!("authz_policy (--authz-policy) is required with your own PKI"),
-        (None, None) => Some(dev_dir.join("policy.toml")).filter(|p| p.exists()),
-    };
-    let policy = policy.as_deref().map(load_policy).transpose()?;
-    let pki = match (own, policy) {
-        (Some((cert, key)), Some(policy)) => {
-            let mut t = TlsSettings::new(cert.clone(), key.clone(), s.client_ca.clone(), s.crl.clone());
-            t.crl_reload_interval = s.crl_reload_interval;
-            Pki::Own { tls: tls_server(&t)?, policy }
-        }
-        (_, policy) => Pki::Development {
-            dir: dev_dir.to_owned(),
-            crls: s.crl.clone(),
-            crl_reload_interval: s.crl_reload_interval,
-            policy,
-        },
-    };
-    let identity = identity_mode(s.identity, &s.trust_domain, matches!(pki, Pki::Development { .. }))?;
-    Ok(Access::Mtls { pki, identity })
-}
-
-/// Where the principal is in a client certificate; uri-san needs trust
-/// domains, which the development PKI supplies when none are configured.
-fn identity_mode(arg: IdentityArg, trust_domains: &[String], development: bool) -> anyhow::Result<IdentityMode> {
-    Ok(match arg {
-        IdentityArg::UriSan if !trust_domains.is_empty() => IdentityMode::spiffe(trust_domains.iter().cloned()),
-        IdentityArg::UriSan if development => IdentityMode::spiffe([DEV_TRUST_DOMAIN]),
-        IdentityArg::UriSan => anyhow::bail!("identity uri-san needs at least one trust_domain (--trust-domain)"),
-        IdentityArg::DnsSan => IdentityMode::DnsSan,
-        IdentityArg::CommonName => IdentityMode::CommonName,
-    })
-}
-
-/// Loads an authorization policy file; errors name it.
-pub fn load_policy(path: &Path) -> anyhow::Result<Policy> {
-    Policy::load(path).with_context(|| format!("authorization policy {}", path.display()))
-}
-
-/// Loads a TLS server's certificate, key, client CAs and CRLs; errors say so.
-pub fn tls_server(settings: &TlsSettings) -> anyhow::Result<TlsServer> {
-    TlsServer::from_settings(settings).context("TLS settings")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
     use crate::access::gate::Permission;
+    use crate::access::pki::DEV_TRUST_DOMAIN;
     use crate::cache::resource::InstanceName;
+    use crate::config::access::PLAINTEXT_RULE;
+    use crate::config::IdentityArg;
     use crate::config::{resolve, ServeConfig};
 
     fn settings(c: ServeConfig) -> Settings {
@@ -375,10 +329,13 @@ mod tests {
     /// Certificates of an operator's own PKI (generated like the dev PKI, in another directory).
     fn own_pki(dir: &Path) -> ServeConfig {
         let pki = crate::access::pki::ensure_dev_pki(&dir.join("own-pki")).unwrap();
+        let (key, trust) = crate::access::pki::ensure_dev_signing(&dir.join("own-keys")).unwrap();
         ServeConfig {
             tls_cert: Some(pki.server_cert),
             tls_key: Some(pki.server_key),
             client_ca: vec![pki.ca_cert],
+            signing_key: Some(key),
+            trust_policy: Some(trust),
             ..in_dir(dir)
         }
     }
@@ -392,6 +349,16 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let msg = error(own_pki(tmp.path()));
         assert_eq!(msg, "authz_policy (--authz-policy) is required with your own PKI");
+    }
+
+    #[test]
+    fn an_own_pki_without_signing_files_is_refused_naming_the_flags_and_keygen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let policy = write_policy(tmp.path(), "spiffe://example.org/ci");
+        let c = ServeConfig { policy: Some(policy), trust_domain: vec!["example.org".into()], ..own_pki(tmp.path()) };
+        let msg = error(ServeConfig { signing_key: None, trust_policy: None, ..c });
+        assert_eq!(msg, OWN_PKI_NEEDS_SIGNING);
+        assert!(msg.contains("--signing-key") && msg.contains("--trust-policy") && msg.contains("provcache keygen"));
     }
 
     #[test]
@@ -467,13 +434,35 @@ mod tests {
             ..in_dir(tmp.path())
         };
         let plan = Plan::new(&settings(c)).unwrap();
-        let Access::Plaintext { principal, policy } = &plan.access else { panic!("not plaintext: {:?}", plan.access) };
+        let Access::Plaintext { principal, policy, grants_all: true } = &plan.access else {
+            panic!("not open plaintext: {:?}", plan.access)
+        };
         assert_eq!(principal, "proxy");
         let instance = InstanceName::parse("any/instance").unwrap();
         for permission in Permission::ALL {
             assert_eq!(policy.check("proxy", &instance, permission), Ok(PLAINTEXT_RULE));
             assert!(policy.check("someone-else", &instance, permission).is_err());
         }
+    }
+
+    #[test]
+    fn plaintext_without_a_policy_is_refused_off_loopback_and_warned_about_on_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = |listen: &str| ServeConfig {
+            plaintext_insecure: Some(true),
+            listen: Some(listen.parse().unwrap()),
+            ..in_dir(tmp.path())
+        };
+        let msg = error(open("0.0.0.0:8980"));
+        assert!(msg.starts_with("plaintext_insecure (--plaintext-insecure) without authz_policy (--authz-policy)"));
+        assert!(msg.contains("listen 0.0.0.0:8980, not a loopback address"), "{msg}");
+        for loopback in ["127.0.0.1:8980", "[::1]:8980"] {
+            let warnings = Plan::new(&settings(open(loopback))).unwrap().warnings();
+            assert_eq!(warnings, [OPEN_PLAINTEXT_WARNING], "{loopback}");
+        }
+        let policy = write_policy(tmp.path(), "proxy");
+        let plan = Plan::new(&settings(ServeConfig { policy: Some(policy), ..open("0.0.0.0:8980") })).unwrap();
+        assert!(plan.warnings().is_empty(), "a named policy decides: {:?}", plan.warnings());
     }
 
     #[test]

@@ -59,9 +59,11 @@ pub struct ServeConfig {
     /// given). Default: provcache-data.
     #[arg(long, env = "PROVCACHE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address to listen on (port 0 picks a free port; the chosen address is
+    /// Address to listen on: IP:PORT, :PORT (every IPv4 interface) or
+    /// localhost:PORT (port 0 picks a free port; the chosen address is
     /// printed). Default: 127.0.0.1:8980.
-    #[arg(long, env = "PROVCACHE_LISTEN")]
+    #[arg(long, env = "PROVCACHE_LISTEN", value_parser = super::listen::parse_listen)]
+    #[serde(default, deserialize_with = "super::listen::de_listen")]
     pub listen: Option<SocketAddr>,
 
     /// Server certificate chain (PEM). Without tls-cert/tls-key/client-ca the dev PKI is used.
@@ -146,7 +148,8 @@ pub struct ServeConfig {
 
     /// Serve Prometheus metrics (GET /metrics) and a liveness probe (GET /healthz)
     /// over plain HTTP on this address, e.g. 127.0.0.1:9090. Default: off.
-    #[arg(long, env = "PROVCACHE_METRICS_LISTEN")]
+    #[arg(long, env = "PROVCACHE_METRICS_LISTEN", value_parser = super::listen::parse_listen)]
+    #[serde(default, deserialize_with = "super::listen::de_listen")]
     pub metrics_listen: Option<SocketAddr>,
 
     /// On SIGTERM or Ctrl-C: how long calls in flight may take to complete

@@ -720,7 +720,7 @@ async fn backup_then_restore_serves_what_was_stored_at_the_backup() {
     let refused = backup(&tmp.path().join("while-running"));
     assert!(!refused.status.success(), "a running server's storage was backed up");
     let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("in use by a running server"), "{err}");
+    assert!(err.contains("is in use by another provcache process"), "{err}");
     assert!(!tmp.path().join("while-running").exists());
 
     blocking(|| server.stop());

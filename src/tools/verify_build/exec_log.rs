@@ -26,7 +26,8 @@ fn size_of(v: &serde_json::Value) -> Option<i64> {
 
 /// The remote cache hits of a JSON execution log (a stream of JSON objects).
 pub fn parse(path: &Path) -> anyhow::Result<Vec<LoggedHit>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--exec-log {}: cannot read it", path.display()))?;
     let mut hits = Vec::new();
     for value in serde_json::Deserializer::from_str(&text).into_iter::<serde_json::Value>() {
         let value = value.with_context(|| format!("{} is not a Bazel JSON execution log", path.display()))?;

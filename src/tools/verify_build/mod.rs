@@ -84,11 +84,12 @@ fn principal_counts(records: &[HitRecord]) -> BTreeMap<String, usize> {
 /// Runs an audit. `Err` means exit 2: the audit could not run, or there was
 /// nothing to audit ([`NothingToAudit`]).
 pub async fn run(opts: &Options) -> anyhow::Result<Report> {
-    let policy_bytes = std::fs::read(&opts.policy).with_context(|| format!("reading {}", opts.policy.display()))?;
+    let named = || format!("--trust-policy {}", opts.policy.display());
+    let policy_bytes = std::fs::read(&opts.policy).with_context(|| format!("{}: cannot read it", named()))?;
     let policy = std::str::from_utf8(&policy_bytes)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .and_then(|text| TrustPolicy::from_toml(text).map_err(|e| anyhow::anyhow!("{e}")))
-        .with_context(|| format!("trust policy {}", opts.policy.display()))?;
+        .with_context(|| format!("{}: not a trust policy", named()))?;
     let policy_info = report::PolicyInfo {
         sha256: hex::encode(Sha256::digest(&policy_bytes)),
         policy_version: policy.policy_version,
