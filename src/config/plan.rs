@@ -21,6 +21,7 @@ use super::{IdentityArg, Settings, StorageConfig, VerifyModeArg};
 use crate::access::identity::IdentityMode;
 use crate::access::pki::DEV_TRUST_DOMAIN;
 use crate::access::policy::Policy;
+use crate::access::proxy::TrustedProxies;
 use crate::access::tls::{TlsServer, TlsSettings};
 use crate::limits::Limits;
 use crate::provenance::{Mode, ProvenanceConfig};
@@ -70,6 +71,8 @@ pub enum Access {
         pki: Pki,
         /// Where in the certificate the principal is.
         identity: IdentityMode,
+        /// Whose forwarded client certificate header names the caller.
+        proxies: TrustedProxies,
     },
 }
 
@@ -323,7 +326,9 @@ fn mtls(s: &Settings, dev_dir: &Path) -> anyhow::Result<Access> {
         },
     };
     let identity = identity_mode(s.identity, &s.trust_domain, matches!(pki, Pki::Development { .. }))?;
-    Ok(Access::Mtls { pki, identity })
+    let proxies = TrustedProxies::new(s.trusted_proxies.clone(), &identity)
+        .map_err(|e| anyhow::anyhow!("trusted_proxies (--trusted-proxy): {e}"))?;
+    Ok(Access::Mtls { pki, identity, proxies })
 }
 
 /// Where the principal is in a client certificate; uri-san needs trust
@@ -408,7 +413,7 @@ mod tests {
         let policy = write_policy(tmp.path(), "spiffe://example.org/ci");
         let c = ServeConfig { policy: Some(policy), trust_domain: vec!["example.org".into()], ..own_pki(tmp.path()) };
         let plan = Plan::new(&settings(c)).unwrap();
-        let Access::Mtls { pki: Pki::Own { policy, .. }, identity } = &plan.access else {
+        let Access::Mtls { pki: Pki::Own { policy, .. }, identity, .. } = &plan.access else {
             panic!("not an own PKI: {:?}", plan.access)
         };
         assert_eq!(identity, &IdentityMode::spiffe(["example.org"]));
@@ -429,7 +434,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let plan = Plan::new(&settings(in_dir(tmp.path()))).unwrap();
         let dev = tmp.path().join("data").join("dev-pki");
-        let Access::Mtls { pki: Pki::Development { dir, policy: None, .. }, identity } = &plan.access else {
+        let Access::Mtls { pki: Pki::Development { dir, policy: None, .. }, identity, .. } = &plan.access else {
             panic!("not the development PKI: {:?}", plan.access)
         };
         assert_eq!(dir, &dev);
