@@ -83,12 +83,19 @@ pub struct Peer {
     pub certs: Option<Arc<Vec<rustls_pki_types::CertificateDer<'static>>>>,
     /// The remote socket address, when known.
     pub remote_addr: Option<std::net::SocketAddr>,
+    /// The call's `x-forwarded-client-cert` header values: who a trusted
+    /// proxy says the caller is (`access::proxy`); empty without the header.
+    pub forwarded_client_cert: Vec<http::HeaderValue>,
 }
 
 impl Peer {
     /// Captures the peer of a request.
     pub fn of<T>(request: &tonic::Request<T>) -> Self {
-        Peer { certs: request.peer_certs(), remote_addr: request.remote_addr() }
+        Peer {
+            certs: request.peer_certs(),
+            remote_addr: request.remote_addr(),
+            forwarded_client_cert: crate::access::proxy::forwarded_client_cert(request.metadata().as_ref()),
+        }
     }
 }
 

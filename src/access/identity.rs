@@ -121,13 +121,10 @@ pub fn identify(leaf_der: &[u8], mode: &IdentityMode) -> Result<Identity, Identi
     }
 
     let principal = match mode {
-        IdentityMode::UriSan { trust_domains } => from_uri_san(&cert, trust_domains)?,
-        IdentityMode::DnsSan => from_dns_san(&cert)?,
-        IdentityMode::CommonName => from_common_name(&cert)?,
+        IdentityMode::UriSan { trust_domains } => principal_from_uris(&uri_sans(&cert)?, trust_domains)?,
+        IdentityMode::DnsSan => principal_from_dns(&dns_sans(&cert)?)?,
+        IdentityMode::CommonName => usable(from_common_name(&cert)?)?,
     };
-    if principal.is_empty() || principal.len() > MAX_PRINCIPAL_LEN || principal.chars().any(char::is_control) {
-        return Err(IdentityError::BadPrincipal);
-    }
 
     let cert_info = CertInfo {
         leaf_sha256: Sha256::digest(leaf_der).into(),
@@ -141,15 +138,27 @@ fn sans<'a>(cert: &'a X509Certificate<'_>) -> Result<Vec<&'a GeneralName<'a>>, I
     Ok(san.map(|s| s.value.general_names.iter().collect()).unwrap_or_default())
 }
 
-fn from_uri_san(cert: &X509Certificate<'_>, trust_domains: &[String]) -> Result<String, IdentityError> {
-    let uris: Vec<&str> = sans(cert)?
-        .into_iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    let uri = match uris.as_slice() {
+fn uri_sans<'a>(cert: &'a X509Certificate<'_>) -> Result<Vec<&'a str>, IdentityError> {
+    let uris = sans(cert)?.into_iter().filter_map(|n| match n {
+        GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    Ok(uris.collect())
+}
+
+fn dns_sans<'a>(cert: &'a X509Certificate<'_>) -> Result<Vec<&'a str>, IdentityError> {
+    let names = sans(cert)?.into_iter().filter_map(|n| match n {
+        GeneralName::DNSName(d) => Some(*d),
+        _ => None,
+    });
+    Ok(names.collect())
+}
+
+/// The principal named by a certificate's URI SANs (`uri-san` mode): exactly
+/// one, a SPIFFE ID in one of `trust_domains`. Shared with the identities a
+/// trusted proxy forwards (`access::proxy`), so both are named alike.
+pub fn principal_from_uris(uris: &[&str], trust_domains: &[String]) -> Result<String, IdentityError> {
+    let uri = match uris {
         [] => return Err(IdentityError::NoUriSan),
         [one] => *one,
         many => return Err(IdentityError::MultipleUriSans(many.len())),
@@ -158,22 +167,26 @@ fn from_uri_san(cert: &X509Certificate<'_>, trust_domains: &[String]) -> Result<
     if !trust_domains.iter().any(|d| d == domain) {
         return Err(IdentityError::UntrustedDomain { domain: domain.to_owned(), uri: truncate(uri) });
     }
-    Ok(uri.to_owned())
+    usable(uri.to_owned())
 }
 
-fn from_dns_san(cert: &X509Certificate<'_>) -> Result<String, IdentityError> {
-    let names: Vec<&str> = sans(cert)?
-        .into_iter()
-        .filter_map(|n| match n {
-            GeneralName::DNSName(d) => Some(*d),
-            _ => None,
-        })
-        .collect();
-    match names.as_slice() {
+/// The principal named by a certificate's DNS SANs (`dns-san` mode): exactly
+/// one, in lower case. Shared with forwarded identities like
+/// [`principal_from_uris`].
+pub fn principal_from_dns(names: &[&str]) -> Result<String, IdentityError> {
+    match names {
         [] => Err(IdentityError::NoDnsSan),
-        [one] => Ok(one.to_ascii_lowercase()),
+        [one] => usable(one.to_ascii_lowercase()),
         many => Err(IdentityError::MultipleDnsSans(many.len())),
     }
+}
+
+/// Refuses a principal that is empty, too long or has control characters.
+fn usable(principal: String) -> Result<String, IdentityError> {
+    if principal.is_empty() || principal.len() > MAX_PRINCIPAL_LEN || principal.chars().any(char::is_control) {
+        return Err(IdentityError::BadPrincipal);
+    }
+    Ok(principal)
 }
 
 fn from_common_name(cert: &X509Certificate<'_>) -> Result<String, IdentityError> {

@@ -27,6 +27,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::access::gate::{Caller, Gate, Peer, Permission};
 use crate::access::identity::{identify, Identity, IdentityMode};
+use crate::access::proxy::TrustedProxies;
 use crate::access::tls::ClientVerifier;
 use crate::cache::resource::InstanceName;
 use crate::clock::{system_clock, Clock};
@@ -295,6 +296,7 @@ pub struct MtlsGate {
     verifier: Arc<ClientVerifier>,
     clock: Clock,
     cache: Mutex<HashMap<[u8; 32], CacheEntry>>,
+    proxies: TrustedProxies,
 }
 
 impl fmt::Debug for MtlsGate {
@@ -307,7 +309,15 @@ impl MtlsGate {
     /// A gate over `policy` that names callers with `mode` and re-checks
     /// revocation with the TLS layer's `verifier`.
     pub fn new(policy: Arc<Policy>, mode: IdentityMode, verifier: Arc<ClientVerifier>) -> Self {
-        MtlsGate { policy, mode, verifier, clock: system_clock(), cache: Mutex::new(HashMap::new()) }
+        let cache = Mutex::new(HashMap::new());
+        MtlsGate { policy, mode, verifier, clock: system_clock(), cache, proxies: TrustedProxies::default() }
+    }
+
+    /// Takes the caller's identity from the `x-forwarded-client-cert`
+    /// header of calls made by these proxies (`access::proxy`).
+    pub fn with_trusted_proxies(mut self, proxies: TrustedProxies) -> Self {
+        self.proxies = proxies;
+        self
     }
 
     /// Replaces the clock (tests).
@@ -373,17 +383,17 @@ impl MtlsGate {
 
 impl Gate for MtlsGate {
     fn authorize(&self, peer: &Peer, instance: &InstanceName, permission: Permission) -> Result<Caller, Error> {
-        let identity = self.authenticate(peer)?;
-        crate::access::gate::record_principal(&identity.principal);
-        let rule = self.policy.check(&identity.principal, instance, permission).map_err(denied)?;
-        Ok(Caller { rule: rule.to_owned(), principal: identity.principal, cert: Some(identity.cert) })
+        let who = self.proxies.principal(self.authenticate(peer)?, peer, &self.mode)?;
+        crate::access::gate::record_principal(&who.name);
+        let rule = self.policy.check(&who.name, instance, permission).map_err(denied)?;
+        Ok(Caller { rule: rule.to_owned(), principal: who.name, cert: who.cert })
     }
 
     fn authorize_anywhere(&self, peer: &Peer, permission: Permission) -> Result<Caller, Error> {
-        let identity = self.authenticate(peer)?;
-        crate::access::gate::record_principal(&identity.principal);
-        let rule = self.policy.check_anywhere(&identity.principal, permission).map_err(denied)?;
-        Ok(Caller { rule: rule.to_owned(), principal: identity.principal, cert: Some(identity.cert) })
+        let who = self.proxies.principal(self.authenticate(peer)?, peer, &self.mode)?;
+        crate::access::gate::record_principal(&who.name);
+        let rule = self.policy.check_anywhere(&who.name, permission).map_err(denied)?;
+        Ok(Caller { rule: rule.to_owned(), principal: who.name, cert: who.cert })
     }
 }
 

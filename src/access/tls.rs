@@ -650,7 +650,7 @@ mod tests {
         }
 
         fn peer(&self) -> Peer {
-            Peer { certs: Some(Arc::new(vec![self.der.clone()])), remote_addr: None }
+            Peer { certs: Some(Arc::new(vec![self.der.clone()])), ..Peer::default() }
         }
     }
 
@@ -837,7 +837,7 @@ mod tests {
         // An open connection, and its first call.
         let open = fx.handshake(fx.client_config(Some(&writer), ALL)).await.unwrap();
         let open_peer =
-            Peer { certs: Some(Arc::new(open.get_ref().1.peer_certificates().unwrap().to_vec())), remote_addr: None };
+            Peer { certs: Some(Arc::new(open.get_ref().1.peer_certificates().unwrap().to_vec())), ..Peer::default() };
         let caller = gate.authorize(&open_peer, &main, Permission::AcWrite).unwrap();
         assert_eq!(caller.principal, "spiffe://provcache.dev/writer");
         assert_eq!(caller.rule, "writers");
@@ -932,7 +932,7 @@ mod tests {
 
         // A certificate that names nobody (no URI SAN) is not authenticated.
         let (der, _) = fx.ca.sign(&client_params(vec![]));
-        let peer = Peer { certs: Some(Arc::new(vec![der])), remote_addr: None };
+        let peer = Peer { certs: Some(Arc::new(vec![der])), ..Peer::default() };
         let err = gate.authorize(&peer, &main, Permission::AcRead).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         assert!(err.to_string().contains("URI SAN"), "{err}");

@@ -11,6 +11,7 @@ use provcache::access::gate::SharedGate;
 use provcache::access::identity::IdentityMode;
 use provcache::access::pki::{ensure_dev_pki, ensure_dev_signing, DevClient, DevPki};
 use provcache::access::policy::{MtlsGate, PlaintextGate, Policy};
+use provcache::access::proxy::TrustedProxies;
 use provcache::access::tls::TlsServer;
 use provcache::config::{load_policy, resolve, tls_server, Access, Pki, Plan, ServeConfig, Settings, Signing};
 use provcache::server::{Cache, ServerOptions};
@@ -97,7 +98,7 @@ async fn serve(plan: Plan) -> anyhow::Result<()> {
     let listeners = Listeners { grpc, metrics };
     match plan.access {
         Access::Plaintext { principal, policy, .. } => serve_plaintext(&options, listeners, principal, policy).await,
-        Access::Mtls { pki, identity } => serve_mtls(&options, listeners, pki, identity).await,
+        Access::Mtls { pki, identity, proxies } => serve_mtls(&options, listeners, pki, identity, proxies).await,
     }
 }
 
@@ -138,6 +139,7 @@ async fn serve_mtls(
     listeners: Listeners,
     pki: Pki,
     identity: IdentityMode,
+    proxies: TrustedProxies,
 ) -> anyhow::Result<()> {
     if identity == IdentityMode::CommonName {
         tracing::warn!("identities come from the subject common name (--identity common-name)");
@@ -157,7 +159,8 @@ async fn serve_mtls(
         }
     };
     let TlsServer { config, verifier } = tls;
-    let cache = open(options, Arc::new(MtlsGate::new(Arc::new(policy), identity, verifier)))?;
+    let gate = MtlsGate::new(Arc::new(policy), identity, verifier).with_trusted_proxies(proxies);
+    let cache = open(options, Arc::new(gate))?;
     start_metrics(&cache, listeners.metrics)?;
     let addr = listeners.grpc.local_addr()?;
     println!("provcache listening on grpcs://{addr}");

@@ -13,6 +13,7 @@ use super::{IdentityArg, Settings};
 use crate::access::identity::IdentityMode;
 use crate::access::pki::DEV_TRUST_DOMAIN;
 use crate::access::policy::Policy;
+use crate::access::proxy::TrustedProxies;
 use crate::access::tls::{TlsServer, TlsSettings};
 
 /// The rule a plaintext listener without a policy grants everything by.
@@ -75,7 +76,9 @@ pub(super) fn mtls(s: &Settings, dev_dir: &Path) -> anyhow::Result<Access> {
         },
     };
     let identity = identity_mode(s.identity, &s.trust_domain, matches!(pki, Pki::Development { .. }))?;
-    Ok(Access::Mtls { pki, identity })
+    let proxies = TrustedProxies::new(s.trusted_proxies.clone(), &identity)
+        .map_err(|e| anyhow::anyhow!("trusted_proxies (--trusted-proxy): {e}"))?;
+    Ok(Access::Mtls { pki, identity, proxies })
 }
 
 /// Where the principal is in a client certificate; uri-san needs trust

@@ -19,6 +19,7 @@ use super::checks::{own_signing, writable_data_dir};
 use super::{Settings, StorageConfig, VerifyModeArg};
 use crate::access::identity::IdentityMode;
 use crate::access::policy::Policy;
+use crate::access::proxy::TrustedProxies;
 use crate::access::tls::TlsServer;
 use crate::limits::Limits;
 use crate::provenance::{Mode, ProvenanceConfig};
@@ -77,6 +78,8 @@ pub enum Access {
         pki: Pki,
         /// Where in the certificate the principal is.
         identity: IdentityMode,
+        /// Whose forwarded client certificate header names the caller.
+        proxies: TrustedProxies,
     },
 }
 
@@ -375,7 +378,7 @@ mod tests {
         let policy = write_policy(tmp.path(), "spiffe://example.org/ci");
         let c = ServeConfig { policy: Some(policy), trust_domain: vec!["example.org".into()], ..own_pki(tmp.path()) };
         let plan = Plan::new(&settings(c)).unwrap();
-        let Access::Mtls { pki: Pki::Own { policy, .. }, identity } = &plan.access else {
+        let Access::Mtls { pki: Pki::Own { policy, .. }, identity, .. } = &plan.access else {
             panic!("not an own PKI: {:?}", plan.access)
         };
         assert_eq!(identity, &IdentityMode::spiffe(["example.org"]));
@@ -396,7 +399,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let plan = Plan::new(&settings(in_dir(tmp.path()))).unwrap();
         let dev = tmp.path().join("data").join("dev-pki");
-        let Access::Mtls { pki: Pki::Development { dir, policy: None, .. }, identity } = &plan.access else {
+        let Access::Mtls { pki: Pki::Development { dir, policy: None, .. }, identity, .. } = &plan.access else {
             panic!("not the development PKI: {:?}", plan.access)
         };
         assert_eq!(dir, &dev);

@@ -104,6 +104,11 @@ pub struct ServeConfig {
     #[arg(long, env = "PROVCACHE_TRUST_DOMAIN", value_delimiter = ',')]
     #[serde(default)]
     pub trust_domain: Vec<String>,
+    /// Principals of TLS-terminating proxies (Envoy) whose
+    /// x-forwarded-client-cert header names the caller; repeatable. Default: none (off).
+    #[arg(long = "trusted-proxy", env = "PROVCACHE_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 
     /// ed25519 signing key (PKCS#8 PEM), kept outside the data directory in production.
     #[arg(long, env = "PROVCACHE_SIGNING_KEY")]
@@ -290,6 +295,8 @@ pub struct Settings {
     pub identity: IdentityArg,
     /// See [`ServeConfig::trust_domain`].
     pub trust_domain: Vec<String>,
+    /// See [`ServeConfig::trusted_proxies`].
+    pub trusted_proxies: Vec<String>,
     /// See [`ServeConfig::signing_key`].
     pub signing_key: Option<PathBuf>,
     /// See [`ServeConfig::trust_policy`].
@@ -390,6 +397,7 @@ impl ServeConfig {
             legacy_policy_env,
             identity,
             trust_domain,
+            trusted_proxies,
             signing_key,
             trust_policy,
             verify_mode,
@@ -470,6 +478,12 @@ pub fn resolve(cli: ServeConfig, rust_log: Option<String>, file: Option<ServeCon
     if c.plaintext_principal.is_some() && !plaintext {
         return invalid("plaintext_principal needs plaintext_insecure (--plaintext-insecure)");
     }
+    if plaintext && !c.trusted_proxies.is_empty() {
+        return invalid(
+            "trusted_proxies needs mutual TLS (a proxy is trusted for its client certificate): \
+             remove plaintext_insecure or trusted_proxies",
+        );
+    }
     if plaintext && own_pki {
         return invalid("plaintext_insecure serves without TLS: remove tls_cert, tls_key and client_ca");
     }
@@ -491,6 +505,7 @@ pub fn resolve(cli: ServeConfig, rust_log: Option<String>, file: Option<ServeCon
         policy: c.policy.or(c.legacy_policy_env),
         identity: c.identity.unwrap_or(IdentityArg::UriSan),
         trust_domain: c.trust_domain,
+        trusted_proxies: c.trusted_proxies,
         signing_key: c.signing_key,
         trust_policy: c.trust_policy,
         verify_mode: c.verify_mode.unwrap_or(VerifyModeArg::Reject),

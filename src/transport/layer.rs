@@ -136,10 +136,12 @@ impl<S> std::fmt::Debug for TransportService<S> {
 /// put in the request's extensions.
 fn peer_of<B>(req: &http::Request<B>) -> Peer {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let forwarded_client_cert = crate::access::proxy::forwarded_client_cert(req.headers());
     if let Some(tls) = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() {
-        return Peer { certs: tls.peer_certs(), remote_addr: tls.get_ref().remote_addr() };
+        return Peer { certs: tls.peer_certs(), remote_addr: tls.get_ref().remote_addr(), forwarded_client_cert };
     }
-    Peer { certs: None, remote_addr: req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr()) }
+    let remote_addr = req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr());
+    Peer { certs: None, remote_addr, forwarded_client_cert }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
