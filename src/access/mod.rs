@@ -7,4 +7,5 @@ pub mod gate;
 pub mod identity;
 pub mod pki;
 pub mod policy;
+pub mod reload;
 pub mod tls;
