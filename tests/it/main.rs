@@ -18,6 +18,7 @@ mod limits_transport;
 mod metrics;
 mod mtls;
 mod provenance;
+mod reload;
 mod reliability;
 mod scale_out;
 mod scale_out_security;
