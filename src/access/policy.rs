@@ -342,12 +342,7 @@ impl HeldPolicy {
 
     /// `principal` checked against the policy in force (`anywhere`: on any
     /// instance, else on `instance`): the granting rule's name.
-    fn check(
-        &self,
-        principal: &str,
-        instance: Option<&InstanceName>,
-        permission: Permission,
-    ) -> Result<String, Error> {
+    fn check(&self, principal: &str, instance: Option<&InstanceName>, permission: Permission) -> Result<String, Error> {
         let policy = self.get();
         let rule = match instance {
             Some(instance) => policy.check(principal, instance, permission),
@@ -380,7 +375,10 @@ pub struct MtlsGate {
 
 impl fmt::Debug for MtlsGate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MtlsGate").field("mode", &self.mode).field("rules", &self.policy.get().len()).finish_non_exhaustive()
+        f.debug_struct("MtlsGate")
+            .field("mode", &self.mode)
+            .field("rules", &self.policy.get().len())
+            .finish_non_exhaustive()
     }
 }
 

@@ -6,8 +6,8 @@
 //! bad trust-policy file, or one with a lower `policy_version` (a rollback),
 //! keeps the last good policy; an unreadable signing key means no Action
 //! Cache writes (fail closed) until it is fixed, since a key file removed on
-//! purpose must stop signing. [`Provenance::switch_files`] points the server
-//! at other files. Every outcome is logged and counted like other reloads.
+//! purpose must stop signing. Every outcome is logged and counted like other
+//! reloads.
 //!
 //! The same key signs the per-invocation hit log ([`super::hit_log`]).
 
@@ -161,13 +161,6 @@ const VERIFIED_CACHE_MAX: usize = 200_000;
 /// A cached successful verification: (policy generation, valid until, origin).
 type CachedVerification = (u64, SystemTime, Arc<Origin>);
 
-/// The signing key and trust policy files.
-#[derive(Clone, Debug)]
-struct Files {
-    signing_key: PathBuf,
-    trust_policy: PathBuf,
-}
-
 struct Loaded<T> {
     value: T,
     stamp: Option<(SystemTime, u64)>,
@@ -179,11 +172,7 @@ const SIGNING_KEY: &str = "signing_key";
 
 /// The signer and verifier.
 pub struct Provenance {
-    /// The configuration; its two paths are those at start ([`Self::files`]
-    /// holds the current ones).
     config: ProvenanceConfig,
-    /// The signing key and trust policy files now followed.
-    files: RwLock<Files>,
     signer: RwLock<Loaded<std::result::Result<Arc<SigningKey>, String>>>,
     trust: RwLock<Loaded<Arc<TrustPolicy>>>,
     generation: AtomicU64,
@@ -195,7 +184,7 @@ pub struct Provenance {
 
 impl std::fmt::Debug for Provenance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Provenance").field("config", &self.config).field("files", &self.files()).finish_non_exhaustive()
+        f.debug_struct("Provenance").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
@@ -223,16 +212,8 @@ impl Provenance {
             verified: Mutex::new(HashMap::new()),
             counters: VerificationCounters::default(),
             clock,
-            files: RwLock::new(Files {
-                signing_key: config.signing_key.clone(),
-                trust_policy: config.trust_policy.clone(),
-            }),
             config,
         })
-    }
-
-    fn files(&self) -> Files {
-        self.files.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The outcome counters.
@@ -259,9 +240,8 @@ impl Provenance {
     /// [`reload_if_changed`](Self::reload_if_changed), or with `force` even
     /// if the files look unchanged (SIGHUP).
     pub fn reload(&self, force: bool) {
-        let files = self.files();
-        self.reload_trust(&files.trust_policy, force);
-        self.reload_key(&files.signing_key, force);
+        self.reload_trust(&self.config.trust_policy, force);
+        self.reload_key(&self.config.signing_key, force);
     }
 
     fn reload_trust(&self, path: &std::path::Path, force: bool) {
@@ -323,23 +303,6 @@ impl Provenance {
             }
             Err(_) => {}
         }
-    }
-
-    /// Points the server at another signing key and trust policy (SIGHUP
-    /// after the configuration file changed). Both must load and the key
-    /// must be usable, else nothing changes and the error says why.
-    pub fn switch_files(&self, signing_key: PathBuf, trust_policy: PathBuf) -> std::result::Result<(), String> {
-        let checked = TrustPolicy::load(&trust_policy)
-            .map_err(|e| format!("trust policy {}: {e}", trust_policy.display()))
-            .and_then(|_| load_key(&signing_key).map(drop));
-        if let Err(e) = checked {
-            reload::record(SIGNING_KEY, false);
-            tracing::warn!(error = %e, "not switched to the new signing files: keeping the current ones");
-            return Err(e);
-        }
-        *self.files.write().unwrap_or_else(|p| p.into_inner()) = Files { signing_key, trust_policy };
-        self.reload(true);
-        Ok(())
     }
 
     /// Starts a thread that reloads the files every `interval` and at once

@@ -8,7 +8,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 
 /// Encodes the reload counts, `result` being `ok` or `refused`.
 pub(super) fn encode(e: &mut DescriptorEncoder) -> std::fmt::Result {
-    let help = "Reloads of the policy, TLS and signing files, by file kind and result (refused: the last good one stays)";
+    let help =
+        "Reloads of the policy, TLS and signing files, by file kind and result (refused: the last good one stays)";
     let mut m = e.encode_descriptor("reloads", help, None, ConstCounter::new(0u64).metric_type())?;
     for (what, ok, refused) in crate::access::reload::counts() {
         for (result, n) in [("ok", ok), ("refused", refused)] {
