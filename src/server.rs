@@ -148,7 +148,7 @@ impl Cache {
     /// [`Cache::open`] with an injected clock (tests move time).
     pub fn open_with_clock(options: &ServerOptions, gate: SharedGate, clock: Clock) -> anyhow::Result<Self> {
         let provenance = Arc::new(Provenance::new(options.provenance.clone(), clock.clone())?);
-        provenance.spawn_reloader(Duration::from_secs(2));
+        provenance.spawn_reloader(crate::access::reload::DEFAULT_POLL_INTERVAL);
         let store = Arc::new(RocksStore::open(&db_path(&options.data_dir), &options.store)?);
         let Stores { blobs, actions, hits, replica } = match &options.object_store {
             Some(settings) => Stores::replica(&store, settings, clock)?,
@@ -404,7 +404,8 @@ impl Cache {
         self.serve(incoming, shutdown).await
     }
 
-    /// Serves connections from `incoming` until `shutdown` resolves. Then:
+    /// Serves connections from `incoming` until `shutdown` resolves; SIGHUP
+    /// reloads the policy, TLS and signing files at once. Then:
     /// health turns NOT_SERVING, the listener closes, every connection is told
     /// to finish (HTTP/2 GOAWAY) and calls in flight get up to the shutdown
     /// timeout to complete; calls still running after it are cut off (none of
@@ -415,6 +416,7 @@ impl Cache {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
         IE: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        crate::access::reload::reload_on_sighup();
         let maintenance = self.spawn_maintenance();
         self.report_status(ServingStatus::Serving).await;
         let (drain, drain_rx) = tokio::sync::oneshot::channel::<()>();

@@ -9,4 +9,5 @@ pub mod identity;
 pub mod pki;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod tls;

@@ -15,10 +15,15 @@
 //! (identity, expiry and revocation re-checked on every call) and then asks
 //! the policy; [`PlaintextGate`] serves an explicitly configured plaintext
 //! listener under one fixed principal, still through the policy.
+//!
+//! A policy loaded from a file follows that file: both gates re-read it when
+//! it changes or on SIGHUP, and a file that does not load keeps the last good
+//! policy ([`crate::access::reload`]). Calls already authorized are not
+//! re-checked; every new call sees the new policy.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -28,6 +33,7 @@ use sha2::{Digest as _, Sha256};
 use crate::access::gate::{Caller, Gate, Peer, Permission};
 use crate::access::identity::{identify, Identity, IdentityMode};
 use crate::access::proxy::TrustedProxies;
+use crate::access::reload::{self, Source, Stamp, Watched};
 use crate::access::tls::ClientVerifier;
 use crate::cache::resource::InstanceName;
 use crate::clock::{system_clock, Clock};
@@ -71,6 +77,8 @@ struct Rule {
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
     rules: Vec<Rule>,
+    /// The file it was loaded from, and that file's stamp before the read.
+    origin: Option<(PathBuf, Stamp)>,
 }
 
 /// A refused authorization: names the principal, the instance and the
@@ -150,10 +158,13 @@ struct RuleFile {
 
 impl Policy {
     /// Loads and validates a policy file.
+    /// The policy remembers the file, so that a gate follows it.
     pub fn load(path: &Path) -> Result<Self, AccessPolicyError> {
+        let stamp = reload::stamp(&[path.to_owned()]);
         let text = std::fs::read_to_string(path)
             .map_err(|source| AccessPolicyError::Read { path: path.display().to_string(), source })?;
-        Self::parse_inner(&text, Some(path.display().to_string()))
+        let policy = Self::parse_inner(&text, Some(path.display().to_string()))?;
+        Ok(Policy { origin: Some((path.to_owned(), stamp)), ..policy })
     }
 
     /// Parses and validates a policy from TOML text.
@@ -235,7 +246,7 @@ impl Policy {
                 .collect::<Result<Vec<_>, _>>()?;
             rules.push(Rule { name: r.name, principals, instances, permissions });
         }
-        Ok(Policy { rules })
+        Ok(Policy { rules, origin: None })
     }
 
     /// The name of the first rule granting `permission` on `instance` to
@@ -277,6 +288,71 @@ impl Policy {
     }
 }
 
+/// The authorization policy file (`--authz-policy`), as a reloadable source.
+#[derive(Debug)]
+pub struct AuthzPolicyFile(pub PathBuf);
+
+impl Source for AuthzPolicyFile {
+    type Value = Policy;
+    type Error = AccessPolicyError;
+    const WHAT: &'static str = "authz_policy";
+
+    fn paths(&self) -> Vec<PathBuf> {
+        vec![self.0.clone()]
+    }
+
+    fn load(&self) -> Result<Policy, AccessPolicyError> {
+        Policy::load(&self.0)
+    }
+}
+
+/// The policy a gate asks: fixed (parsed from text), or following its file.
+#[derive(Debug)]
+enum HeldPolicy {
+    Fixed(Arc<Policy>),
+    File(Arc<Watched<AuthzPolicyFile>>),
+}
+
+impl HeldPolicy {
+    /// Follows the policy's file, if it came from one, polling it and
+    /// reloading it on SIGHUP.
+    fn follow(policy: Arc<Policy>) -> Self {
+        match policy.origin.clone() {
+            Some((path, stamp)) => {
+                let watched = Watched::with_value(AuthzPolicyFile(path), (*policy).clone(), stamp);
+                reload::spawn_poller(&watched, reload::DEFAULT_POLL_INTERVAL);
+                HeldPolicy::File(watched)
+            }
+            None => HeldPolicy::Fixed(policy),
+        }
+    }
+
+    fn get(&self) -> Arc<Policy> {
+        match self {
+            HeldPolicy::Fixed(p) => p.clone(),
+            HeldPolicy::File(w) => w.get(),
+        }
+    }
+
+    fn file(&self) -> Option<&Arc<Watched<AuthzPolicyFile>>> {
+        match self {
+            HeldPolicy::Fixed(_) => None,
+            HeldPolicy::File(w) => Some(w),
+        }
+    }
+
+    /// `principal` checked against the policy in force (`anywhere`: on any
+    /// instance, else on `instance`): the granting rule's name.
+    fn check(&self, principal: &str, instance: Option<&InstanceName>, permission: Permission) -> Result<String, Error> {
+        let policy = self.get();
+        let rule = match instance {
+            Some(instance) => policy.check(principal, instance, permission),
+            None => policy.check_anywhere(principal, permission),
+        };
+        rule.map(str::to_owned).map_err(denied)
+    }
+}
+
 /// How long a chain's revocation verdict is reused while the CRLs are
 /// unchanged (a CRL reload invalidates it at once).
 const RECHECK_AFTER: Duration = Duration::from_secs(60);
@@ -291,7 +367,7 @@ struct CacheEntry {
 
 /// The gate for mutual-TLS listeners.
 pub struct MtlsGate {
-    policy: Arc<Policy>,
+    policy: HeldPolicy,
     mode: IdentityMode,
     verifier: Arc<ClientVerifier>,
     clock: Clock,
@@ -301,14 +377,19 @@ pub struct MtlsGate {
 
 impl fmt::Debug for MtlsGate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MtlsGate").field("mode", &self.mode).field("rules", &self.policy.len()).finish_non_exhaustive()
+        f.debug_struct("MtlsGate")
+            .field("mode", &self.mode)
+            .field("rules", &self.policy.get().len())
+            .finish_non_exhaustive()
     }
 }
 
 impl MtlsGate {
-    /// A gate over `policy` that names callers with `mode` and re-checks
-    /// revocation with the TLS layer's `verifier`.
+    /// A gate over `policy` (followed if loaded from a file) that names
+    /// callers with `mode` and re-checks revocation with the TLS layer's
+    /// `verifier`.
     pub fn new(policy: Arc<Policy>, mode: IdentityMode, verifier: Arc<ClientVerifier>) -> Self {
+        let policy = HeldPolicy::follow(policy);
         let cache = Mutex::new(HashMap::new());
         MtlsGate { policy, mode, verifier, clock: system_clock(), cache, proxies: TrustedProxies::default() }
     }
@@ -318,6 +399,12 @@ impl MtlsGate {
     pub fn with_trusted_proxies(mut self, proxies: TrustedProxies) -> Self {
         self.proxies = proxies;
         self
+    }
+
+    /// The policy file this gate follows, if its policy came from one (to
+    /// point it at another file).
+    pub fn policy_file(&self) -> Option<&Arc<Watched<AuthzPolicyFile>>> {
+        self.policy.file()
     }
 
     /// Replaces the clock (tests).
@@ -385,15 +472,15 @@ impl Gate for MtlsGate {
     fn authorize(&self, peer: &Peer, instance: &InstanceName, permission: Permission) -> Result<Caller, Error> {
         let who = self.proxies.principal(self.authenticate(peer)?, peer, &self.mode)?;
         crate::access::gate::record_principal(&who.name);
-        let rule = self.policy.check(&who.name, instance, permission).map_err(denied)?;
-        Ok(Caller { rule: rule.to_owned(), principal: who.name, cert: who.cert })
+        let rule = self.policy.check(&who.name, Some(instance), permission)?;
+        Ok(Caller { rule, principal: who.name, cert: who.cert })
     }
 
     fn authorize_anywhere(&self, peer: &Peer, permission: Permission) -> Result<Caller, Error> {
         let who = self.proxies.principal(self.authenticate(peer)?, peer, &self.mode)?;
         crate::access::gate::record_principal(&who.name);
-        let rule = self.policy.check_anywhere(&who.name, permission).map_err(denied)?;
-        Ok(Caller { rule: rule.to_owned(), principal: who.name, cert: who.cert })
+        let rule = self.policy.check(&who.name, None, permission)?;
+        Ok(Caller { rule, principal: who.name, cert: who.cert })
     }
 }
 
@@ -405,28 +492,34 @@ fn denied(d: Denied) -> Error {
 /// the one configured principal, and the policy still decides.
 #[derive(Debug)]
 pub struct PlaintextGate {
-    policy: Arc<Policy>,
+    policy: HeldPolicy,
     principal: String,
 }
 
 impl PlaintextGate {
-    /// A gate naming every caller `principal`.
+    /// A gate naming every caller `principal`, over `policy` (followed if
+    /// loaded from a file).
     pub fn new(policy: Arc<Policy>, principal: impl Into<String>) -> Self {
-        PlaintextGate { policy, principal: principal.into() }
+        PlaintextGate { policy: HeldPolicy::follow(policy), principal: principal.into() }
+    }
+
+    /// The policy file this gate follows, if its policy came from one.
+    pub fn policy_file(&self) -> Option<&Arc<Watched<AuthzPolicyFile>>> {
+        self.policy.file()
     }
 }
 
 impl Gate for PlaintextGate {
     fn authorize(&self, _: &Peer, instance: &InstanceName, permission: Permission) -> Result<Caller, Error> {
         crate::access::gate::record_principal(&self.principal);
-        let rule = self.policy.check(&self.principal, instance, permission).map_err(denied)?;
-        Ok(Caller { principal: self.principal.clone(), rule: rule.to_owned(), cert: None })
+        let rule = self.policy.check(&self.principal, Some(instance), permission)?;
+        Ok(Caller { principal: self.principal.clone(), rule, cert: None })
     }
 
     fn authorize_anywhere(&self, _: &Peer, permission: Permission) -> Result<Caller, Error> {
         crate::access::gate::record_principal(&self.principal);
-        let rule = self.policy.check_anywhere(&self.principal, permission).map_err(denied)?;
-        Ok(Caller { principal: self.principal.clone(), rule: rule.to_owned(), cert: None })
+        let rule = self.policy.check(&self.principal, None, permission)?;
+        Ok(Caller { principal: self.principal.clone(), rule, cert: None })
     }
 }
 

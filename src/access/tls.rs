@@ -1,16 +1,18 @@
 //! The TLS layer: a rustls server configuration that requires a client
-//! certificate from a configured CA, CRLs reloaded without a restart, and a
-//! connection acceptor for tonic.
+//! certificate from a configured CA, its files reloaded without a restart,
+//! and a connection acceptor for tonic.
 //!
 //! - TLS 1.3 and 1.2 (Bazel 4.2.3 speaks only 1.2), ALPN `h2`, ring only.
 //! - No client certificate, no connection: [`ClientVerifier`] refuses the
 //!   handshake, and checks the `clientAuth` EKU and the CRLs.
 //! - Session resumption is off, so every connection's certificate is verified
 //!   against the CRLs current at its handshake.
-//! - [`ClientVerifier`] re-reads the CRL files when they change and swaps the
-//!   verifier used by new handshakes; the gate calls
-//!   [`ClientVerifier::check_chain`] so an already-open connection's next call
-//!   is refused too (threat T11).
+//! - [`ClientVerifier`] re-reads the client CA and CRL files when they change
+//!   (or on SIGHUP) and swaps the verifier used by new handshakes; the gate
+//!   calls [`ClientVerifier::check_chain`] so an already-open connection's
+//!   next call is refused too (threat T11). The server certificate and key
+//!   are reloaded the same way ([`ServerCertFiles`]); a pair that does not
+//!   load or match keeps the last good one ([`crate::access::reload`]).
 //! - [`tls_incoming`] runs handshakes concurrently: a slow or failing client
 //!   never holds up another, and failures are logged, not yielded.
 
@@ -18,15 +20,15 @@ use std::fmt;
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
@@ -36,9 +38,11 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::access::reload::{self, Source, Watched};
 use crate::limits::{LimitHits, Limits};
 
-/// Default interval between checks of the CRL files.
+/// Default interval between checks of the TLS files (CRLs, client CAs, the
+/// server certificate and key).
 pub const DEFAULT_CRL_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
 /// File extensions read from a CRL directory.
@@ -57,8 +61,8 @@ pub struct TlsSettings {
     /// CRLs: files (PEM or DER) or directories of `*.pem`, `*.crl`, `*.der`
     /// files. Replace files atomically (write, then rename).
     pub crls: Vec<PathBuf>,
-    /// How often the CRL files are checked for changes; zero disables
-    /// reloading.
+    /// How often the TLS files (CRLs, client CAs, server certificate and
+    /// key) are checked for changes; zero: only on SIGHUP.
     pub crl_reload_interval: Duration,
     /// Accept a client certificate whose revocation status no configured
     /// CRL covers. Off by default: once CRLs are configured, every CA in the
@@ -128,27 +132,25 @@ impl fmt::Debug for TlsServer {
 
 impl TlsServer {
     /// Loads the server certificate and key, the client CAs and the CRLs, and
-    /// starts the CRL reloader (unless the interval is zero). The reloader
-    /// stops when the last reference to the verifier is dropped.
+    /// starts their reloaders (polling every `crl_reload_interval`, unless
+    /// zero, and on SIGHUP). The reloaders stop when the configuration and
+    /// the verifier are dropped.
     pub fn from_settings(settings: &TlsSettings) -> Result<Self, TlsError> {
         let verifier =
             ClientVerifier::new(&settings.client_ca, &settings.crls, settings.allow_unknown_revocation_status)?;
-        let certs = load_certs(&settings.cert)?;
-        let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|e| pem_error(&settings.key, e))?;
+        let server_cert = Watched::load(ServerCertFiles { cert: settings.cert.clone(), key: settings.key.clone() })?;
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| TlsError::Rustls(e.to_string()))?
             .with_client_cert_verifier(verifier.clone())
-            .with_single_cert(certs, key)
-            .map_err(|e| TlsError::Rustls(format!("server certificate/key: {e}")))?;
+            .with_cert_resolver(Arc::new(ServerCertResolver(server_cert.clone())));
         config.alpn_protocols = vec![b"h2".to_vec()];
         // A resumed session skips certificate verification; with revocation
         // that matters more than the saved round trip.
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
-        if !settings.crl_reload_interval.is_zero() {
-            verifier.spawn_reloader(settings.crl_reload_interval);
-        }
+        verifier.spawn_reloader(settings.crl_reload_interval);
+        reload::spawn_poller(&server_cert, settings.crl_reload_interval);
         Ok(TlsServer { config: Arc::new(config), verifier })
     }
 }
@@ -171,30 +173,137 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// The identity of the CRL files at one moment: path, size and mtime of each.
-type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+/// The server certificate chain and key files (`--tls-cert`, `--tls-key`),
+/// as a reloadable source: a key that does not match the certificate is
+/// refused, so a half-renewed pair never reaches a handshake.
+#[derive(Debug)]
+pub struct ServerCertFiles {
+    /// Certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
 
-struct Current {
+impl Source for ServerCertFiles {
+    type Value = CertifiedKey;
+    type Error = TlsError;
+    const WHAT: &'static str = "tls_server_cert";
+
+    fn paths(&self) -> Vec<PathBuf> {
+        vec![self.cert.clone(), self.key.clone()]
+    }
+
+    fn load(&self) -> Result<CertifiedKey, TlsError> {
+        let certs = load_certs(&self.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| pem_error(&self.key, e))?;
+        CertifiedKey::from_der(certs, key, &provider()).map_err(|e| TlsError::BadFile {
+            path: self.key.clone(),
+            why: format!("not a usable key for the certificate in {}: {e}", self.cert.display()),
+        })
+    }
+
+    /// Where a newly loaded server certificate is installed.
+    fn installed(&self, value: &CertifiedKey) {
+        tracing::info!(cert = %self.cert.display(), chain = value.cert.len(), "TLS server certificate installed");
+    }
+}
+
+/// Gives every new handshake the server certificate in force.
+#[derive(Debug)]
+struct ServerCertResolver(Arc<Watched<ServerCertFiles>>);
+
+impl ResolvesServerCert for ServerCertResolver {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.get())
+    }
+}
+
+/// The client CA files (`--client-ca`) and the CRLs (`--crl`), as one
+/// reloadable source: each CRL is checked against the CAs it comes with.
+#[derive(Debug)]
+pub struct ClientTrust {
+    /// Client CA certificates (PEM files).
+    pub client_ca: Vec<PathBuf>,
+    /// CRL files or directories.
+    pub crls: Vec<PathBuf>,
+    /// See [`TlsSettings::allow_unknown_revocation_status`].
+    pub allow_unknown_revocation_status: bool,
+}
+
+/// What a [`ClientTrust`] loads: the WebPKI verifier and the CA names sent
+/// to clients in the certificate request.
+pub struct TrustAnchors {
     inner: Arc<dyn ClientCertVerifier>,
-    fingerprint: Fingerprint,
+    hints: &'static [DistinguishedName],
+    /// Client CA certificates loaded.
+    pub cas: usize,
+    /// CRLs loaded.
+    pub crls: usize,
+}
+
+impl Source for ClientTrust {
+    type Value = TrustAnchors;
+    type Error = TlsError;
+    const WHAT: &'static str = "tls_client_ca";
+
+    fn paths(&self) -> Vec<PathBuf> {
+        self.client_ca.iter().chain(&self.crls).cloned().collect()
+    }
+
+    fn load(&self) -> Result<TrustAnchors, TlsError> {
+        if self.client_ca.is_empty() {
+            return Err(TlsError::NoClientCa);
+        }
+        let mut roots = RootCertStore::empty();
+        for path in &self.client_ca {
+            for cert in load_certs(path)? {
+                roots.add(cert).map_err(|e| TlsError::BadFile {
+                    path: path.clone(),
+                    why: format!("not a usable CA certificate: {e}"),
+                })?;
+            }
+        }
+        let roots = Arc::new(roots);
+        let crls = read_crls(&self.crls, &roots)?;
+        let count = crls.len();
+        let inner = build_inner(&roots, crls, self.allow_unknown_revocation_status)?;
+        Ok(TrustAnchors { hints: lasting_hints(inner.root_hint_subjects()), inner, cas: roots.len(), crls: count })
+    }
+
+    /// Where a newly loaded client CA set (and its CRLs) is installed.
+    fn installed(&self, value: &TrustAnchors) {
+        tracing::info!(cas = value.cas, crls = value.crls, "client CAs and CRLs installed");
+    }
+}
+
+/// The CA names sent to clients must outlive every handshake that borrows
+/// them (rustls lends them as `&self`-bound slices). Each distinct set is
+/// kept for the life of the process: CA sets change a few times a year, and
+/// a CRL reload reuses the set it already has.
+fn lasting_hints(hints: &[DistinguishedName]) -> &'static [DistinguishedName] {
+    static KEPT: Mutex<Vec<&'static [DistinguishedName]>> = Mutex::new(Vec::new());
+    let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    let same_names = |k: &[DistinguishedName]| k.iter().map(|n| n.as_ref()).eq(hints.iter().map(|n| n.as_ref()));
+    if let Some(same) = kept.iter().find(|k| same_names(k)) {
+        return same;
+    }
+    let leaked: &'static [DistinguishedName] = Vec::leak(hints.to_vec());
+    kept.push(leaked);
+    leaked
 }
 
 /// The client certificate verifier: a WebPKI verifier (client CAs, clientAuth
-/// EKU, CRLs) that is rebuilt and swapped when the CRL files change.
+/// EKU, CRLs) that is rebuilt and swapped when the CA or CRL files change.
 pub struct ClientVerifier {
-    roots: Arc<RootCertStore>,
-    crl_paths: Vec<PathBuf>,
-    allow_unknown_revocation_status: bool,
-    root_hints: Vec<DistinguishedName>,
-    current: RwLock<Current>,
-    generation: AtomicU64,
+    trust: Arc<Watched<ClientTrust>>,
 }
 
 impl fmt::Debug for ClientVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let anchors = self.trust.get();
         f.debug_struct("ClientVerifier")
-            .field("roots", &self.roots.len())
-            .field("crl_paths", &self.crl_paths)
+            .field("cas", &anchors.cas)
+            .field("crls", &anchors.crls)
             .field("generation", &self.generation())
             .finish_non_exhaustive()
     }
@@ -208,71 +317,40 @@ impl ClientVerifier {
         crl_paths: &[PathBuf],
         allow_unknown_revocation_status: bool,
     ) -> Result<Arc<Self>, TlsError> {
-        if client_ca.is_empty() {
-            return Err(TlsError::NoClientCa);
-        }
-        let mut roots = RootCertStore::empty();
-        for path in client_ca {
-            for cert in load_certs(path)? {
-                roots.add(cert).map_err(|e| TlsError::BadFile {
-                    path: path.clone(),
-                    why: format!("not a usable CA certificate: {e}"),
-                })?;
-            }
-        }
-        let roots = Arc::new(roots);
-        let (fingerprint, crls) = read_crls(crl_paths, &roots)?;
-        let inner = build_inner(&roots, crls, allow_unknown_revocation_status)?;
-        Ok(Arc::new(ClientVerifier {
-            root_hints: inner.root_hint_subjects().to_vec(),
-            roots,
-            crl_paths: crl_paths.to_vec(),
+        let trust = Watched::load(ClientTrust {
+            client_ca: client_ca.to_vec(),
+            crls: crl_paths.to_vec(),
             allow_unknown_revocation_status,
-            current: RwLock::new(Current { inner, fingerprint }),
-            generation: AtomicU64::new(0),
-        }))
+        })?;
+        Ok(Arc::new(ClientVerifier { trust }))
     }
 
     fn inner(&self) -> Arc<dyn ClientCertVerifier> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).inner.clone()
+        self.trust.get().inner.clone()
     }
 
-    /// Increments each time new CRLs take effect.
+    /// Increments each time new CAs or CRLs take effect.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.trust.generation()
     }
 
-    /// Re-reads the CRLs if any file changed (size, mtime, or the set of
-    /// files). Returns whether new CRLs took effect. On error the previous
-    /// CRLs stay in force and the next call tries again.
+    /// The CA and CRL files, to point the verifier at other files.
+    pub fn trust(&self) -> &Arc<Watched<ClientTrust>> {
+        &self.trust
+    }
+
+    /// Re-reads the CAs and CRLs if any file changed (size, mtime, or the
+    /// set of files). Returns whether new ones took effect. On error the
+    /// previous ones stay in force and the next call tries again.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let fingerprint = fingerprint(&self.crl_paths)?;
-        if self.current.read().unwrap_or_else(|e| e.into_inner()).fingerprint == fingerprint {
-            return Ok(false);
-        }
-        let (fingerprint, crls) = read_crls(&self.crl_paths, &self.roots)?;
-        let count = crls.len();
-        let inner = build_inner(&self.roots, crls, self.allow_unknown_revocation_status)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Current { inner, fingerprint };
-        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        tracing::info!(crls = count, generation, "client certificate revocation lists reloaded");
-        Ok(true)
+        self.trust.reload(false)
     }
 
-    /// Starts a thread that calls [`reload_if_changed`](Self::reload_if_changed)
-    /// every `interval`. It ends once the verifier is dropped.
-    pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> std::thread::JoinHandle<()> {
-        let weak: Weak<Self> = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("crl-reload".into())
-            .spawn(move || loop {
-                std::thread::sleep(interval);
-                let Some(this) = weak.upgrade() else { return };
-                if let Err(e) = this.reload_if_changed() {
-                    tracing::warn!(error = %e, "CRL reload failed; the previous CRLs stay in force");
-                }
-            })
-            .expect("spawning the CRL reload thread")
+    /// Starts a thread that reloads the CAs and CRLs when they change,
+    /// checking every `interval` (zero: only on SIGHUP). It ends once the
+    /// verifier is dropped.
+    pub fn spawn_reloader(&self, interval: Duration) {
+        reload::spawn_poller(&self.trust, interval);
     }
 
     /// Verifies a client chain (leaf first) as a new handshake would now:
@@ -303,7 +381,7 @@ impl ClientCertVerifier for ClientVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &self.root_hints
+        self.trust.get().hints
     }
 
     fn verify_client_cert(
@@ -376,26 +454,14 @@ fn crl_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, TlsError> {
     Ok(files)
 }
 
-fn fingerprint(paths: &[PathBuf]) -> Result<Fingerprint, TlsError> {
-    crl_files(paths)?
-        .into_iter()
-        .map(|f| {
-            let meta = std::fs::metadata(&f).map_err(|source| TlsError::Read { path: f.clone(), source })?;
-            Ok((f, meta.len(), meta.modified().ok()))
-        })
-        .collect()
-}
-
-/// Reads every CRL; the fingerprint is taken before reading, so a change
-/// during the read is seen by the next poll. Each file is parsed on its own
-/// so that an error names the file.
+/// Reads every CRL. Each file is parsed on its own so that an error names
+/// the file.
 fn read_crls(
     paths: &[PathBuf],
     roots: &Arc<RootCertStore>,
-) -> Result<(Fingerprint, Vec<CertificateRevocationListDer<'static>>), TlsError> {
-    let fingerprint = fingerprint(paths)?;
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     let mut crls = Vec::new();
-    for (file, _, _) in &fingerprint {
+    for file in &crl_files(paths)? {
         let bad = |why: String| TlsError::BadFile { path: file.clone(), why };
         let bytes = std::fs::read(file).map_err(|source| TlsError::Read { path: file.clone(), source })?;
         let found = if bytes.windows(11).any(|w| w == b"-----BEGIN ") {
@@ -415,7 +481,7 @@ fn read_crls(
             .map_err(|e| bad(format!("invalid CRL: {e}")))?;
         crls.extend(found);
     }
-    Ok((fingerprint, crls))
+    Ok(crls)
 }
 
 /// Limits of the acceptor (docs/operations.md, "Limits").
@@ -604,7 +670,7 @@ async fn accept_loop(
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
-    use std::sync::atomic::AtomicI64;
+    use std::sync::atomic::{AtomicI64, Ordering};
 
     use futures::StreamExt;
     use rcgen::{ExtendedKeyUsagePurpose, KeyPair, SanType};

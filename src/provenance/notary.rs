@@ -2,9 +2,12 @@
 //! verify it on every read (docs/signing.md), count the outcomes.
 //!
 //! The signing key and the trust policy are reloaded from disk without a
-//! restart: a bad trust-policy file, or one with a lower `policy_version`
-//! (a rollback), keeps the last good policy; an unreadable signing key means
-//! no Action Cache writes (fail closed) until it is fixed.
+//! restart, when they change and on SIGHUP ([`crate::access::reload`]): a
+//! bad trust-policy file, or one with a lower `policy_version` (a rollback),
+//! keeps the last good policy; an unreadable signing key means no Action
+//! Cache writes (fail closed) until it is fixed, since a key file removed on
+//! purpose must stop signing. Every outcome is logged and counted like other
+//! reloads.
 //!
 //! The same key signs the per-invocation hit log ([`super::hit_log`]).
 
@@ -18,6 +21,7 @@ use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 
 use crate::access::gate::Caller;
+use crate::access::reload::{self, Reload};
 use crate::cache::action_result::PreparedResult;
 use crate::cache::digest::Digest;
 use crate::cache::resource::InstanceName;
@@ -162,6 +166,10 @@ struct Loaded<T> {
     stamp: Option<(SystemTime, u64)>,
 }
 
+/// The `what` labels of the reload metric.
+const TRUST_POLICY: &str = "trust_policy";
+const SIGNING_KEY: &str = "signing_key";
+
 /// The signer and verifier.
 pub struct Provenance {
     config: ProvenanceConfig,
@@ -195,6 +203,8 @@ impl Provenance {
         if let Err(e) = &signer {
             tracing::error!(error = %e, "no usable signing key: Action Cache writes will fail until it is fixed");
         }
+        reload::register(TRUST_POLICY);
+        reload::register(SIGNING_KEY);
         Ok(Provenance {
             signer: RwLock::new(Loaded { value: signer, stamp: stamp(&config.signing_key) }),
             trust: RwLock::new(Loaded { value: Arc::new(trust), stamp: stamp(&config.trust_policy) }),
@@ -224,58 +234,81 @@ impl Provenance {
     /// Re-reads the trust policy and the signing key if their files changed.
     /// A bad policy keeps the last good one; the log says why.
     pub fn reload_if_changed(&self) {
-        let now_stamp = stamp(&self.config.trust_policy);
-        let changed = self.trust.read().unwrap_or_else(|p| p.into_inner()).stamp != now_stamp;
-        if changed {
-            let loaded = self.trust_policy().policy_version;
-            match TrustPolicy::load(&self.config.trust_policy) {
-                // A rollback: an older policy may trust what a newer one
-                // revoked. Equal versions are accepted (an edit that forgot
-                // to bump the version must still take effect).
-                Ok(policy) if policy.policy_version < loaded => {
-                    self.trust.write().unwrap_or_else(|p| p.into_inner()).stamp = now_stamp;
-                    self.counters.policy_rollbacks_refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(path = %self.config.trust_policy.display(), file_version = policy.policy_version,
-                        loaded_version = loaded, "trust policy not reloaded: its policy_version is lower than the \
-                        loaded one's (a rollback); keeping the loaded policy");
-                }
-                Ok(policy) => {
-                    let mut t = self.trust.write().unwrap_or_else(|p| p.into_inner());
-                    t.value = Arc::new(policy);
-                    t.stamp = now_stamp;
-                    self.generation.fetch_add(1, Ordering::AcqRel);
-                    self.verified.lock().unwrap_or_else(|p| p.into_inner()).clear();
-                    tracing::info!(path = %self.config.trust_policy.display(), "trust policy reloaded");
-                }
-                Err(e) => {
-                    self.trust.write().unwrap_or_else(|p| p.into_inner()).stamp = now_stamp;
-                    tracing::error!(path = %self.config.trust_policy.display(), error = %e,
-                        "trust policy not reloaded; keeping the last good policy");
-                }
-            }
+        self.reload(false);
+    }
+
+    /// [`reload_if_changed`](Self::reload_if_changed), or with `force` even
+    /// if the files look unchanged (SIGHUP).
+    pub fn reload(&self, force: bool) {
+        self.reload_trust(&self.config.trust_policy, force);
+        self.reload_key(&self.config.signing_key, force);
+    }
+
+    fn reload_trust(&self, path: &std::path::Path, force: bool) {
+        let now_stamp = stamp(path);
+        if !force && self.trust.read().unwrap_or_else(|p| p.into_inner()).stamp == now_stamp {
+            return;
         }
-        let key_stamp = stamp(&self.config.signing_key);
-        let mut s = self.signer.write().unwrap_or_else(|p| p.into_inner());
-        if s.stamp != key_stamp || (s.value.is_err() && key_stamp.is_some()) {
-            s.value = load_key(&self.config.signing_key);
-            s.stamp = key_stamp;
-            match &s.value {
-                Ok(k) => tracing::info!(key_id = k.key_id(), "signing key loaded"),
-                Err(e) => tracing::error!(error = %e, "signing key unusable: Action Cache writes fail closed"),
+        let loaded = self.trust_policy().policy_version;
+        match TrustPolicy::load(path) {
+            // A rollback: an older policy may trust what a newer one
+            // revoked. Equal versions are accepted (an edit that forgot
+            // to bump the version must still take effect).
+            Ok(policy) if policy.policy_version < loaded => {
+                self.trust.write().unwrap_or_else(|p| p.into_inner()).stamp = now_stamp;
+                self.counters.policy_rollbacks_refused.fetch_add(1, Ordering::Relaxed);
+                reload::record(TRUST_POLICY, false);
+                tracing::warn!(path = %path.display(), file_version = policy.policy_version,
+                    loaded_version = loaded, "trust policy not reloaded: its policy_version is lower than the \
+                    loaded one's (a rollback); keeping the loaded policy");
+            }
+            Ok(policy) => {
+                let mut t = self.trust.write().unwrap_or_else(|p| p.into_inner());
+                t.value = Arc::new(policy);
+                t.stamp = now_stamp;
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                self.verified.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                reload::record(TRUST_POLICY, true);
+                tracing::info!(path = %path.display(), "trust policy reloaded");
+            }
+            Err(e) => {
+                self.trust.write().unwrap_or_else(|p| p.into_inner()).stamp = now_stamp;
+                reload::record(TRUST_POLICY, false);
+                tracing::warn!(path = %path.display(), error = %e,
+                    "trust policy not reloaded; keeping the last good policy");
             }
         }
     }
 
-    /// Starts a thread that calls [`Provenance::reload_if_changed`] every `interval`.
-    pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) {
-        let weak = Arc::downgrade(self);
-        std::thread::spawn(move || loop {
-            std::thread::sleep(interval);
-            match weak.upgrade() {
-                Some(p) => p.reload_if_changed(),
-                None => return,
+    /// Re-reads the key when its file changed (or with `force`), and keeps
+    /// trying while no key is usable. A failure is counted once per change.
+    fn reload_key(&self, path: &std::path::Path, force: bool) {
+        let key_stamp = stamp(path);
+        let mut s = self.signer.write().unwrap_or_else(|p| p.into_inner());
+        let changed = force || s.stamp != key_stamp;
+        let was_usable = s.value.is_ok();
+        if !changed && (was_usable || key_stamp.is_none()) {
+            return;
+        }
+        s.value = load_key(path);
+        s.stamp = key_stamp;
+        match &s.value {
+            Ok(k) => {
+                reload::record(SIGNING_KEY, true);
+                tracing::info!(key_id = k.key_id(), "signing key loaded");
             }
-        });
+            Err(e) if changed || was_usable => {
+                reload::record(SIGNING_KEY, false);
+                tracing::error!(error = %e, "signing key unusable: Action Cache writes fail closed");
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Starts a thread that reloads the files every `interval` and at once
+    /// on SIGHUP.
+    pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) {
+        reload::spawn_poller(self, interval);
     }
 
     /// Fails closed (UNAVAILABLE) when no signing key is usable. Checked
@@ -461,4 +494,10 @@ fn valid_until(policy: &TrustPolicy, v: &Verified) -> SystemTime {
 
 fn load_key(path: &std::path::Path) -> std::result::Result<Arc<SigningKey>, String> {
     SigningKey::load(path).map(Arc::new).map_err(|e| e.to_string())
+}
+
+impl Reload for Provenance {
+    fn reload_now(&self, force: bool) {
+        self.reload(force);
+    }
 }

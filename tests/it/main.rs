@@ -20,6 +20,7 @@ mod mtls;
 mod provenance;
 mod proxy;
 mod reliability;
+mod reload;
 mod scale_out;
 mod scale_out_security;
 mod verify_build;

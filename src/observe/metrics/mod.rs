@@ -7,6 +7,7 @@
 //! With metrics off the layer is a pass-through.
 
 pub mod layer;
+mod reloads;
 mod replica;
 
 use std::collections::HashMap;
@@ -365,6 +366,7 @@ impl Collector for StateCollector {
         if let Some(replica) = &self.replica {
             replica::encode(&mut e, replica)?;
         }
+        reloads::encode(&mut e)?;
         Ok(())
     }
 }

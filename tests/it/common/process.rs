@@ -242,6 +242,13 @@ impl ServerProcess {
         self.log().lines().filter(|l| l.contains(" ERROR ")).map(str::to_string).collect()
     }
 
+    /// Sends `signal` (`HUP`, ...) to the running server.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the server is not running").id().to_string();
+        let sent = Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("running kill");
+        assert!(sent.success(), "kill -{signal} {pid} failed");
+    }
+
     /// Sends SIGTERM, waits for the server to drain and exit, and asserts it
     /// exited cleanly.
     pub fn stop(&mut self) -> ExitStatus {
