@@ -204,7 +204,7 @@ impl Source for ServerCertFiles {
 
     /// Where a newly loaded server certificate is installed.
     fn installed(&self, value: &CertifiedKey) {
-        tracing::info!(cert = %self.cert.display(), chain = value.cert.len(), "TLS server certificate installed");
+        tracing::debug!(cert = %self.cert.display(), chain = value.cert.len(), "TLS server certificate installed");
     }
 }
 
@@ -272,7 +272,7 @@ impl Source for ClientTrust {
 
     /// Where a newly loaded client CA set (and its CRLs) is installed.
     fn installed(&self, value: &TrustAnchors) {
-        tracing::info!(cas = value.cas, crls = value.crls, "client CAs and CRLs installed");
+        tracing::debug!(cas = value.cas, crls = value.crls, "client CAs and CRLs installed");
     }
 }
 
