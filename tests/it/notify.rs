@@ -1,6 +1,6 @@
-//! systemd's `Type=notify` readiness (docs/deploy/provcache.service): the
-//! real binary started with `NOTIFY_SOCKET` pointing at a socket this test
-//! bound, as systemd starts it.
+//! Running under systemd (docs/deploy/): `Type=notify` readiness, the real
+//! binary started with `NOTIFY_SOCKET` pointing at a socket this test bound,
+//! as systemd starts it; and the configuration the unit ships with.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
@@ -78,4 +78,20 @@ fn a_server_that_cannot_open_its_data_directory_never_reports_ready() {
     let mut buf = [0u8; 256];
     let err = socket.recv(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned()).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock, "a failed start sent a notification");
+}
+
+#[test]
+fn the_configuration_shipped_with_the_systemd_unit_passes_check_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/deploy/provcache.toml");
+    // Its data_dir is the unit's /var/lib/provcache; the check needs one it can write.
+    let out = Command::new(env!("CARGO_BIN_EXE_provcache"))
+        .args(["serve", "--check-config", "--config"])
+        .arg(&shipped)
+        .env("PROVCACHE_DATA_DIR", tmp.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("listen = \"127.0.0.1:8980\""), "{stdout}");
 }
