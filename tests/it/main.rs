@@ -17,6 +17,7 @@ mod limits_domain;
 mod limits_transport;
 mod metrics;
 mod mtls;
+mod notify;
 mod provenance;
 mod proxy;
 mod reliability;
