@@ -134,6 +134,8 @@ impl TlsServer {
         let verifier =
             ClientVerifier::new(&settings.client_ca, &settings.crls, settings.allow_unknown_revocation_status)?;
         let certs = load_certs(&settings.cert)?;
+        let client_cas = settings.client_ca.iter().map(|p| load_certs(p)).collect::<Result<Vec<_>, _>>()?;
+        crate::observe::tls::set_certificate_expiry(&certs, &client_cas.concat());
         let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|e| pem_error(&settings.key, e))?;
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -415,6 +417,7 @@ fn read_crls(
             .map_err(|e| bad(format!("invalid CRL: {e}")))?;
         crls.extend(found);
     }
+    crate::observe::tls::set_crl_next_update(&crls);
     Ok((fingerprint, crls))
 }
 
@@ -591,7 +594,7 @@ async fn accept_loop(
                 Ok(Ok(tls)) => {
                     let _ = tx.send(Ok(tls)).await;
                 }
-                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                Ok(Err(e)) => crate::observe::tls::handshake_failed(addr, &e),
                 Err(_) => options.hit(
                     "handshake_timeout",
                     format_args!("{addr} did not finish its TLS handshake in {:?}", options.handshake_timeout),
