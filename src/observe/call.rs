@@ -18,7 +18,9 @@ pub struct CallRecord {
     principal: OnceLock<String>,
     instance: OnceLock<String>,
     invocation: OnceLock<String>,
-    /// Request body bytes received (messages with their framing).
+    /// Request body bytes received (messages with their framing); counted
+    /// by the metrics layer, which needs the `server` feature.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) bytes_in: AtomicU64,
 }
 
