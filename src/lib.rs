@@ -25,7 +25,6 @@ pub mod config;
 pub mod error;
 pub mod failpoint;
 pub mod limits;
-#[cfg(feature = "server")]
 pub mod observe;
 pub mod proto;
 pub mod provenance;

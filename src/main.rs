@@ -68,11 +68,11 @@ fn run() -> anyhow::Result<()> {
     let settings = match &cli.command {
         Command::Serve(args) => {
             let settings = args.settings();
-            init_logging(settings.log_format, &settings.log_level);
+            provcache::observe::logging::init(settings.log_format, &settings.log_level);
             Some(settings)
         }
         _ => {
-            init_logging(LogFormat::Text, &std::env::var("RUST_LOG").unwrap_or_default());
+            provcache::observe::logging::init(LogFormat::Text, &std::env::var("RUST_LOG").unwrap_or_default());
             None
         }
     };
@@ -122,18 +122,4 @@ fn backup(args: BackupArgs) -> anyhow::Result<()> {
     );
     println!("restore: stop the server, replace DATA_DIR/db with {}, start it", args.dest.display());
     Ok(())
-}
-
-/// Logs to stderr: text or JSON (with the request span's fields), filtered
-/// by `filter` (RUST_LOG syntax; empty or invalid: info).
-fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .ok()
-        .filter(|_| !filter.trim().is_empty())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
-    }
 }

@@ -56,6 +56,8 @@ pub struct ServerOptions {
     pub history_retention: Duration,
     /// Measure calls for the metrics endpoint (off: the layer is a pass-through).
     pub metrics: bool,
+    /// Log every finished call (target `provcache::access`).
+    pub access_log: bool,
     /// How long calls in flight may take to complete after shutdown begins.
     pub shutdown_timeout: Duration,
     /// What one caller may cost (docs/operations.md, "Limits").
@@ -118,6 +120,8 @@ pub struct Cache {
     history_retention: Duration,
     shutdown_timeout: Duration,
     metrics: Option<Arc<Metrics>>,
+    /// Log every finished call.
+    access_log: bool,
     health: HealthReporter,
     metrics_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The transport limits in front of the services.
@@ -185,6 +189,7 @@ impl Cache {
             history_retention: options.history_retention,
             shutdown_timeout: options.shutdown_timeout,
             metrics,
+            access_log: options.access_log,
             health: HealthReporter::new(),
             metrics_task: Default::default(),
             transport,
@@ -242,7 +247,7 @@ impl Cache {
     /// a call refused by a limit is logged and measured too).
     pub fn router(&self) -> tonic::transport::server::Router<Layers> {
         let ctx = self.ctx.clone();
-        let layer = self.metrics.as_ref().map(|m| m.layer()).unwrap_or_default();
+        let layer = self.metrics.as_ref().map(|m| m.layer()).unwrap_or_default().with_access_log(self.access_log);
         let limits = &ctx.limits;
         tonic::transport::Server::builder()
             .layer(RequestSpanLayer)

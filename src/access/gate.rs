@@ -123,9 +123,13 @@ pub trait Gate: Send + Sync + 'static {
 }
 
 /// Records the caller's principal on the current request span (see
-/// `request_log`), once a gate knows who is calling.
+/// `request_log`), once a gate knows who is calling. Only the first
+/// authorization of a call records it: the span's formatter appends every
+/// record, and a call is often authorized more than once.
 pub fn record_principal(principal: &str) {
-    tracing::Span::current().record("principal", principal);
+    if crate::observe::call::note_principal(principal) {
+        tracing::Span::current().record("principal", principal);
+    }
 }
 
 /// A shared gate.

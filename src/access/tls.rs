@@ -205,6 +205,7 @@ impl Source for ServerCertFiles {
     /// Where a newly loaded server certificate is installed.
     fn installed(&self, value: &CertifiedKey) {
         tracing::debug!(cert = %self.cert.display(), chain = value.cert.len(), "TLS server certificate installed");
+        crate::observe::tls::set_server_expiry(crate::observe::tls::earliest_not_after(&value.cert));
     }
 }
 
@@ -239,6 +240,10 @@ pub struct TrustAnchors {
     pub cas: usize,
     /// CRLs loaded.
     pub crls: usize,
+    /// The earliest expiry of the client CAs (Unix time), for the metrics.
+    pub ca_not_after: Option<i64>,
+    /// The earliest `nextUpdate` of the CRLs (Unix time), for the metrics.
+    pub crl_next_update: Option<i64>,
 }
 
 impl Source for ClientTrust {
@@ -255,8 +260,12 @@ impl Source for ClientTrust {
             return Err(TlsError::NoClientCa);
         }
         let mut roots = RootCertStore::empty();
+        let mut ca_not_after: Option<i64> = None;
         for path in &self.client_ca {
-            for cert in load_certs(path)? {
+            let certs = load_certs(path)?;
+            let earliest = crate::observe::tls::earliest_not_after(&certs);
+            ca_not_after = ca_not_after.into_iter().chain(earliest).min();
+            for cert in certs {
                 roots.add(cert).map_err(|e| TlsError::BadFile {
                     path: path.clone(),
                     why: format!("not a usable CA certificate: {e}"),
@@ -265,14 +274,16 @@ impl Source for ClientTrust {
         }
         let roots = Arc::new(roots);
         let crls = read_crls(&self.crls, &roots)?;
-        let count = crls.len();
+        let (count, crl_next_update) = (crls.len(), crate::observe::tls::earliest_next_update(&crls));
         let inner = build_inner(&roots, crls, self.allow_unknown_revocation_status)?;
-        Ok(TrustAnchors { hints: lasting_hints(inner.root_hint_subjects()), inner, cas: roots.len(), crls: count })
+        let hints = lasting_hints(inner.root_hint_subjects());
+        Ok(TrustAnchors { hints, inner, cas: roots.len(), crls: count, ca_not_after, crl_next_update })
     }
 
     /// Where a newly loaded client CA set (and its CRLs) is installed.
     fn installed(&self, value: &TrustAnchors) {
         tracing::debug!(cas = value.cas, crls = value.crls, "client CAs and CRLs installed");
+        crate::observe::tls::set_client_trust_expiry(value.ca_not_after, value.crl_next_update);
     }
 }
 
@@ -657,7 +668,7 @@ async fn accept_loop(
                 Ok(Ok(tls)) => {
                     let _ = tx.send(Ok(tls)).await;
                 }
-                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                Ok(Err(e)) => crate::observe::tls::handshake_failed(addr, &e),
                 Err(_) => options.hit(
                     "handshake_timeout",
                     format_args!("{addr} did not finish its TLS handshake in {:?}", options.handshake_timeout),

@@ -56,6 +56,8 @@ pub struct Plan {
     pub history_retention: Duration,
     /// How long calls in flight may take to complete after shutdown begins.
     pub shutdown_timeout: Duration,
+    /// Log every finished call (target `provcache::access`).
+    pub access_log: bool,
 }
 
 /// How callers connect and are authorized.
@@ -201,6 +203,7 @@ impl Plan {
             limits: s.limits.clone(),
             history_retention: s.history_retention,
             shutdown_timeout: s.shutdown_timeout,
+            access_log: s.access_log,
         })
     }
 
@@ -267,6 +270,7 @@ impl Plan {
             },
             history_retention: self.history_retention,
             metrics: self.metrics_listen.is_some(),
+            access_log: self.access_log,
             shutdown_timeout: self.shutdown_timeout,
             limits: self.limits.clone(),
             object_store: self.storage.object_store.clone(),

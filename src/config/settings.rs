@@ -170,6 +170,11 @@ pub struct ServeConfig {
     /// is used when neither this flag nor PROVCACHE_LOG_LEVEL is set). Default: info.
     #[arg(long, env = "PROVCACHE_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Log one line per finished call (target provcache::access: method,
+    /// instance, principal, status, duration, bytes). Default: off.
+    #[arg(long, env = "PROVCACHE_ACCESS_LOG", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true")]
+    pub access_log: Option<bool>,
 
     /// Do not fsync commits (benchmarks only: an acknowledged write can be lost on a crash).
     #[arg(long, hide = true, env = "PROVCACHE_UNSAFE_NO_SYNC", num_args = 0..=1, require_equals = true,
@@ -325,6 +330,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// See [`ServeConfig::log_level`].
     pub log_level: String,
+    /// See [`ServeConfig::access_log`].
+    pub access_log: bool,
     /// See [`ServeConfig::unsafe_no_sync`].
     pub unsafe_no_sync: bool,
     /// See [`ServeConfig::unsafe_no_verify`].
@@ -411,6 +418,7 @@ impl ServeConfig {
             shutdown_timeout,
             log_format,
             log_level,
+            access_log,
             unsafe_no_sync,
             unsafe_no_verify,
             unsafe_no_sign,
@@ -519,6 +527,7 @@ pub fn resolve(cli: ServeConfig, rust_log: Option<String>, file: Option<ServeCon
         shutdown_timeout: c.shutdown_timeout.unwrap_or(Duration::from_secs(30)),
         log_format: c.log_format.unwrap_or(LogFormat::Text),
         log_level,
+        access_log: c.access_log.unwrap_or(false),
         unsafe_no_sync: c.unsafe_no_sync.unwrap_or(false),
         unsafe_no_verify: c.unsafe_no_verify.unwrap_or(false),
         unsafe_no_sign: c.unsafe_no_sign.unwrap_or(false),

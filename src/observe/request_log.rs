@@ -6,11 +6,18 @@
 //! method and the `tool_invocation_id` of the REAPI `RequestMetadata` header;
 //! the gate records the principal into it once it knows the caller
 //! ([`crate::access::gate::record_principal`]); [`LoggingGate`] logs refused calls.
+//! With `--access-log`, [`access_line`] logs every finished call.
 //! Nothing secret is logged: no key material, certificates or blob contents.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use tokio::task::futures::TaskLocalFuture;
 use tracing::instrument::{Instrument, Instrumented};
+
+use crate::observe::call::{note_instance, CallRecord};
 
 use crate::access::gate::{Caller, Gate, Peer, Permission, SharedGate};
 use crate::cache::resource::InstanceName;
@@ -38,28 +45,29 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Instrumented<S::Future>;
+    type Future = Instrumented<TaskLocalFuture<Arc<CallRecord>, S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.0.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let span = tracing::info_span!(
-            "request",
-            rpc = rpc_name(req.uri().path()),
-            principal = tracing::field::Empty,
-            invocation = tracing::field::Empty,
-        );
+        let rpc = rpc_name(req.uri().path());
+        let record = Arc::new(CallRecord::new(rpc));
+        let span =
+            tracing::info_span!("request", rpc, principal = tracing::field::Empty, invocation = tracing::field::Empty,);
         if !span.is_disabled() {
             let metadata = crate::service::request_metadata_from_headers(req.headers());
             if let Some(m) = metadata.as_ref().filter(|m| !m.tool_invocation_id.is_empty()) {
                 span.record("invocation", m.tool_invocation_id.as_str());
+                record.set_invocation(&m.tool_invocation_id);
             }
             // Decoded once: the handler takes it from here.
             req.extensions_mut().insert(crate::service::DecodedRequestMetadata(metadata));
         }
-        span.in_scope(|| self.0.call(req)).instrument(span)
+        req.extensions_mut().insert(record.clone());
+        let fut = span.in_scope(|| record.sync_scope(|| self.0.call(req)));
+        record.scope(fut).instrument(span)
     }
 }
 
@@ -73,7 +81,26 @@ fn rpc_name(path: &str) -> &str {
     }
 }
 
-/// Logs every refused call (at info: the caller learns why from the status).
+/// The access log's line for a finished call (target `provcache::access`,
+/// at info, outside the request span: the line names the call itself).
+pub(crate) fn access_line(call: &CallRecord, code: i32, elapsed: Duration, bytes_out: u64) {
+    tracing::info!(
+        target: "provcache::access",
+        parent: None,
+        rpc = call.rpc(),
+        instance = call.instance(),
+        principal = call.principal(),
+        invocation = call.invocation(),
+        code = crate::observe::metrics::code_name(code),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        bytes_in = call.bytes_in.load(Ordering::Relaxed),
+        bytes_out,
+        "call finished"
+    );
+}
+
+/// Logs every refused call (at info: the caller learns why from the status),
+/// and notes the instance of every authorized one for the access log.
 pub struct LoggingGate(pub SharedGate);
 
 impl LoggingGate {
@@ -86,6 +113,7 @@ impl LoggingGate {
 impl Gate for LoggingGate {
     fn authorize(&self, peer: &Peer, instance: &InstanceName, permission: Permission) -> Result<Caller, Error> {
         let result = self.0.authorize(peer, instance, permission);
+        note_instance(instance.as_str());
         if let Err(e) = &result {
             tracing::info!(instance = %instance, %permission, error = %e, "call refused");
         }

@@ -15,6 +15,7 @@ mod config;
 mod eviction;
 mod limits_domain;
 mod limits_transport;
+mod logs;
 mod metrics;
 mod mtls;
 mod notify;

@@ -133,3 +133,45 @@ async fn health_reports_serving() {
     assert!(status.contains("404"), "{status}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn dashboard_metrics_have_their_usual_names_and_move_with_real_calls() {
+    let server = TestServer::start_opts(TestOptions { tls: true, metrics: true, ..Default::default() }).await;
+    let mut c = server.dev_clients("reader").await;
+    let handled = format!(
+        "grpc_server_handled_total{{grpc_type=\"unary\",grpc_service=\"{AC}\",grpc_method=\"GetActionResult\",grpc_code=\"NotFound\"}}"
+    );
+    let failures = "provcache_tls_handshake_failures_total{reason=\"unknown_ca\"}";
+    let before = scrape(&server).await;
+    assert_eq!(c.lookup("", &sha(b"dashboards")).await.unwrap_err(), Code::NotFound);
+    let certs = tempfile::tempdir().unwrap();
+    let foreign =
+        CertFiles::sign(&other_ca(), &client_params("w", vec![uri("spiffe://provcache.dev/w")]), certs.path(), "x");
+    if let Ok(ch) = tls_channel(server.addr, &server.pki_dir(), Some(&foreign)).await {
+        Clients::new(ch).caps.get_capabilities(reapi::GetCapabilitiesRequest::default()).await.unwrap_err();
+    }
+    let m = scrape(&server).await;
+    assert_eq!(value(&m, &handled) - value(&before, &handled), 1.0, "{m}");
+    let started = format!(
+        "grpc_server_started_total{{grpc_type=\"unary\",grpc_service=\"{AC}\",grpc_method=\"GetActionResult\"}}"
+    );
+    assert!(value(&m, &started) >= 1.0, "{m}");
+    let seconds = format!(
+        "grpc_server_handling_seconds_count{{grpc_type=\"unary\",grpc_service=\"{AC}\",grpc_method=\"GetActionResult\"}}"
+    );
+    assert!(value(&m, &seconds) >= 1.0, "{m}");
+    assert!(value(&m, failures) > value(&before, failures), "{m}");
+    for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "process_max_fds"] {
+        assert!(value(&m, name) > 0.0, "{name} in {m}");
+    }
+    assert!(value(&m, "process_start_time_seconds") > 1.6e9, "{m}");
+    let version = format!("provcache_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(value(&m, &version), 1.0, "{m}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    for which in ["server", "client_ca"] {
+        let series = format!("provcache_tls_certificate_expiry_timestamp_seconds{{certificate=\"{which}\"}}");
+        assert!(value(&m, &series) > now, "{series} in {m}");
+    }
+    assert!(m.contains("provcache_grpc_requests_total{"), "provcache's own stay");
+    server.stop().await;
+}

@@ -250,7 +250,10 @@ async fn a_client_ca_added_to_the_bundle_is_trusted_by_new_handshakes_without_a_
     let err = d.call(&issued).await.expect_err("a CA the server does not trust yet");
     // TLS 1.3 sends the client's certificate after the client considers the
     // handshake done: the server's alert may arrive as a closed connection.
-    assert!(["UnknownCA", "BadCertificate", "broken pipe", "connection reset"].iter().any(|e| err.contains(e)), "{err}");
+    assert!(
+        ["UnknownCA", "BadCertificate", "broken pipe", "connection reset"].iter().any(|e| err.contains(e)),
+        "{err}"
+    );
     let mut open = d.connect_as("writer").await;
 
     let ok = d.reloads("tls_client_ca", "ok").await;

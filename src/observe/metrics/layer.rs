@@ -2,7 +2,8 @@
 //! service. It reads the method from the path and the status from the
 //! `grpc-status` header (trailers-only answers) or trailer, counts body bytes
 //! both ways, and records when the response body ends or is dropped, so a
-//! streamed call's latency covers the whole stream.
+//! streamed call's latency covers the whole stream. The same record makes the
+//! access log's line ([`crate::observe::request_log::access_line`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,16 +15,28 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use super::{GrpcMetrics, MethodMetrics};
+use crate::observe::call::CallRecord;
 
-/// Adds request metrics to a service; a pass-through when metrics are off.
+/// Adds request metrics and the access log to a service; a pass-through
+/// when both are off.
 #[derive(Clone, Debug, Default)]
-pub struct MetricsLayer(pub(super) Option<Arc<GrpcMetrics>>);
+pub struct MetricsLayer {
+    pub(super) metrics: Option<Arc<GrpcMetrics>>,
+    pub(super) access_log: bool,
+}
+
+impl MetricsLayer {
+    /// The layer, also logging every finished call when `on`.
+    pub fn with_access_log(self, on: bool) -> Self {
+        MetricsLayer { access_log: on, ..self }
+    }
+}
 
 impl<S> tower_layer::Layer<S> for MetricsLayer {
     type Service = MetricsService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        MetricsService { inner, metrics: self.0.clone() }
+        MetricsService { inner, metrics: self.metrics.clone(), access_log: self.access_log }
     }
 }
 
@@ -32,6 +45,7 @@ impl<S> tower_layer::Layer<S> for MetricsLayer {
 pub struct MetricsService<S> {
     inner: S,
     metrics: Option<Arc<GrpcMetrics>>,
+    access_log: bool,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -52,15 +66,18 @@ where
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let Some(metrics) = &self.metrics else {
+        let call = req.extensions().get::<Arc<CallRecord>>().filter(|_| self.access_log).cloned();
+        if self.metrics.is_none() && call.is_none() {
             let fut = self.inner.call(req);
             return Box::pin(async move { Ok(fut.await?.map(|inner| CountedBody { inner, recorder: None })) });
-        };
-        let method = metrics.method(req.uri().path());
-        let req = req.map(|inner| {
-            tonic::body::Body::new(CountedBody { inner, recorder: Some(Recorder::inbound(method.clone())) })
-        });
-        let mut recorder = Recorder::new(method);
+        }
+        let method = self.metrics.as_ref().map(|m| m.method(req.uri().path()));
+        let inbound = Recorder::new(method.clone(), call.clone(), true);
+        let req = req.map(|inner| tonic::body::Body::new(CountedBody { inner, recorder: Some(inbound) }));
+        if let Some(m) = &method {
+            m.start();
+        }
+        let mut recorder = Recorder::new(method, call, false);
         let fut = self.inner.call(req);
         Box::pin(async move {
             let response = fut.await?;
@@ -77,38 +94,49 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
 /// Records one call when dropped: at the end of the response body, or earlier
 /// if the call failed or the client went away.
 struct Recorder {
-    method: Arc<MethodMetrics>,
+    /// The method's metrics, when metrics are on.
+    method: Option<Arc<MethodMetrics>>,
+    /// The call's record, when the access log is on.
+    call: Option<Arc<CallRecord>>,
     started: Instant,
     code: Option<i32>,
+    /// Body bytes seen by this recorder.
+    bytes: u64,
     /// Counts request bytes only (the inbound body's recorder).
     inbound: bool,
 }
 
 impl Recorder {
-    fn new(method: Arc<MethodMetrics>) -> Self {
-        method.in_flight.inc();
-        Recorder { method, started: Instant::now(), code: None, inbound: false }
+    fn new(method: Option<Arc<MethodMetrics>>, call: Option<Arc<CallRecord>>, inbound: bool) -> Self {
+        Recorder { method, call, started: Instant::now(), code: None, bytes: 0, inbound }
     }
 
-    fn inbound(method: Arc<MethodMetrics>) -> Self {
-        Recorder { method, started: Instant::now(), code: None, inbound: true }
-    }
-
-    fn bytes(&self, n: usize) {
-        if self.inbound {
-            self.method.bytes_in.inc_by(n as u64);
-        } else {
-            self.method.bytes_out.inc_by(n as u64);
-        }
+    fn bytes(&mut self, n: usize) {
+        self.bytes += n as u64;
+        match &self.method {
+            Some(m) if self.inbound => m.bytes_in.inc_by(n as u64),
+            Some(m) => m.bytes_out.inc_by(n as u64),
+            None => 0,
+        };
     }
 }
 
 impl Drop for Recorder {
     fn drop(&mut self) {
-        if !self.inbound {
-            // No status at all: the client cancelled (or the server broke the stream).
-            let code = self.code.unwrap_or(tonic::Code::Cancelled as i32);
-            self.method.finish(code, self.started.elapsed());
+        if self.inbound {
+            if let Some(call) = &self.call {
+                call.bytes_in.fetch_add(self.bytes, std::sync::atomic::Ordering::Relaxed);
+            }
+            return;
+        }
+        // No status at all: the client cancelled (or the server broke the stream).
+        let code = self.code.unwrap_or(tonic::Code::Cancelled as i32);
+        let elapsed = self.started.elapsed();
+        if let Some(m) = &self.method {
+            m.finish(code, elapsed);
+        }
+        if let Some(call) = &self.call {
+            crate::observe::request_log::access_line(call, code, elapsed, self.bytes);
         }
     }
 }
@@ -207,7 +235,7 @@ mod tests {
     #[tokio::test]
     async fn records_code_latency_and_bytes_of_a_call() {
         let grpc = Arc::new(GrpcMetrics::new());
-        let mut svc = MetricsLayer(Some(grpc.clone())).layer(tower::service_fn(respond));
+        let mut svc = MetricsLayer { metrics: Some(grpc.clone()), access_log: false }.layer(tower::service_fn(respond));
         call(&mut svc).await;
         let m = grpc.method("/build.bazel.remote.execution.v2.ActionCache/GetActionResult");
         assert_eq!(m.by_code[0].get().map(|c| c.get()), Some(1));
@@ -223,7 +251,8 @@ mod tests {
     async fn cost_per_call() {
         let grpc = Arc::new(GrpcMetrics::new());
         for on in [false, true, false, true] {
-            let mut svc = MetricsLayer(on.then(|| grpc.clone())).layer(tower::service_fn(respond));
+            let mut svc =
+                MetricsLayer { metrics: on.then(|| grpc.clone()), access_log: false }.layer(tower::service_fn(respond));
             let n = 200_000;
             let t = std::time::Instant::now();
             for _ in 0..n {

@@ -5,8 +5,12 @@
 //! (stored bytes, evictions, verification outcomes, uploads) is read from the
 //! components that already count it, at scrape time ([`StateCollector`]).
 //! With metrics off the layer is a pass-through.
+//!
+//! Beside provcache's own (`provcache_*`), the names dashboards already know:
+//! go-grpc-prometheus's `grpc_server_*`, the client libraries' `process_*`.
 
 pub mod layer;
+mod process;
 mod reloads;
 mod replica;
 
@@ -61,6 +65,12 @@ pub struct GrpcMetrics {
     bytes_out: Family<Labels, Counter>,
     in_flight: Family<Labels, Gauge>,
     ac_lookups: Family<Labels, Counter>,
+    /// go-grpc-prometheus's `grpc_server_started_total`.
+    started: Family<Labels, Counter>,
+    /// go-grpc-prometheus's `grpc_server_handled_total`.
+    handled: Family<Labels, Counter>,
+    /// go-grpc-prometheus's `grpc_server_handling_seconds`.
+    handling: Family<Labels, Histogram>,
     methods: RwLock<HashMap<String, Arc<MethodMetrics>>>,
 }
 
@@ -77,20 +87,33 @@ pub(crate) struct MethodMetrics {
     in_flight: Gauge,
     /// (hits, misses) for GetActionResult.
     ac_lookups: Option<(Counter, Counter)>,
+    /// `grpc_type`, `grpc_service`, `grpc_method`.
+    grpc_labels: Labels,
+    started: Counter,
+    handled: Family<Labels, Counter>,
+    handled_by_code: [OnceLock<Counter>; 17],
+    handling: Histogram,
 }
 
 impl MethodMetrics {
+    fn start(&self) {
+        self.in_flight.inc();
+        self.started.inc();
+    }
+
     fn finish(&self, code: i32, elapsed: Duration) {
         self.in_flight.dec();
         self.latency.observe(elapsed.as_secs_f64());
+        self.handling.observe(elapsed.as_secs_f64());
         let i = code.clamp(0, 16) as usize;
-        let requests = &self.requests;
-        self.by_code[i]
-            .get_or_init(|| {
-                let mut l = self.labels.clone();
-                l.push(("code", code_name(i as i32).to_string()));
-                requests.get_or_create(&l).clone()
-            })
+        let by_code = |family: &Family<Labels, Counter>, labels: &Labels, name: &'static str, value: &str| {
+            let mut l = labels.clone();
+            l.push((name, value.to_string()));
+            family.get_or_create(&l).clone()
+        };
+        self.by_code[i].get_or_init(|| by_code(&self.requests, &self.labels, "code", code_name(i as i32))).inc();
+        self.handled_by_code[i]
+            .get_or_init(|| by_code(&self.handled, &self.grpc_labels, "grpc_code", go_code_name(i as i32)))
             .inc();
         if let Some((hits, misses)) = &self.ac_lookups {
             match tonic::Code::from_i32(code) {
@@ -102,7 +125,8 @@ impl MethodMetrics {
     }
 }
 
-fn code_name(code: i32) -> &'static str {
+/// The code's canonical name (`NOT_FOUND`), as provcache's own metrics and logs spell it.
+pub(crate) fn code_name(code: i32) -> &'static str {
     use tonic::Code::*;
     match tonic::Code::from_i32(code) {
         Ok => "OK",
@@ -125,6 +149,42 @@ fn code_name(code: i32) -> &'static str {
     }
 }
 
+/// The code's name as go-grpc-prometheus's `grpc_code` label spells it (Go's `codes.Code`).
+fn go_code_name(code: i32) -> &'static str {
+    use tonic::Code::*;
+    match tonic::Code::from_i32(code) {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// go-grpc-prometheus's `grpc_type` of a method: which side streams.
+fn grpc_type(service: &str, method: &str) -> &'static str {
+    match (service, method) {
+        ("google.bytestream.ByteStream", "Write") => "client_stream",
+        ("google.bytestream.ByteStream", "Read")
+        | ("build.bazel.remote.execution.v2.ContentAddressableStorage", "GetTree")
+        | ("build.bazel.remote.execution.v2.Execution", "Execute" | "WaitExecution")
+        | ("grpc.health.v1.Health", "Watch") => "server_stream",
+        _ => "unary",
+    }
+}
+
 impl GrpcMetrics {
     fn new() -> Self {
         GrpcMetrics {
@@ -134,6 +194,9 @@ impl GrpcMetrics {
             bytes_out: Family::default(),
             in_flight: Family::default(),
             ac_lookups: Family::default(),
+            started: Family::default(),
+            handled: Family::default(),
+            handling: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS)),
             methods: RwLock::default(),
         }
     }
@@ -150,6 +213,11 @@ impl GrpcMetrics {
         }
         let (service, method) = key.trim_start_matches('/').split_once('/').unwrap_or(("unknown", "unknown"));
         let labels: Labels = vec![("service", service.to_string()), ("method", method.to_string())];
+        let grpc_labels: Labels = vec![
+            ("grpc_type", grpc_type(service, method).to_string()),
+            ("grpc_service", service.to_string()),
+            ("grpc_method", method.to_string()),
+        ];
         let ac_lookups = (method == "GetActionResult").then(|| {
             let hit = self.ac_lookups.get_or_create(&vec![("result", "hit".to_string())]).clone();
             let miss = self.ac_lookups.get_or_create(&vec![("result", "miss".to_string())]).clone();
@@ -164,6 +232,11 @@ impl GrpcMetrics {
             in_flight: self.in_flight.get_or_create(&labels).clone(),
             ac_lookups,
             labels,
+            started: self.started.get_or_create(&grpc_labels).clone(),
+            handled: self.handled.clone(),
+            handled_by_code: Default::default(),
+            handling: self.handling.get_or_create(&grpc_labels).clone(),
+            grpc_labels,
         });
         methods.insert(key.to_string(), m.clone());
         m
@@ -180,8 +253,21 @@ impl Metrics {
         limit_hits: Arc<crate::limits::LimitHits>,
         replica: Option<Replica>,
     ) -> Arc<Self> {
-        let mut registry = Registry::with_prefix("provcache");
+        let mut root = Registry::default();
         let grpc = Arc::new(GrpcMetrics::new());
+        root.register("grpc_server_started", "RPCs started on the server", grpc.started.clone());
+        root.register(
+            "grpc_server_handled",
+            "RPCs completed on the server, whatever their status",
+            grpc.handled.clone(),
+        );
+        root.register(
+            "grpc_server_handling_seconds",
+            "Time from an RPC's request headers to the end of its response",
+            grpc.handling.clone(),
+        );
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("provcache");
         registry.register("grpc_requests", "gRPC calls answered, by method and status code", grpc.requests.clone());
         registry.register(
             "grpc_request_duration_seconds",
@@ -207,8 +293,13 @@ impl Metrics {
             "Work refused or cut off by a limit (docs/operations.md, Limits), by limit and principal",
             limit_hits.family(),
         );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason (unknown_ca, expired, revoked, no_client_certificate, not_tls, ...)",
+            crate::observe::tls::handshake_failures(),
+        );
         registry.register_collector(Box::new(StateCollector { store, provenance, uploads, replica }));
-        Arc::new(Metrics { registry, grpc, denied, serving: true.into() })
+        Arc::new(Metrics { registry: root, grpc, denied, serving: true.into() })
     }
 
     /// What `/healthz` answers: 200 while serving, 503 once shutting down.
@@ -218,7 +309,7 @@ impl Metrics {
 
     /// The layer that measures every call.
     pub fn layer(&self) -> MetricsLayer {
-        MetricsLayer(Some(self.grpc.clone()))
+        MetricsLayer { metrics: Some(self.grpc.clone()), ..Default::default() }
     }
 
     /// Wraps a gate so that its denials are counted.
@@ -282,6 +373,11 @@ struct StateCollector {
 fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, values: &[(&str, &str, i64)]) -> std::fmt::Result {
     let m = e.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
     encode_values(m, values, |m, v| ConstGauge::new(v).encode(m))
+}
+
+fn counter_f64(e: &mut DescriptorEncoder, name: &str, help: &str, value: f64) -> std::fmt::Result {
+    let m = e.encode_descriptor(name, help, None, ConstCounter::new(0.0f64).metric_type())?;
+    ConstCounter::new(value).encode(m)
 }
 
 fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, values: &[(&str, &str, i64)]) -> std::fmt::Result {
@@ -367,7 +463,44 @@ impl Collector for StateCollector {
             replica::encode(&mut e, replica)?;
         }
         reloads::encode(&mut e)?;
+        gauge(
+            &mut e,
+            "build_info",
+            "Always 1; the label is the version",
+            &[("version", env!("CARGO_PKG_VERSION"), 1)],
+        )?;
+        let x = crate::observe::tls::expiry();
+        let certs: Vec<(&str, &str, i64)> = [("server", x.server), ("client_ca", x.client_ca)]
+            .into_iter()
+            .filter_map(|(which, at)| Some(("certificate", which, at?)))
+            .collect();
+        if !certs.is_empty() {
+            gauge(
+                &mut e,
+                "tls_certificate_expiry_timestamp_seconds",
+                "When the earliest certificate of the server chain or of the client CAs expires (Unix time)",
+                &certs,
+            )?;
+        }
+        if let Some(at) = x.crl_next_update {
+            gauge(
+                &mut e,
+                "crl_next_update_timestamp_seconds",
+                "The earliest nextUpdate of the CRLs in use (Unix time): renew them before",
+                &[("", "", at)],
+            )?;
+        }
         Ok(())
+    }
+}
+
+/// The `process_*` metrics, without the `provcache_` prefix.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        process::encode(&mut e)
     }
 }
 

@@ -93,6 +93,7 @@ impl TestServer {
             },
             history_retention: std::time::Duration::from_secs(3600),
             metrics: opts.metrics,
+            access_log: false,
             shutdown_timeout: std::time::Duration::from_secs(10),
             limits: opts.limits.clone().unwrap_or_default(),
             object_store: None,
