@@ -81,7 +81,8 @@ pub struct ServeConfig {
     #[arg(long, env = "PROVCACHE_CRL", value_delimiter = ',')]
     #[serde(default)]
     pub crl: Vec<PathBuf>,
-    /// How often CRL files are checked for changes (0s: never). Default: 2s.
+    /// How often the TLS files (server certificate and key, client CAs, CRLs)
+    /// are checked for changes (0s: only on SIGHUP). Default: 2s.
     #[arg(long, env = "PROVCACHE_CRL_RELOAD_INTERVAL", value_parser = humantime::parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
     pub crl_reload_interval: Option<Duration>,
