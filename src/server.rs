@@ -386,8 +386,8 @@ impl Cache {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let options =
-            crate::access::tls::IncomingOptions::from_limits(&self.ctx.limits, Some(self.ctx.limit_hits.clone()));
-        self.serve(crate::access::tls::tls_incoming_with(listener, tls, options), shutdown).await
+            crate::access::accept::IncomingOptions::from_limits(&self.ctx.limits, Some(self.ctx.limit_hits.clone()));
+        self.serve(crate::access::accept::tls_incoming_with(listener, tls, options), shutdown).await
     }
 
     /// Serves plaintext gRPC on `listener` until `shutdown` resolves, then
@@ -403,7 +403,7 @@ impl Cache {
             // Without this, replies larger than one segment wait for the
             // client's delayed ACK (40 ms).
             conn.set_nodelay(true)?;
-            crate::access::tls::set_tcp_keepalive(&conn, keepalive)?;
+            crate::access::accept::set_tcp_keepalive(&conn, keepalive)?;
             Ok::<_, std::io::Error>(conn)
         });
         self.serve(incoming, shutdown).await
