@@ -111,8 +111,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.write_request {
         let kind = args.scenario.first().map(String::as_str).unwrap_or_default();
-        let method =
-            provcache::tools::bench_request::write_request(&target, kind, args.size as usize, path).await?;
+        let method = provcache::tools::bench_request::write_request(&target, kind, args.size as usize, path).await?;
         println!("{method}");
         return Ok(());
     }

@@ -23,8 +23,11 @@ pub async fn write_request(target: &Target, kind: &str, size: usize, path: &std:
     let (method, request) = match kind {
         "ac-hit" => {
             let key = prefill(&ch, &instance, 1, seed).await?.remove(0);
-            let request =
-                reapi::GetActionResultRequest { instance_name: instance, action_digest: Some(key), ..Default::default() };
+            let request = reapi::GetActionResultRequest {
+                instance_name: instance,
+                action_digest: Some(key),
+                ..Default::default()
+            };
             ("ActionCache/GetActionResult", request.encode_to_vec())
         }
         "ac-update" => {
