@@ -72,7 +72,7 @@ impl Error {
                 // A block or record failed its checksum: stored data is
                 // damaged (threat model R8), which clients may treat as a miss.
                 StoreErrorKind::Corruption => Code::DataLoss,
-                StoreErrorKind::Unavailable => Code::Unavailable,
+                StoreErrorKind::Unavailable | StoreErrorKind::Locked => Code::Unavailable,
                 StoreErrorKind::Conflict => Code::Aborted,
                 StoreErrorKind::Other => Code::Internal,
             },

@@ -425,6 +425,7 @@ impl Cache {
         let maintenance = self.spawn_maintenance();
         self.report_status(ServingStatus::Serving).await;
         let (drain, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let incoming = incoming.map(|conn| conn.map(crate::transport::coalesce::Coalesce::new));
         let server = self.router().serve_with_incoming_shutdown(incoming, async {
             let _ = drain_rx.await;
         });

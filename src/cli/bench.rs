@@ -56,9 +56,10 @@ pub struct BenchArgs {
     /// After this many bytes of acknowledged blobs, soak uploads stay small.
     #[arg(long, default_value = "4GiB", value_parser = provcache::units::parse_size)]
     soak_budget: u64,
-    /// Instead of the scenarios: store one Action Cache entry through the
-    /// real write path and write a gRPC-framed GetActionResultRequest for it
-    /// to FILE (a request body for `h2load -d FILE`).
+    /// Instead of the scenarios: write one gRPC-framed request of the first
+    /// --scenario (ac-hit, ac-update, find-missing or read of --size) to FILE,
+    /// storing what it needs through the real write path first, and print
+    /// its gRPC method path (a request body for `h2load -d FILE`).
     #[arg(long, value_name = "FILE")]
     write_request: Option<PathBuf>,
     /// Run each scenario alone and then again while an attacker loop runs:
@@ -109,7 +110,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         attacker_target.tls = Some((ca.clone(), cert.clone(), key.clone()));
     }
     if let Some(path) = &args.write_request {
-        return provcache::tools::bench::write_get_request(&target, path).await;
+        let kind = args.scenario.first().map(String::as_str).unwrap_or_default();
+        let method = provcache::tools::bench_request::write_request(&target, kind, args.size as usize, path).await?;
+        println!("{method}");
+        return Ok(());
     }
     let params = provcache::tools::bench::Params {
         concurrency: args.concurrency,

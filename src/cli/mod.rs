@@ -106,8 +106,12 @@ pub fn one_line(e: &anyhow::Error) -> String {
 /// The message for a RocksDB store that another process holds open, once
 /// and naming the data directory and the lock file, when `e` is that.
 pub fn in_use(e: &anyhow::Error, data_dir: &Path) -> Option<String> {
-    let text = format!("{e:#}");
-    let locked = text.contains("lock file") || text.contains("LOCK:");
+    let locked = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<provcache::error::Error>(),
+            Some(provcache::error::Error::Storage(s)) if s.kind() == provcache::store::StoreErrorKind::Locked
+        )
+    });
     locked.then(|| {
         let lock = provcache::server::db_path(data_dir).join("LOCK");
         format!(

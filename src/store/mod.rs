@@ -42,6 +42,10 @@ pub enum StoreErrorKind {
     /// A concurrent writer (another replica) took the slot this write wanted,
     /// such as a hit-log sequence: the caller may re-read and retry (ABORTED).
     Conflict,
+    /// The store is held open by another process (RocksDB's lock file):
+    /// only met when opening, where `serve` and `backup` say which directory
+    /// and what to do. UNAVAILABLE if it ever reached a caller.
+    Locked,
     /// Anything else (INTERNAL).
     Other,
 }

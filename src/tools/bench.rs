@@ -279,26 +279,6 @@ pub struct Params {
     pub disk_dir: Option<std::path::PathBuf>,
 }
 
-/// Stores one Action Cache entry through the real write path and writes a
-/// GetActionResultRequest for it to `path`, framed as a gRPC message body
-/// (for load tools such as `h2load -d`).
-pub async fn write_get_request(target: &Target, path: &std::path::Path) -> anyhow::Result<()> {
-    let ch = connect(target).await?;
-    let key = prefill(&ch, &target.instance, 1, rand_seed()).await?.remove(0);
-    let request = reapi::GetActionResultRequest {
-        instance_name: target.instance.clone(),
-        action_digest: Some(key),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    // gRPC message framing: uncompressed flag, then the length (u32 BE).
-    let mut body = vec![0u8];
-    body.extend_from_slice(&(request.len() as u32).to_be_bytes());
-    body.extend_from_slice(&request);
-    std::fs::write(path, body)?;
-    Ok(())
-}
-
 /// Runs one named scenario.
 pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<Report> {
     let mut channels = Vec::new();
@@ -494,7 +474,7 @@ pub(crate) fn rand_seed() -> u64 {
     u64::from_le_bytes(b)
 }
 
-fn write_messages(name: String, data: Bytes, chunk: usize) -> Vec<WriteRequest> {
+pub(crate) fn write_messages(name: String, data: Bytes, chunk: usize) -> Vec<WriteRequest> {
     let mut msgs = Vec::with_capacity(data.len() / chunk + 1);
     let mut off = 0;
     loop {

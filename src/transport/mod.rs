@@ -3,9 +3,12 @@
 //! the caller could never be allowed before their bodies are read, request
 //! deadlines and idle cut-offs ([`layer`]). The HTTP/2 settings and the TLS
 //! handshake limits are applied where connections are made (`server`, `tls`).
+//! [`coalesce`] gathers each connection's small writes into fewer socket
+//! writes.
 //! docs/operations.md, "Limits", says what each limit protects.
 
 pub mod budget;
+pub mod coalesce;
 pub mod layer;
 pub mod units;
 

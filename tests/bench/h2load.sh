@@ -20,10 +20,9 @@ metrics=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0))
 start_provcache data --plaintext-insecure --metrics-listen "127.0.0.1:$metrics"
 url=${url#grpc://}
 
-"$bin" bench --server "grpc://$url" --write-request "$work/request.bin"
+method=$("$bin" bench --server "grpc://$url" --scenario ac-hit --write-request "$work/request.bin")
 h2load -c1 -m1 -n "$requests" -d "$work/request.bin" \
-    -H 'content-type: application/grpc' -H 'te: trailers' \
-    "http://$url/build.bazel.remote.execution.v2.ActionCache/GetActionResult" |
+    -H 'content-type: application/grpc' -H 'te: trailers' "http://$url$method" |
     grep -E 'finished in|requests:|status codes|time for request|req/s'
 # h2load counts HTTP statuses only (a gRPC error is a 200 with a trailer):
 # the server's own counters must show every request as a hit.

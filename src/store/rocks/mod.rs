@@ -236,6 +236,12 @@ impl From<rocksdb::Error> for StoreError {
             StoreErrorKind::NoSpace
         } else if e.kind() == rocksdb::ErrorKind::Corruption {
             StoreErrorKind::Corruption
+        } else if e.kind() == rocksdb::ErrorKind::IOError
+            && (message.contains("lock file") || message.contains("LOCK:"))
+        {
+            // RocksDB's words for a LOCK file another process holds (flock
+            // refused) or this process holds already.
+            StoreErrorKind::Locked
         } else {
             StoreErrorKind::Other
         };
@@ -278,6 +284,16 @@ mod tests {
         std::fs::write(dir.path().join("CURRENT"), b"not a manifest name\n").unwrap();
         let e = StoreError::from(rocksdb::DB::open_default(dir.path()).unwrap_err());
         assert_eq!(e.kind(), StoreErrorKind::Corruption, "{e}");
+    }
+
+    #[test]
+    fn a_store_already_held_open_is_refused_as_locked() {
+        let (dir, _held) = super::testing::store();
+        let err = match RocksStore::open(dir.path(), &StoreOptions::default()) {
+            Err(Error::Storage(e)) => e,
+            other => panic!("expected a storage error, got {:?}", other.map(|_| ())),
+        };
+        assert_eq!(err.kind(), StoreErrorKind::Locked, "{err}");
     }
 
     #[test]
