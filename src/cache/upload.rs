@@ -19,7 +19,8 @@ use crate::limits::{Enforcer, Limits};
 use crate::store::{BlobStore, BlobWriter};
 
 /// The most uploads in progress at once, whoever holds them (each holds up
-/// to one [`WRITE_PIECE`] in memory, and a zstd window for compressed uploads). Per
+/// to one [`WRITE_PIECE`] in memory, and a zstd window for compressed uploads;
+/// the store's writer may hold a few more pieces while it writes them). Per
 /// identity and per instance they are bounded further by
 /// `limits.max_uploads_per_identity` and `limits.max_uploads_per_instance`.
 pub const MAX_SESSIONS: usize = 4096;

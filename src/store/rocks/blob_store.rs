@@ -8,6 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::verified::{chunk_hash, ChunkHash};
 use super::{blocking, BlobMeta, Key, Kind, RocksStore, CHUNK_SIZE, MIN_BLOB_FILE_VALUE};
@@ -23,6 +24,11 @@ pub const NO_WAL_THRESHOLD: u64 = 64 * 1024 * 1024;
 
 /// Pieces of a ranged read waiting for a slow reader.
 const READ_AHEAD: usize = 2;
+
+/// Chunk writes one upload keeps running on the blocking pool while its
+/// stream receives and hashes the next bytes: receiving, hashing and the
+/// RocksDB write overlap, and an upload holds at most this many chunks more.
+const WRITES_IN_FLIGHT: usize = 2;
 
 fn keys_of(instance: &InstanceName, digests: &[Digest]) -> Vec<Key> {
     digests.iter().map(|d| Key::new(instance, d)).collect()
@@ -121,6 +127,7 @@ impl BlobStore for Arc<RocksStore> {
             pending_len: 0,
             blob_id: None,
             next_chunk: 0,
+            in_flight: VecDeque::new(),
             committing: false,
         }))
     }
@@ -152,6 +159,9 @@ struct RocksWriter {
     /// The upload's blob id, once its first chunk is written.
     blob_id: Option<u64>,
     next_chunk: u32,
+    /// Chunk writes started and not yet awaited, oldest first (at most
+    /// [`WRITES_IN_FLIGHT`]); all of them end before the commit or the abort.
+    in_flight: VecDeque<JoinHandle<Result<()>>>,
     /// Set once the commit is handed to the blocking pool, where it runs to
     /// its end even if the writer is dropped meanwhile.
     committing: bool,
@@ -165,9 +175,11 @@ impl Drop for RocksWriter {
     fn drop(&mut self) {
         let (Some(id), false) = (self.blob_id.take(), self.committing) else { return };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let store = self.store.clone();
-        runtime.spawn_blocking(move || {
-            if let Err(e) = store.abort_upload(id) {
+        let (store, writes) = (self.store.clone(), std::mem::take(&mut self.in_flight));
+        // The chunk writes still running end first, so none lands after the delete.
+        runtime.spawn(async move {
+            settle_all(writes).await;
+            if let Err(e) = blocking(move || store.abort_upload(id)).await {
                 tracing::warn!(error = %e, "could not delete an abandoned upload's chunks");
             }
         });
@@ -211,10 +223,23 @@ impl RocksWriter {
                 id
             }
         };
+        if self.in_flight.len() >= WRITES_IN_FLIGHT {
+            self.settle_oldest().await?;
+        }
         let (s, index, wal) = (self.store.clone(), self.next_chunk, self.wal);
-        blocking(move || s.write_chunk(id, index, &chunk, wal)).await?;
+        self.in_flight.push_back(tokio::task::spawn_blocking(move || s.write_chunk(id, index, &chunk, wal)));
         self.next_chunk += 1;
         Ok(())
+    }
+
+    /// Waits for the oldest chunk write in flight; its failure fails the
+    /// upload (the caller then aborts it).
+    async fn settle_oldest(&mut self) -> Result<()> {
+        let Some(write) = self.in_flight.front_mut() else { return Ok(()) };
+        // Left in the queue while awaited: a writer dropped meanwhile still waits for it.
+        let written = write.await;
+        self.in_flight.pop_front();
+        written?
     }
 
     async fn finish(&mut self) -> Result<()> {
@@ -225,6 +250,10 @@ impl RocksWriter {
         };
         if !tail.is_empty() {
             self.store_chunk(tail).await?;
+        }
+        // Every chunk is written before the record that makes them visible.
+        while !self.in_flight.is_empty() {
+            self.settle_oldest().await?;
         }
         let (s, key, size, flush) = (self.store.clone(), self.key.clone(), self.size, !self.wal);
         self.committing = true;
@@ -258,6 +287,7 @@ impl BlobWriter for RocksWriter {
     }
 
     async fn abort(mut self: Box<Self>) -> Result<()> {
+        settle_all(std::mem::take(&mut self.in_flight)).await;
         match self.blob_id.take() {
             Some(id) => {
                 let s = self.store.clone();
@@ -265,6 +295,14 @@ impl BlobWriter for RocksWriter {
             }
             None => Ok(()),
         }
+    }
+}
+
+/// Waits for chunk writes of an upload being abandoned (their errors no
+/// longer matter), so that deleting its chunks comes after the last one.
+async fn settle_all(writes: VecDeque<JoinHandle<Result<()>>>) {
+    for write in writes {
+        let _ = write.await;
     }
 }
 
@@ -364,3 +402,62 @@ impl RangeRead<'_> {
 }
 
 const _: () = assert!(CHUNK_SIZE as u64 <= crate::cache::cas::MAX_BATCH_TOTAL_BYTES);
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::store;
+    use super::super::{CF_CHUNKS, CF_PENDING};
+    use super::*;
+    use crate::cache::digest::DigestFunction;
+
+    /// A streamed upload of several chunks (so writes overlap) and its digest.
+    fn upload() -> (Arc<RocksStore>, tempfile::TempDir, Bytes, Digest) {
+        let (dir, s) = store();
+        let data: Bytes = (0..CHUNK_SIZE * 5 + 123).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+        let digest = Digest::of(DigestFunction::Sha256, &data);
+        (Arc::new(s), dir, data, digest)
+    }
+
+    async fn write_all(writer: &mut Box<dyn BlobWriter>, data: &Bytes) {
+        for piece in data.chunks(64 * 1024) {
+            writer.write(Bytes::copy_from_slice(piece)).await.unwrap();
+        }
+    }
+
+    fn rows(s: &RocksStore, cf: &str) -> usize {
+        s.db.iterator_cf(s.cf(cf), rocksdb::IteratorMode::Start).count()
+    }
+
+    #[tokio::test]
+    async fn a_streamed_upload_is_whole_after_commit() {
+        let (s, _dir, data, digest) = upload();
+        let i = InstanceName::default();
+        let mut writer = s.begin_write(&i, digest).await.unwrap();
+        write_all(&mut writer, &data).await;
+        assert_eq!(s.contains(&i, &[digest]).await.unwrap(), vec![false], "invisible before the commit");
+        writer.commit().await.unwrap();
+        assert_eq!(s.get(&i, digest).await.unwrap(), Some(data));
+        assert_eq!(rows(&s, CF_PENDING), 0);
+    }
+
+    #[tokio::test]
+    async fn an_aborted_or_dropped_upload_leaves_no_chunk() {
+        let (s, _dir, data, digest) = upload();
+        let i = InstanceName::default();
+        let mut writer = s.begin_write(&i, digest).await.unwrap();
+        write_all(&mut writer, &data).await;
+        writer.abort().await.unwrap();
+        assert_eq!((rows(&s, CF_CHUNKS), rows(&s, CF_PENDING)), (0, 0), "aborted: every chunk deleted");
+
+        let mut writer = s.begin_write(&i, digest).await.unwrap();
+        write_all(&mut writer, &data).await;
+        drop(writer);
+        for _ in 0..500 {
+            if (rows(&s, CF_CHUNKS), rows(&s, CF_PENDING)) == (0, 0) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("a dropped upload's chunks are still there");
+    }
+}
