@@ -152,6 +152,15 @@ pub struct Digest {
     pub size: u64,
 }
 
+/// The value of one lowercase hex character; uppercase is refused, as REAPI asks.
+fn lower_hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
 impl Digest {
     /// Parses a hex hash and a size for `function`.
     pub fn parse(function: DigestFunction, hash: &str, size: i64) -> Result<Self, DigestError> {
@@ -163,14 +172,17 @@ impl Digest {
                 got: hash.len(),
             });
         }
-        if !hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(DigestError::NotLowercaseHex(truncate(hash)));
+        // One pass over the bytes (FindMissingBlobs parses thousands per call).
+        let mut raw = [0u8; 32];
+        for (out, pair) in raw.iter_mut().zip(hash.as_bytes().chunks_exact(2)) {
+            match (lower_hex_value(pair[0]), lower_hex_value(pair[1])) {
+                (Some(high), Some(low)) => *out = high << 4 | low,
+                _ => return Err(DigestError::NotLowercaseHex(truncate(hash))),
+            }
         }
         if size < 0 {
             return Err(DigestError::NegativeSize(size));
         }
-        let mut raw = [0u8; 32];
-        hex::decode_to_slice(hash, &mut raw).map_err(|_| DigestError::NotLowercaseHex(truncate(hash)))?;
         Ok(Digest { function, hash: raw, size: size as u64 })
     }
 

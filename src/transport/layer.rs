@@ -164,8 +164,11 @@ where
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let shared = self.shared.clone();
         let peer = peer_of(&req);
-        let path = req.uri().path().to_owned();
-        let share = match method_permission(&path) {
+        // The path and the principal are only needed when a call times out:
+        // shared handles, not copies, on every call.
+        let uri = req.uri().clone();
+        let path = uri.path();
+        let share = match method_permission(path) {
             Some(permission) => match shared.gate.authorize_anywhere(&peer, permission) {
                 Ok(caller) => shared.budget.share(Some(&caller.principal)),
                 // The body is never polled: the stream is reset unread.
@@ -176,7 +179,7 @@ where
                 shared.budget.share(caller.as_ref().map(|c| c.principal.as_str()))
             }
         };
-        let principal = share.principal().to_owned();
+        let caller = share.clone();
         let req = req.map(|body| tonic::body::Body::new(BudgetedBody::new(body, share, shared.clone())));
         let fut = self.inner.call(req);
         if path == BYTESTREAM_WRITE {
@@ -186,8 +189,8 @@ where
             match tokio::time::timeout(shared.request_timeout, fut).await {
                 Ok(result) => result,
                 Err(_) => {
-                    let detail = format!("{path} took longer than {:?}", shared.request_timeout);
-                    shared.hits.hit("request_timeout", &principal, &detail);
+                    let detail = format!("{} took longer than {:?}", uri.path(), shared.request_timeout);
+                    shared.hits.hit("request_timeout", caller.principal(), &detail);
                     Ok(Status::deadline_exceeded(format!("{detail} (limit request_timeout)")).into_http())
                 }
             }

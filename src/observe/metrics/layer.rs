@@ -87,8 +87,11 @@ where
     }
 }
 
+/// Looked up by a prepared name: a `&str` key would be parsed on every call.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    headers.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// Records one call when dropped: at the end of the response body, or earlier
