@@ -14,7 +14,6 @@ mod cas;
 mod config;
 mod eviction;
 mod limits_domain;
-mod limits_transport;
 mod logs;
 mod metrics;
 mod mtls;
