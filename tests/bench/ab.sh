@@ -79,7 +79,6 @@ for i in $(seq "$rounds"); do
     ra+=("$a")
     rb+=("$b")
 done
-median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 col() { printf '%s\n' "${@:2}" | awk -v c="$1" '{ print $c }'; }
 # ratios COLUMN: each round's A/B of that column, one per line.
 ratios() { paste -d' ' <(col "$1" "${ra[@]}") <(col "$1" "${rb[@]}") | awk '$2 > 0 { print $1 / $2 }'; }

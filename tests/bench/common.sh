@@ -1,7 +1,7 @@
 # Shared by the benchmark scripts in tests/bench (sourced, not run):
 # goes to the repository root, sets $bin (PROVCACHE_BIN, or a release build),
 # $work (a temporary directory removed on exit with every server started by
-# start_provcache), and start_provcache.
+# start_provcache), start_provcache, and the helpers median and need_h2load.
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 
@@ -37,4 +37,15 @@ start_provcache() {
     echo "server $name did not start:" >&2
     cat "$work/$name.log" >&2
     exit 1
+}
+
+# median: the median of the numbers on stdin, one per line.
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+# need_h2load: installs Debian's nghttp2-client (h2load) when it is missing.
+need_h2load() {
+    command -v h2load >/dev/null 2>&1 && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nghttp2-client >/dev/null
 }

@@ -9,13 +9,9 @@
 # Installs Debian's nghttp2-client (h2load) when it is missing.
 set -euo pipefail
 requests=${1:-20000}
-if ! command -v h2load >/dev/null 2>&1; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nghttp2-client >/dev/null
-fi
 # shellcheck source=tests/bench/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+need_h2load
 metrics=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 start_provcache data --plaintext-insecure --metrics-listen "127.0.0.1:$metrics"
 url=${url#grpc://}

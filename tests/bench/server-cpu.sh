@@ -19,13 +19,9 @@ set -euo pipefail
 kinds=("$@")
 [ ${#kinds[@]} -gt 0 ] || kinds=(ac-hit find-missing ac-update read)
 rounds=${ROUNDS:-3}
-if ! command -v h2load >/dev/null 2>&1; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nghttp2-client >/dev/null
-fi
 # shellcheck source=tests/bench/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+need_h2load
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 metrics_a=127.0.0.1:$(free_port)
@@ -70,7 +66,6 @@ measure() {
         { echo "server-cpu.sh: $((ok1 - ok0)) of $n $kind calls succeeded: $out" >&2; exit 1; }
     awk -v a="$t0" -v b="$t1" -v n="$n" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f\n", (b - a) * 1e6 / hz / n }'
 }
-median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 printf 'A: %s\nB: %s\n%-13s %12s %12s %s\n' "$bin" "${PROVCACHE_BIN_B:-$bin}" kind 'A us/call' 'B us/call' 'A/B (lowest-highest)'
 for kind in "${kinds[@]}"; do
