@@ -252,6 +252,26 @@ pub async fn prefill(ch: &Channel, instance: &str, n: usize, run_id: u64) -> any
     Ok(digests)
 }
 
+/// The stored result of `key` as a client would send it in an update: the
+/// signed envelope the server attached is left out (the server attaches its
+/// own).
+pub(crate) async fn result_to_send(
+    ch: &Channel,
+    instance: &str,
+    key: &reapi::Digest,
+) -> anyhow::Result<reapi::ActionResult> {
+    let mut result = ActionCacheClient::new(ch.clone())
+        .get_action_result(reapi::GetActionResultRequest {
+            instance_name: instance.to_string(),
+            action_digest: Some(key.clone()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    result.execution_metadata = None;
+    Ok(result)
+}
+
 /// Scenario parameters.
 #[derive(Clone, Debug)]
 pub struct Params {
@@ -317,25 +337,15 @@ pub async fn run(target: &Target, scenario: &str, p: &Params) -> anyhow::Result<
         }
         "ac-update" => {
             let keys = Arc::new(prefill(&ch(0), &instance, p.keys, run_id).await?);
-            let mut ac0 = ActionCacheClient::new(ch(0));
             let mut template = Vec::new();
             for k in keys.iter() {
-                let r = ac0
-                    .get_action_result(reapi::GetActionResultRequest {
-                        instance_name: instance.clone(),
-                        action_digest: Some(k.clone()),
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                template.push(r);
+                template.push(result_to_send(&ch(0), &instance, k).await?);
             }
             let template = Arc::new(template);
             Ok(drive("ac-update", p, move |w, i| {
                 let mut client = ActionCacheClient::new(ch(w));
                 let idx = ((w as u64 * 7919 + i) % keys.len() as u64) as usize;
-                let (key, mut result) = (keys[idx].clone(), template[idx].clone());
-                result.execution_metadata = None;
+                let (key, result) = (keys[idx].clone(), template[idx].clone());
                 let instance = instance.clone();
                 async move {
                     client

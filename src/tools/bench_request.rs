@@ -9,9 +9,9 @@
 use anyhow::bail;
 use prost::Message;
 
-use super::bench::{prefill, pseudo_random_bytes, rand_seed, sha, write_messages, Target};
+use super::bench::{prefill, pseudo_random_bytes, rand_seed, result_to_send, sha, write_messages, Target};
 use crate::proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest};
-use crate::proto::reapi::{self, action_cache_client::ActionCacheClient};
+use crate::proto::reapi;
 
 /// Writes the request body of `kind` (a bench scenario name: `ac-hit`,
 /// `find-missing`, `ac-update` or `read`) to `path` and returns the gRPC
@@ -32,16 +32,7 @@ pub async fn write_request(target: &Target, kind: &str, size: usize, path: &std:
         }
         "ac-update" => {
             let key = prefill(&ch, &instance, 1, seed).await?.remove(0);
-            let mut result = ActionCacheClient::new(ch.clone())
-                .get_action_result(reapi::GetActionResultRequest {
-                    instance_name: instance.clone(),
-                    action_digest: Some(key.clone()),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            // What a client sends: the server attaches the signed envelope.
-            result.execution_metadata = None;
+            let result = result_to_send(&ch, &instance, &key).await?;
             let request = reapi::UpdateActionResultRequest {
                 instance_name: instance,
                 action_digest: Some(key),
